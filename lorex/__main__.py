@@ -1,0 +1,5 @@
+import sys
+
+from lorex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Load timm ViT checkpoints (safetensors, or ``.pth`` with ``weights_only=True``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorex.backbones.vit import VisionTransformer, resample_pos_embed
+from lorex.errors import LorexError
+from lorex.io import load_tensors
+
+# timm keys this ViT does not model; a checkpoint carrying them is a different architecture.
+_UNSUPPORTED = ("fc_norm.", "norm_pre.", ".ls1.", ".ls2.", "reg_token", "attn_pool.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    if not path.is_file():
+        raise LorexError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code: report, never execute
+        raise LorexError(f"{path}: not a plain tensor checkpoint ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LorexError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def split_timm_state(model: VisionTransformer, state: dict[str, torch.Tensor], source: str = "checkpoint"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a timm ViT state dict into backbone tensors (position table resized) and ``head.*``."""
+    bad = [k for k in state if any(u in k for u in _UNSUPPORTED)]
+    if bad:
+        raise LorexError(f"{source}: key '{bad[0]}' belongs to a ViT variant lorex does not build")
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    body = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if "pos_embed" in body:
+        body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(body))
+    unexpected = sorted(set(body) - set(expected))
+    if missing or unexpected:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise LorexError(f"{source}: does not match the ViT config ({what})")
+    for k, v in body.items():
+        if v.shape != expected[k].shape:
+            raise LorexError(f"{source}: '{k}' has shape {tuple(v.shape)}, the config needs "
+                             f"{tuple(expected[k].shape)}")
+    return body, head
+
+
+def import_timm(checkpoint: str | Path, backbone_config: dict, out: str | Path) -> Path:
+    """Write a lorex base model directory from a timm ViT checkpoint.
+
+    A classifier ``head`` in the checkpoint becomes the model's ``timm`` head (classes "0".."C-1").
+    """
+    from lorex.backbones.vit import ViTConfig
+    from lorex.models import LorexModel, save_model
+
+    model = LorexModel(VisionTransformer(ViTConfig.from_dict(backbone_config)), backbone_config)
+    body, head = split_timm_state(model.backbone, read_checkpoint(checkpoint), str(checkpoint))
+    model.backbone.load_state_dict(body)
+    if "weight" in head:
+        key = model.add_head("timm", [str(i) for i in range(head["weight"].shape[0])])
+        for name, tensor in head.items():
+            want = model.heads[key].state_dict().get(name)
+            if want is None or want.shape != tensor.shape:
+                raise LorexError(f"{checkpoint}: 'head.{name}' of shape {tuple(tensor.shape)} does not "
+                                 f"fit a head on {model.num_features} features")
+        model.heads[key].load_state_dict(head)
+    return save_model(model, out, made_by={"command": "import-timm", "checkpoint": str(checkpoint)})

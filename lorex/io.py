@@ -1,0 +1,117 @@
+"""Safe, atomic file I/O: safetensors and JSON only, never pickle.
+
+Outputs are built beside their target and renamed into place, so a killed run never leaves a
+half-written file or model directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lorex.errors import LorexError
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LorexError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LorexError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LorexError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file in the same directory, fsync, rename)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """Save tensors as safetensors atomically; shared or non-contiguous storage is copied."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file is a one-line LorexError."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorexError(f"{path}: file not found")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LorexError(f"{path}: not a valid safetensors file ({msg})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LorexError(f"{path}: tensor '{name}' contains NaN or Inf")
+    return tensors
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it into place on success.
+
+    On failure the temporary directory is removed and an existing ``target`` is left untouched.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise LorexError(f"{target}: exists and is not a directory")
+    if target.exists() and not overwrite:
+        raise LorexError(f"{target}: already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

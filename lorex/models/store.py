@@ -1,0 +1,170 @@
+"""Model directories on disk: ``config.json`` plus ``model.safetensors``, nothing pickled.
+
+``model.safetensors`` holds either every tensor (``"weights": "full"``) or only what differs from a
+base model (``"weights": "delta"``, e.g. the heads of a linear probe); a delta model names its base
+in ``config.json`` with the base's content hash, so a changed base is detected, not silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorex import __version__
+from lorex.backbones import build_backbone
+from lorex.errors import LorexError
+from lorex.io import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lorex.models.model import LorexModel
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+REQUIRED_FIELDS = {"lorex_version", "format_version", "backbone", "heads", "active_head", "weights"}
+OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics"}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_fields(config: dict, path: Path) -> None:
+    import difflib
+
+    unknown = sorted(set(config) - REQUIRED_FIELDS - OPTIONAL_FIELDS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], REQUIRED_FIELDS | OPTIONAL_FIELDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise LorexError(f"{path}: unknown field '{unknown[0]}'{hint}")
+    missing = sorted(REQUIRED_FIELDS - set(config))
+    if missing:
+        raise LorexError(f"{path}: missing field '{missing[0]}'")
+    heads = config["heads"]
+    if not isinstance(heads, dict) or not all(
+        isinstance(h, dict) and isinstance(h.get("task"), str) and isinstance(h.get("classes"), list)
+        for h in heads.values()
+    ):
+        raise LorexError(f"{path}: field 'heads' must map keys to {{'task': str, 'classes': list}}")
+    if not isinstance(config["backbone"], dict):
+        raise LorexError(f"{path}: field 'backbone' must be an object")
+    if config["weights"] not in ("full", "delta"):
+        raise LorexError(f"{path}: field 'weights' must be 'full' or 'delta'")
+    if config["weights"] == "delta" and not config.get("base"):
+        raise LorexError(f"{path}: a 'delta' model needs a 'base' field")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def _base_path(model_dir: Path, base: dict) -> Path:
+    p = Path(base["path"])
+    return p if p.is_absolute() else (model_dir / p)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexModel:
+    """Load a model directory (or a transformers ``save_pretrained`` directory) in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LorexError(f"{path}: model directory not found")
+    if not (path / CONFIG).is_file():
+        raise LorexError(f"{path}: not a model directory (no {CONFIG})")
+    config = read_json(path / CONFIG)
+    if "lorex_version" not in config and "model_type" in config:
+        return _load_hf_directory(path, device)
+    _check_fields(config, path / CONFIG)
+    model = LorexModel(build_backbone(config["backbone"]), config["backbone"])
+    for key, info in config["heads"].items():
+        if model.add_head(info["task"], info["classes"], activate=False) != key:
+            raise LorexError(f"{path / CONFIG}: head key '{key}' does not match task '{info['task']}'")
+    if config["active_head"] is not None and config["active_head"] not in model.heads:
+        raise LorexError(f"{path / CONFIG}: active_head '{config['active_head']}' is not a head")
+    model.active_head = config["active_head"]
+    own = load_tensors(path / WEIGHTS)
+    state: dict[str, torch.Tensor] = {}
+    if config["weights"] == "delta":
+        base = config["base"]
+        base_dir = _base_path(path, base)
+        if not is_model_dir(base_dir) and not (base_dir / CONFIG).is_file():
+            raise LorexError(f"{path / CONFIG}: base model {base_dir} not found")
+        if base.get("sha256") and is_model_dir(base_dir) and file_sha256(base_dir / WEIGHTS) != base["sha256"]:
+            raise LorexError(f"{base_dir}: base weights changed since {path} was made (hash mismatch)")
+        state.update({k: v for k, v in load_model(base_dir).state_dict().items()
+                      if k.startswith("backbone.")})
+    state.update(own)
+    _load_state(model, state, path / WEIGHTS)
+    return model.to(device).eval()
+
+
+def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise LorexError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
+    if unexpected:
+        raise LorexError(f"{source}: unexpected tensor '{unexpected[0]}'")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise LorexError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected "
+                             f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state)
+
+
+def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
+    from lorex.backbones.hf import HFBackbone
+
+    backbone = HFBackbone.from_pretrained(path)
+    model = LorexModel(backbone, backbone.to_config())
+    model.source_dir = str(path)  # a delta expert of this base points back here
+    return model.to(device).eval()
+
+
+def save_model(model: LorexModel, out: str | Path, *, weights: str = "full",
+               base_dir: str | Path | None = None, made_by: dict[str, Any] | None = None,
+               seed: int | None = None, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a model directory atomically.
+
+    ``weights="delta"`` stores only the heads and names ``base_dir``: the backbone comes from the base.
+    ``extra_files`` maps file names to JSON-able dicts or raw bytes (a PNG) written beside the model.
+    """
+    out = Path(out)
+    if weights not in ("full", "delta"):
+        raise ValueError(f"weights must be 'full' or 'delta', got {weights!r}")
+    state = {k: v for k, v in model.state_dict().items()
+             if weights == "full" or not k.startswith("backbone.")}
+    config: dict[str, Any] = {
+        "lorex_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "backbone": model.backbone_config,
+        "heads": model.head_info,
+        "active_head": model.active_head,
+        "weights": weights,
+    }
+    if base_dir is not None:
+        base_dir = Path(base_dir)
+        # Relative to the model directory, so a tree of base + experts can be moved as a whole.
+        base: dict[str, Any] = {"path": os.path.relpath(base_dir.resolve(), out.resolve())}
+        if is_model_dir(base_dir):
+            base["sha256"] = file_sha256(base_dir / WEIGHTS)
+        config["base"] = base
+    if made_by is not None:
+        config["made_by"] = made_by
+    if seed is not None:
+        config["seed"] = seed
+    with atomic_directory(out) as tmp:
+        save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt", "lorex_version": __version__})
+        write_json(tmp / CONFIG, config)
+        for name, payload in (extra_files or {}).items():
+            if isinstance(payload, bytes):
+                (tmp / name).write_bytes(payload)
+            else:
+                write_json(tmp / name, payload)
+    return out

@@ -1,0 +1,188 @@
+"""The training loop shared by every method: seeded, deterministic on the CPU, device-agnostic."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lorex.data import ImageDataset
+from lorex.errors import LorexError
+from lorex.metrics.resources import PeakMemory
+from lorex.models import LorexModel
+from lorex.training.methods import TrainingMethod, count_parameters, trainable_parameters
+
+log = logging.getLogger("lorex")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    label_smoothing: float = 0.1
+    augment: bool = False  # random shifts of up to 2 pixels
+    seed: int = 0
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_fraction": 0 <= self.warmup_fraction < 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "max_samples": self.max_samples is None or self.max_samples >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise LorexError(f"{name}: invalid value {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_train_mb: float = 0.0
+    peak_device_mb: float | None = None
+    trainable_params: int = 0
+    total_params: int = 0
+    feature_cache: bool = False
+
+
+def images_to_tensor(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(N, 3, H, W)`` images (4x smaller than float) and int64 labels."""
+    x = torch.from_numpy(np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)))
+    return x, torch.from_numpy(data.labels)
+
+
+def as_float(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return batch_u8.to(device, non_blocking=True).float().div_(255.0)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels, filling with the edge pixels."""
+    n, _, h, w = x.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).tolist()
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    return torch.stack([padded[i, :, max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+                        for i, (dy, dx) in enumerate(shifts)])
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module, x_u8: torch.Tensor, batch_size: int,
+                     device: torch.device) -> torch.Tensor:
+    backbone.eval()
+    return torch.cat([backbone(as_float(x_u8[i : i + batch_size], device))
+                      for i in range(0, len(x_u8), batch_size)])
+
+
+@torch.inference_mode()
+def predict(model: LorexModel, data: ImageDataset, batch_size: int = 256,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """Predicted class indices for every image of ``data``."""
+    device = torch.device(device)
+    model.eval()
+    x, _ = images_to_tensor(data)
+    preds = [model(as_float(x[i : i + batch_size], device)).argmax(1).cpu()
+             for i in range(0, len(x), batch_size)]
+    return torch.cat(preds).numpy()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position tables and class tokens (the usual ViT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: TrainConfig,
+        device: torch.device | str = "cpu", progress: bool | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` with ``method``; returns the loss curve and resource figures."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    method.prepare(model)
+    params = trainable_parameters(model)
+    if not params:
+        raise LorexError(f"method '{method.name}' left no trainable parameters")
+    result = TrainResult(trainable_params=count_parameters(model, trainable_only=True),
+                         total_params=count_parameters(model))
+    x, y = images_to_tensor(data)
+    use_cache = method.frozen_backbone and not cfg.augment
+    result.feature_cache = use_cache
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_fraction))
+    bar = tqdm(total=total, desc=f"train {method.name}", unit="step", disable=progress is False or None,
+               leave=False)
+    with PeakMemory(device=device) as mem:
+        start = time.perf_counter()
+        if use_cache:
+            log.info("feature cache: on (frozen backbone, no augmentation): the backbone runs once")
+            features = extract_features(model.backbone, x, max(cfg.batch_size, 256), device)
+        model.train(not method.frozen_backbone)
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            loss_sum, correct = 0.0, 0
+            for i in range(0, len(x), cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                target = y[idx].to(device)
+                if use_cache:
+                    logits = model.forward_head(features[idx.to(device)])
+                else:
+                    batch = as_float(x[idx], device)
+                    if cfg.augment:
+                        batch = random_shift(batch, 2, generator)
+                    logits = model(batch)
+                loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise LorexError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; "
+                                     "try a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == target).sum())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            result.history.append({"epoch": epoch + 1, "loss": loss_sum / len(x),
+                                   "train_accuracy": correct / len(x)})
+        result.train_seconds = time.perf_counter() - start
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    result.peak_rss_mb, result.peak_train_mb = mem.peak_rss_mb, mem.peak_delta_mb
+    result.peak_device_mb = mem.peak_device_mb
+    return result

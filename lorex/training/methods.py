@@ -1,0 +1,79 @@
+"""Training methods behind one interface, looked up by name (``--method``).
+
+A method decides which parameters train and what a trained model saves. Later methods (LoRA, LoSA)
+register here with their own options, and the training loop and CLI pick them up unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lorex.models import LorexModel
+
+METHODS: dict[str, type[TrainingMethod]] = {}
+
+
+def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+class TrainingMethod(abc.ABC):
+    name: ClassVar[str]
+    #: The backbone does not change, so its features can be computed once and cached.
+    frozen_backbone: ClassVar[bool] = False
+    #: What the saved model directory holds: every tensor, or only what differs from the base.
+    saves: ClassVar[str] = "full"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this method's own CLI options (none by default)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
+        return cls()
+
+    def options(self) -> dict[str, Any]:
+        """The method's settings, recorded in the model's provenance."""
+        return {}
+
+    @abc.abstractmethod
+    def prepare(self, model: LorexModel) -> None:
+        """Set ``requires_grad`` (or inject modules) before training."""
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@register_method
+class LinearProbe(TrainingMethod):
+    """Train only the task head on frozen backbone features."""
+
+    name = "linear"
+    frozen_backbone = True
+    saves = "delta"
+
+    def prepare(self, model: LorexModel) -> None:
+        model.requires_grad_(False)
+        model.heads[model.active_head].requires_grad_(True)
+
+
+@register_method
+class FullFinetune(TrainingMethod):
+    """Train every backbone parameter and the head."""
+
+    name = "full"
+
+    def prepare(self, model: LorexModel) -> None:
+        model.requires_grad_(True)
+        for key, head in model.heads.items():
+            head.requires_grad_(key == model.active_head)

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lorex_cache(tmp_path_factory):
+    """One generated-data cache per test session, never the user's own cache."""
+    path = tmp_path_factory.mktemp("lorex-cache")
+    old = os.environ.get("LOREX_CACHE_DIR")
+    os.environ["LOREX_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LOREX_CACHE_DIR", None)
+    else:
+        os.environ["LOREX_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A vit-micro base pretrained for one short epoch on 300 MNIST images."""
+    from lorex.training.loop import TrainConfig
+    from lorex.training.run import pretrain
+
+    out = tmp_path_factory.mktemp("models") / "base"
+    pretrain("vit-micro", out, TrainConfig(epochs=1, max_samples=300, batch_size=64), data="digits/mnist")
+    return out

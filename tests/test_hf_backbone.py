@@ -1,0 +1,210 @@
+"""HFBackbone against the Hugging Face models themselves, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lorex.backbones import build_backbone  # noqa: E402
+from lorex.backbones.hf import HFBackbone, is_hf_directory  # noqa: E402
+from lorex.errors import LorexError  # noqa: E402
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
+TOKENS = 1 + (32 // 8) ** 2
+# Written out here rather than read from lorex, so the reference is independent.
+DEFAULT_NORM = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip_vision_model": (
+        (0.48145466, 0.4578275, 0.40821073),
+        (0.26862954, 0.26130258, 0.27577711),
+    ),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def tiny_model(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model_type == "vit":
+        return transformers.ViTModel(transformers.ViTConfig(**TINY), add_pooling_layer=False)
+    if model_type == "clip_vision_model":
+        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY))
+    return transformers.Dinov2Model(transformers.Dinov2Config(**TINY))
+
+
+def reference(model: torch.nn.Module, model_type: str, x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Pooled features straight from the HF model, normalising here."""
+    pixels = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model.eval()(pixel_values=pixels)
+    return out.last_hidden_state[:, 0] if model_type == "vit" else out.pooler_output
+
+
+def pool_tokens(backbone: HFBackbone, last: torch.Tensor) -> torch.Tensor:
+    """Each architecture's final norm and class-token pooling, applied by hand."""
+    model = backbone.model
+    if backbone.model_type == "vit":
+        return model.layernorm(last)[:, 0]
+    if backbone.model_type == "clip_vision_model":
+        tower = getattr(model, "vision_model", model)  # transformers 4 nests the tower
+        return tower.post_layernorm(last[:, 0])
+    return model.layernorm(last)[:, 0]
+
+
+def images(batch: int = 2, size: int = 32) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(batch, 3, size, size)
+
+
+@pytest.fixture(params=["vit", "clip_vision_model", "dinov2"])
+def saved(request, tmp_path: Path) -> tuple[str, torch.nn.Module, Path]:
+    model_type = request.param
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    return model_type, model, tmp_path
+
+
+def test_matches_hf_model(saved):
+    model_type, model, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    x = images()
+    with torch.no_grad():
+        got = backbone(x)
+    assert backbone.model_type == model_type
+    assert backbone.num_features == 32 and backbone.image_size == 32
+    assert got.shape == (2, 32)
+    expected = reference(model, model_type, x, *DEFAULT_NORM[model_type])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not backbone.training and got.dtype == torch.float32
+
+
+def test_forward_tokens(saved):
+    model_type, _, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    x = images()
+    with torch.no_grad():
+        tokens = backbone.forward_tokens(x)
+        pooled = backbone(x)
+        again = pool_tokens(backbone, tokens[-1])
+    assert len(tokens) == TINY["num_hidden_layers"]
+    assert all(t.shape == (2, TOKENS, 32) for t in tokens)
+    assert not torch.equal(tokens[0], tokens[1])
+    torch.testing.assert_close(again, pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_config_round_trip(saved):
+    _, _, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    config = json.loads(json.dumps(backbone.to_config()))
+    assert config["type"] == "hf"
+    torch.manual_seed(2)
+    rebuilt = build_backbone(config)
+    assert isinstance(rebuilt, HFBackbone)
+    assert set(rebuilt.state_dict()) == set(backbone.state_dict())
+    assert all(k.startswith("model.") for k in backbone.state_dict())
+    rebuilt.load_state_dict(backbone.state_dict())
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), backbone(x))
+        for a, b in zip(rebuilt.forward_tokens(x), backbone.forward_tokens(x), strict=True):
+            assert torch.equal(a, b)
+    assert rebuilt.to_config() == backbone.to_config()
+
+
+def test_wrong_input_size(saved):
+    _, _, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    for bad in (images(size=24), images()[:, :1], images()[0]):
+        with pytest.raises(LorexError, match=r"expected \(B, 3, 32, 32\)") as info:
+            backbone(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(LorexError):
+        backbone.forward_tokens(images(size=24))
+
+
+def test_is_hf_directory(saved, tmp_path_factory):
+    _, _, path = saved
+    assert is_hf_directory(path)
+    empty = tmp_path_factory.mktemp("empty")
+    assert not is_hf_directory(empty)
+    (empty / "config.json").write_text(json.dumps({"model_type": "vit", "lorex_version": "0.1"}))
+    assert not is_hf_directory(empty)
+    (empty / "config.json").write_text("not json")
+    assert not is_hf_directory(empty)
+
+
+def test_preprocessor_config_sets_normalisation(tmp_path):
+    model = tiny_model("vit")
+    model.save_pretrained(tmp_path)
+    mean, std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+    pre = {"image_mean": list(mean), "image_std": list(std)}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    backbone = HFBackbone.from_pretrained(tmp_path)
+    x = images()
+    with torch.no_grad():
+        got = backbone(x)
+    torch.testing.assert_close(got, reference(model, "vit", x, mean, std), atol=1e-5, rtol=1e-5)
+    assert backbone.to_config()["mean"] == list(mean)
+
+
+def test_full_clip_directory_loads_vision_tower(tmp_path):
+    torch.manual_seed(0)
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    config = transformers.CLIPConfig(text_config=text, vision_config=TINY, projection_dim=16)
+    clip = transformers.CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path)
+    backbone = HFBackbone.from_pretrained(tmp_path)
+    assert backbone.model_type == "clip_vision_model"
+    x = images()
+    with torch.no_grad():
+        got = backbone(x)
+    expected = reference(clip.vision_model, "clip", x, *DEFAULT_NORM["clip_vision_model"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model("vit").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop(next(k for k in weights if "encoder" in k))
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LorexError, match="lacks 1 weight"):
+        HFBackbone.from_pretrained(tmp_path)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(LorexError, match="supported: vit, clip_vision_model, dinov2"):
+        HFBackbone.from_pretrained(tmp_path)
+    with pytest.raises(LorexError, match="supported: vit, clip_vision_model, dinov2"):
+        HFBackbone.from_config({"type": "hf", "model_type": "bert"})
+
+
+def test_missing_transformers_is_one_line_error(monkeypatch):
+    config = {"type": "hf", "model_type": "vit", "hf_config": {}, "image_size": 32}
+    config.update(mean=[0.5] * 3, std=[0.5] * 3)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(LorexError, match=r"pip install 'lorex\[hf\]'"):
+        HFBackbone.from_config(config)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+
+from lorex.data import ImageDataset, load_dataset
+from lorex.errors import LorexError
+from lorex.models import load_model
+from lorex.training import loop
+from lorex.training.loop import TrainConfig, fit, random_shift
+from lorex.training.methods import METHODS
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_methods_choose_what_trains(tiny_base):
+    model = load_model(tiny_base)
+    model.add_head("t", ["a", "b"])
+    METHODS["linear"]().prepare(model)
+    assert _trainable(model) == {"heads.t.weight", "heads.t.bias"}
+    METHODS["full"]().prepare(model)
+    trainable = _trainable(model)
+    assert "backbone.blocks.0.attn.qkv.weight" in trainable and "heads.t.weight" in trainable
+    assert not any(n.startswith("heads.digits_mnist") for n in trainable)  # other heads stay
+
+
+def _fit(tiny_base, method, cfg, data):
+    model = load_model(tiny_base)
+    model.add_head("digits/optdigits", data.classes)
+    result = fit(model, METHODS[method](), data, cfg, progress=False)
+    return model, result
+
+
+def test_training_is_deterministic(tiny_base):
+    data = load_dataset("digits/optdigits", "train", 128)
+    cfg = TrainConfig(epochs=1, batch_size=32, seed=3, augment=True)
+    a, ra = _fit(tiny_base, "full", cfg, data)
+    b, rb = _fit(tiny_base, "full", cfg, data)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert ra.history == rb.history
+
+
+def test_feature_cache_matches_running_the_backbone(tiny_base, monkeypatch):
+    """The linear probe on cached features equals one that runs the frozen backbone every step."""
+    data = load_dataset("digits/optdigits", "train", 96)
+    cfg = TrainConfig(epochs=2, batch_size=32, seed=1, lr=1e-2)
+    cached, r1 = _fit(tiny_base, "linear", cfg, data)
+    assert r1.feature_cache
+    monkeypatch.setattr(METHODS["linear"], "frozen_backbone", False)
+    direct, r2 = _fit(tiny_base, "linear", cfg, data)
+    assert not r2.feature_cache
+    torch.testing.assert_close(cached.heads["digits_optdigits"].weight,
+                               direct.heads["digits_optdigits"].weight, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_goes_down_and_metrics_are_reported(tiny_base):
+    data = load_dataset("digits/mnist", "train", 200)
+    model, result = _fit(tiny_base, "linear", TrainConfig(epochs=8, batch_size=50, lr=1e-2), data)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0] - 0.1
+    assert result.trainable_params == 10 * model.num_features + 10
+    assert result.total_params > result.trainable_params
+    assert result.train_seconds > 0 and result.peak_rss_mb > 0 and result.peak_train_mb >= 0
+
+
+def test_random_shift_matches_a_brute_force_loop():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    g = torch.Generator().manual_seed(5)
+    shifts = torch.randint(-2, 3, (2, 2), generator=torch.Generator().manual_seed(5)).tolist()
+    out = random_shift(x, 2, g)
+    for i, (dy, dx) in enumerate(shifts):
+        for y in range(6):
+            for xx in range(6):
+                sy, sx = min(max(y + dy, 0), 5), min(max(xx + dx, 0), 5)
+                assert torch.equal(out[i, :, y, xx], x[i, :, sy, sx])
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = loop._schedule(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(99) < 0.01
+    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", -1.0), ("batch_size", 0),
+                                         ("label_smoothing", 1.5), ("max_samples", 0)])
+def test_bad_hyper_parameters_are_refused(field, value):
+    with pytest.raises(LorexError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_diverging_loss_stops_with_a_clear_error(tiny_base):
+    data = ImageDataset(np.zeros((8, 32, 32, 3), np.uint8), np.arange(8) % 2, ["a", "b"], "x")
+    model = load_model(tiny_base)
+    model.add_head("x", data.classes)
+    with torch.no_grad():
+        model.heads["x"].weight.fill_(float("inf"))
+    with pytest.raises(LorexError, match="diverged"):
+        fit(model, METHODS["full"](), data, TrainConfig(epochs=1, batch_size=4), progress=False)
