@@ -163,7 +163,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorex.demo import run_demo
     from lorex.training.run import resolve_device
 
-    report = run_demo(args.out, quick=args.quick, device=resolve_device(args.device), seed=args.seed)
+    report = run_demo(args.out, quick=args.quick, device=resolve_device(args.device), seed=args.seed,
+                      preset=args.preset)
     print(f"wrote {report}")
     return 0
 
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in story: pretrain, one expert per digit domain, report")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="smaller model and data: under 5 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="fewer epochs and samples: under 5 minutes on 2 cores")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="backbone preset (default vit-micro)")
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_demo)
