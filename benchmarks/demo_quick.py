@@ -29,27 +29,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "LOREX_CACHE_DIR": str(Path(tmp) / "cache")}
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lorex", "demo", "--quick", "--out", str(Path(tmp) / "demo")],
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "lorex", "demo", "--quick", "--out", str(Path(tmp) / "demo")],
+            env=env,
+            check=True,
+        )
         seconds = time.perf_counter() - start
         demo = json.loads((Path(tmp) / "demo" / "metrics.json").read_text())
     result = {
-        "benchmark": "demo_quick", "wall_seconds": round(seconds, 1), "target_seconds": 300,
-        "within_target": seconds < 300, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        "lorex": lorex.__version__, "own_domain_accuracy": demo["own_domain_accuracy"],
+        "benchmark": "demo_quick",
+        "wall_seconds": round(seconds, 1),
+        "target_seconds": 300,
+        "within_target": seconds < 300,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lorex": lorex.__version__,
+        "own_domain_accuracy": demo["own_domain_accuracy"],
         "base_linear_probe_accuracy": demo["base_linear_probe_accuracy"],
         "mean_off_domain_accuracy": demo["mean_off_domain_accuracy"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo_quick.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {d.split('/')[-1]} | {100 * result['base_linear_probe_accuracy'][d]:.1f} | "
-                     f"{100 * a:.1f} | {100 * result['mean_off_domain_accuracy'][d]:.1f} |"
-                     for d, a in result["own_domain_accuracy"].items())
+    rows = "\n".join(
+        f"| {d.split('/')[-1]} | {100 * result['base_linear_probe_accuracy'][d]:.1f} | "
+        f"{100 * a:.1f} | {100 * result['mean_off_domain_accuracy'][d]:.1f} |"
+        for d, a in result["own_domain_accuracy"].items()
+    )
     (args.out / "demo_quick.md").write_text(
         f"# `lorex demo --quick` from an empty cache\n\n"
-        f"Wall time: **{seconds:.0f} s** (target < 300 s) on {os.cpu_count()} CPU cores, torch {torch.__version__}.\n\n"
-        f"| domain | base linear probe % | full expert % | expert off-domain mean % |\n|---|---|---|---|\n{rows}\n")
+        f"Wall time: **{seconds:.0f} s** (target < 300 s) on {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}.\n\n"
+        "| domain | base linear probe % | full expert % | expert off-domain mean % |\n"
+        f"|---|---|---|---|\n{rows}\n"
+    )
     print(json.dumps(result, indent=2))
 
 

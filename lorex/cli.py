@@ -42,16 +42,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_training_options(p: argparse.ArgumentParser, epochs: int, lr: float, batch: int = 128) -> None:
-    p.add_argument("--epochs", type=_positive_int, default=epochs, help=f"passes over the data ({epochs})")
+def _add_training_options(
+    p: argparse.ArgumentParser, epochs: int, lr: float, batch: int = 128
+) -> None:
+    p.add_argument(
+        "--epochs", type=_positive_int, default=epochs, help=f"passes over the data ({epochs})"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=batch, help=f"batch size ({batch})")
     p.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate ({lr})")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--max-samples", type=_positive_int, default=None,
-                   help="train on a class-balanced subset of at most this many images")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random 2-pixel shifts")
+    p.add_argument(
+        "--max-samples",
+        type=_positive_int,
+        default=None,
+        help="train on a class-balanced subset of at most this many images",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random 2-pixel shifts",
+    )
     _add_device(p)
 
 
@@ -62,9 +74,15 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace, augment_default: bool):
     from lorex.training.loop import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, seed=args.seed, max_samples=args.max_samples,
-                       augment=augment_default if args.augment is None else args.augment)
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_samples=args.max_samples,
+        augment=augment_default if args.augment is None else args.augment,
+    )
 
 
 def cmd_data_list(args: argparse.Namespace) -> int:
@@ -73,7 +91,9 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     print(f"{'name':<20} {'train':>7} {'test':>6} {'classes':>7}  description")
     for name, spec in BUILTINS.items():
         train, test = load_dataset(name, "train"), load_dataset(name, "test")
-        print(f"{name:<20} {len(train):>7} {len(test):>6} {len(train.classes):>7}  {spec.description}")
+        print(
+            f"{name:<20} {len(train):>7} {len(test):>6} {len(train.classes):>7}  {spec.description}"
+        )
     return 0
 
 
@@ -92,8 +112,13 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lorex.training.run import pretrain, resolve_device
 
-    metrics = pretrain(args.preset, args.out, _train_config(args, augment_default=True), args.data,
-                       resolve_device(args.device))
+    metrics = pretrain(
+        args.preset,
+        args.out,
+        _train_config(args, augment_default=True),
+        args.data,
+        resolve_device(args.device),
+    )
     print(f"pretrained {args.out}: test accuracy {metrics['accuracy']:.4f} on {args.data}")
     return 0
 
@@ -103,9 +128,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorex.training.run import resolve_device, train_expert
 
     method = METHODS[args.method].from_args(args)
-    metrics = train_expert(args.base, args.data, method, args.out, _train_config(args, False),
-                           resolve_device(args.device))
-    print(f"trained {args.out} ({args.method}): test accuracy {metrics['accuracy']:.4f} on {args.data}")
+    metrics = train_expert(
+        args.base,
+        args.data,
+        method,
+        args.out,
+        _train_config(args, False),
+        resolve_device(args.device),
+    )
+    print(
+        f"trained {args.out} ({args.method}): "
+        f"test accuracy {metrics['accuracy']:.4f} on {args.data}"
+    )
     return 0
 
 
@@ -121,9 +155,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model.set_head(args.head)
     data = load_dataset(args.data, args.split, args.max_samples)
     acc = evaluate(model, data, device)
-    result = {"model": str(args.model), "data": args.data, "split": args.split, "samples": len(data),
-              "head": model.head_info[model.active_head]["task"], "accuracy": acc,
-              "lorex_version": __version__}
+    result = {
+        "model": str(args.model),
+        "data": args.data,
+        "split": args.split,
+        "samples": len(data),
+        "head": model.head_info[model.active_head]["task"],
+        "accuracy": acc,
+        "lorex_version": __version__,
+    }
     print(f"accuracy {acc:.4f} on {args.data} ({args.split}, {len(data)} images)")
     if args.json:
         write_json(args.json, result)
@@ -138,7 +178,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     config = read_json(Path(args.model) / "config.json")
     print(f"model      {args.model}")
-    print(f"backbone   {model.backbone_config.get('type')} ({count_parameters(model.backbone):,} parameters)")
+    print(
+        f"backbone   {model.backbone_config.get('type')} "
+        f"({count_parameters(model.backbone):,} parameters)"
+    )
     for key, info in model.head_info.items():
         mark = "*" if key == model.active_head else " "
         print(f"head     {mark} {info['task']} ({len(info['classes'])} classes)")
@@ -163,8 +206,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorex.demo import run_demo
     from lorex.training.run import resolve_device
 
-    report = run_demo(args.out, quick=args.quick, device=resolve_device(args.device), seed=args.seed,
-                      preset=args.preset)
+    report = run_demo(
+        args.out,
+        quick=args.quick,
+        device=resolve_device(args.device),
+        seed=args.seed,
+        preset=args.preset,
+    )
     print(f"wrote {report}")
     return 0
 
@@ -175,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="lorex", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lorex {__version__}")
-    parser.add_argument("--cache-dir", help="where generated datasets are cached ($LOREX_CACHE_DIR)")
+    parser.add_argument(
+        "--cache-dir", help="where generated datasets are cached ($LOREX_CACHE_DIR)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -183,10 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data_sub.add_parser("list", help="print the built-in datasets and their sizes")
     p.set_defaults(func=cmd_data_list)
-    p = data_sub.add_parser("make", help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/)")
+    p = data_sub.add_parser(
+        "make", help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/)"
+    )
     p.add_argument("name", help="a built-in dataset name, e.g. digits/mnistm")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-samples", type=_positive_int, default=None, help="per split, class-balanced")
+    p.add_argument(
+        "--max-samples", type=_positive_int, default=None, help="per split, class-balanced"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_make)
 
@@ -227,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_import_timm)
 
-    p = sub.add_parser("demo", help="the built-in story: pretrain, one expert per digit domain, report")
+    p = sub.add_parser(
+        "demo", help="the built-in story: pretrain, one expert per digit domain, report"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="fewer epochs and samples: under 5 minutes on 2 cores")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer epochs and samples: under 5 minutes on 2 cores"
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="backbone preset (default vit-micro)")
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
@@ -242,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cache_dir:
         os.environ["LOREX_CACHE_DIR"] = str(args.cache_dir)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         return args.func(args)
     except LorexError as exc:

@@ -45,12 +45,32 @@ class DemoSettings:
 
 
 # Sized so that the whole quick story, data generation included, runs in under 5 minutes on 2 cores.
-QUICK = DemoSettings(preset="vit-micro", pretrain_samples=None, pretrain_epochs=5, pretrain_lr=5e-4,
-                     pretrain_augment=False, expert_samples=3000, expert_epochs=5, full_lr=1e-3,
-                     linear_lr=5e-3, linear_epochs=30, test_samples=None)
-FULL = DemoSettings(preset="vit-micro", pretrain_samples=None, pretrain_epochs=12, pretrain_lr=5e-4,
-                    pretrain_augment=True, expert_samples=None, expert_epochs=10, full_lr=1e-3,
-                    linear_lr=5e-3, linear_epochs=40, test_samples=None)
+QUICK = DemoSettings(
+    preset="vit-micro",
+    pretrain_samples=None,
+    pretrain_epochs=5,
+    pretrain_lr=5e-4,
+    pretrain_augment=False,
+    expert_samples=3000,
+    expert_epochs=5,
+    full_lr=1e-3,
+    linear_lr=5e-3,
+    linear_epochs=30,
+    test_samples=None,
+)
+FULL = DemoSettings(
+    preset="vit-micro",
+    pretrain_samples=None,
+    pretrain_epochs=12,
+    pretrain_lr=5e-4,
+    pretrain_augment=True,
+    expert_samples=None,
+    expert_epochs=10,
+    full_lr=1e-3,
+    linear_lr=5e-3,
+    linear_epochs=40,
+    test_samples=None,
+)
 
 
 def short(domain: str) -> str:
@@ -63,7 +83,11 @@ def _settings_hash(settings: dict) -> str:
 
 def _done(out: Path, stamp: dict) -> bool:
     """A stage is reusable when its model exists and was made with the same settings."""
-    return is_model_dir(out) and (out / "stage.json").is_file() and read_json(out / "stage.json") == stamp
+    return (
+        is_model_dir(out)
+        and (out / "stage.json").is_file()
+        and read_json(out / "stage.json") == stamp
+    )
 
 
 def _stage(out: Path, stamp: dict, make) -> None:
@@ -76,13 +100,26 @@ def _stage(out: Path, stamp: dict, make) -> None:
 
 def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> Path:
     """Pretrain the base once per settings (cached under the cache dir) and copy it into ``out``."""
-    stamp = {"stage": "pretrain", "preset": s.preset, "samples": s.pretrain_samples,
-             "epochs": s.pretrain_epochs, "lr": s.pretrain_lr, "augment": s.pretrain_augment,
-             "batch_size": s.batch_size, "seed": seed,
-             "lorex_version": __version__}
+    stamp = {
+        "stage": "pretrain",
+        "preset": s.preset,
+        "samples": s.pretrain_samples,
+        "epochs": s.pretrain_epochs,
+        "lr": s.pretrain_lr,
+        "augment": s.pretrain_augment,
+        "batch_size": s.batch_size,
+        "seed": seed,
+        "lorex_version": __version__,
+    }
     cached = cache_dir() / "models" / f"base-{s.preset}-{_settings_hash(stamp)}"
-    cfg = TrainConfig(epochs=s.pretrain_epochs, batch_size=s.batch_size, lr=s.pretrain_lr, seed=seed,
-                      max_samples=s.pretrain_samples, augment=s.pretrain_augment)
+    cfg = TrainConfig(
+        epochs=s.pretrain_epochs,
+        batch_size=s.batch_size,
+        lr=s.pretrain_lr,
+        seed=seed,
+        max_samples=s.pretrain_samples,
+        augment=s.pretrain_augment,
+    )
     _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device))
     target = out / "base"
     if not _done(target, stamp):
@@ -92,8 +129,14 @@ def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> 
     return target
 
 
-def run_demo(out: str | Path, quick: bool = False, device: torch.device | str = "cpu", seed: int = 0,
-             settings: DemoSettings | None = None, preset: str | None = None) -> Path:
+def run_demo(
+    out: str | Path,
+    quick: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    settings: DemoSettings | None = None,
+    preset: str | None = None,
+) -> Path:
     """Run the whole story and write ``out/report.md``; returns its path."""
     out = Path(out)
     s = settings or (QUICK if quick else FULL)
@@ -101,21 +144,40 @@ def run_demo(out: str | Path, quick: bool = False, device: torch.device | str = 
         s = replace(s, preset=preset)
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "run.json", run_record("demo", None, quick=quick, seed=seed, settings=asdict(s)))
+    write_json(
+        out / "run.json", run_record("demo", None, quick=quick, seed=seed, settings=asdict(s))
+    )
     base = ensure_base(s, seed, out, device)
 
     experts: dict[str, dict[str, dict]] = {}
     for domain in s.domains:
         experts[domain] = {}
-        for method, epochs, lr in (("linear", s.linear_epochs, s.linear_lr),
-                                   ("full", s.expert_epochs, s.full_lr)):
-            cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=lr, seed=seed,
-                              max_samples=s.expert_samples)
+        for method, epochs, lr in (
+            ("linear", s.linear_epochs, s.linear_lr),
+            ("full", s.expert_epochs, s.full_lr),
+        ):
+            cfg = TrainConfig(
+                epochs=epochs,
+                batch_size=s.batch_size,
+                lr=lr,
+                seed=seed,
+                max_samples=s.expert_samples,
+            )
             target = out / "experts" / short(domain) / method
-            stamp = {"stage": "train", "domain": domain, "method": method, "config": cfg.to_dict(),
-                     "base": read_json(base / "stage.json")}
-            _stage(target, stamp, lambda c=cfg, d=domain, m=method, t=target:
-                   train_expert(base, d, METHODS[m](), t, c, device))
+            stamp = {
+                "stage": "train",
+                "domain": domain,
+                "method": method,
+                "config": cfg.to_dict(),
+                "base": read_json(base / "stage.json"),
+            }
+            _stage(
+                target,
+                stamp,
+                lambda c=cfg, d=domain, m=method, t=target: train_expert(
+                    base, d, METHODS[m](), t, c, device
+                ),
+            )
             experts[domain][method] = read_json(target / "metrics.json")
 
     tests = {d: load_dataset(d, "test", s.test_samples, seed) for d in s.domains}
@@ -124,21 +186,39 @@ def run_demo(out: str | Path, quick: bool = False, device: torch.device | str = 
         model = load_model(out / "experts" / short(trained) / "full", device)
         for j, tested in enumerate(s.domains):
             matrix[i, j] = evaluate(model, tests[tested], device)
-    probe = np.array([evaluate(load_model(out / "experts" / short(d) / "linear", device), tests[d], device)
-                      for d in s.domains])
+    probe = np.array(
+        [
+            evaluate(load_model(out / "experts" / short(d) / "linear", device), tests[d], device)
+            for d in s.domains
+        ]
+    )
     return _write_report(out, s, seed, base, experts, matrix, probe)
 
 
-def _write_report(out: Path, s: DemoSettings, seed: int, base: Path, experts: dict, matrix: np.ndarray,
-                  probe: np.ndarray) -> Path:
+def _write_report(
+    out: Path,
+    s: DemoSettings,
+    seed: int,
+    base: Path,
+    experts: dict,
+    matrix: np.ndarray,
+    probe: np.ndarray,
+) -> Path:
     names = [short(d) for d in s.domains]
-    heatmap_png(matrix, names, names, out / "accuracy_matrix.png",
-                "Full fine-tuned experts: accuracy on every domain")
+    heatmap_png(
+        matrix,
+        names,
+        names,
+        out / "accuracy_matrix.png",
+        "Full fine-tuned experts: accuracy on every domain",
+    )
     diagonal = np.diag(matrix)
     off = (matrix.sum(1) - diagonal) / max(1, len(names) - 1)
     base_metrics = read_json(base / "metrics.json")
     metrics = {
-        "lorex_version": __version__, "seed": seed, "settings": asdict(s),
+        "lorex_version": __version__,
+        "seed": seed,
+        "settings": asdict(s),
         "domains": list(s.domains),
         "accuracy_matrix": matrix.tolist(),
         "own_domain_accuracy": dict(zip(s.domains, diagonal.tolist(), strict=True)),
@@ -148,23 +228,46 @@ def _write_report(out: Path, s: DemoSettings, seed: int, base: Path, experts: di
         "experts": experts,
     }
     write_json(out / "metrics.json", metrics)
-    rows = [[n, f"{100 * p:.1f}", f"{100 * d:.1f}", f"{100 * (d - p):+.1f}", f"{100 * o:.1f}",
-             f"{experts[dom]['linear']['trainable_params']:,}",
-             f"{experts[dom]['full']['trainable_params']:,}",
-             f"{experts[dom]['full']['train_seconds']:.0f}"]
-            for n, dom, p, d, o in zip(names, s.domains, probe, diagonal, off, strict=True)]
+    rows = [
+        [
+            n,
+            f"{100 * p:.1f}",
+            f"{100 * d:.1f}",
+            f"{100 * (d - p):+.1f}",
+            f"{100 * o:.1f}",
+            f"{experts[dom]['linear']['trainable_params']:,}",
+            f"{experts[dom]['full']['trainable_params']:,}",
+            f"{experts[dom]['full']['train_seconds']:.0f}",
+        ]
+        for n, dom, p, d, o in zip(names, s.domains, probe, diagonal, off, strict=True)
+    ]
     text = f"""# Lorex demo: one expert per digit domain
 
-Base: `{s.preset}` pretrained on `pretrain/chars` ({base_metrics['train_samples']} images,
-{s.pretrain_epochs} epochs; {100 * base_metrics['accuracy']:.1f}% on its own test split).
+Base: `{s.preset}` pretrained on `pretrain/chars` ({base_metrics["train_samples"]} images,
+{s.pretrain_epochs} epochs; {100 * base_metrics["accuracy"]:.1f}% on its own test split).
 Each domain gets a linear probe of the frozen base and a fully fine-tuned expert
-({s.expert_epochs} epochs, at most {s.expert_samples or 'all'} training images).
-Test sets: {f"at most {s.test_samples}" if s.test_samples else "all"} images per domain. Seed {seed}, lorex {__version__}.
+({s.expert_epochs} epochs, at most {s.expert_samples or "all"} training images).
+Test sets: {f"at most {s.test_samples}" if s.test_samples else "all"} images per domain. Seed {
+        seed
+    }, lorex {__version__}.
 
 ## Experts against the base's linear probe (own domain)
 
-{markdown_table(["domain", "linear probe %", "full expert %", "gain", "expert off-domain mean %",
-                 "probe params", "expert params", "expert train s"], rows)}
+{
+        markdown_table(
+            [
+                "domain",
+                "linear probe %",
+                "full expert %",
+                "gain",
+                "expert off-domain mean %",
+                "probe params",
+                "expert params",
+                "expert train s",
+            ],
+            rows,
+        )
+    }
 
 ## Accuracy matrix of the full experts
 
@@ -176,8 +279,8 @@ The diagonal is the expert's own domain; off-diagonal cells show the domain shif
 ![accuracy matrix](accuracy_matrix.png)
 
 Per-run details (loss curves, parameters, memory, time) are in `experts/<domain>/<method>/`.
-Memory figures there are only comparable between runs in separate processes (`lorex train`): within one
-demo process, later stages reuse memory that earlier ones already took.
+Memory figures there compare only between runs in separate processes (`lorex train`):
+within one demo process, later stages reuse memory that earlier ones already took.
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"

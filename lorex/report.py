@@ -17,19 +17,24 @@ def accuracy_table(matrix: np.ndarray, row_names: list[str], col_names: list[str
     """A Markdown matrix of accuracies in percent; the diagonal (own domain) is bold."""
     rows = []
     for i, name in enumerate(row_names):
-        cells = [f"**{100 * v:.1f}**" if i == j else f"{100 * v:.1f}" for j, v in enumerate(matrix[i])]
+        cells = [
+            f"**{100 * v:.1f}**" if i == j else f"{100 * v:.1f}" for j, v in enumerate(matrix[i])
+        ]
         rows.append([name, *cells])
     return markdown_table(["trained on \\ tested on", *col_names], rows)
 
 
-def heatmap_png(matrix: np.ndarray, row_names: list[str], col_names: list[str], path: str | Path,
-                title: str) -> None:
+def heatmap_png(
+    matrix: np.ndarray, row_names: list[str], col_names: list[str], path: str | Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.3 * len(col_names) + 2.2, 0.7 * len(row_names) + 1.6), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(1.3 * len(col_names) + 2.2, 0.7 * len(row_names) + 1.6), dpi=110
+    )
     im = ax.imshow(100 * matrix, cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(len(col_names)), col_names, rotation=20, ha="right")
     ax.set_yticks(range(len(row_names)), row_names)
@@ -38,8 +43,15 @@ def heatmap_png(matrix: np.ndarray, row_names: list[str], col_names: list[str], 
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             value = 100 * matrix[i, j]
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center",
-                    color="black" if value > 60 else "white", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{value:.1f}",
+                ha="center",
+                va="center",
+                color="black" if value > 60 else "white",
+                fontsize=9,
+            )
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -23,5 +23,7 @@ def tiny_base(tmp_path_factory):
     from lorex.training.run import pretrain
 
     out = tmp_path_factory.mktemp("models") / "base"
-    pretrain("vit-micro", out, TrainConfig(epochs=1, max_samples=300, batch_size=64), data="digits/mnist")
+    pretrain(
+        "vit-micro", out, TrainConfig(epochs=1, max_samples=300, batch_size=64), data="digits/mnist"
+    )
     return out

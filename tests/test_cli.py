@@ -12,14 +12,25 @@ from lorex.cli import main
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_help_for_every_subcommand(capsys):
-    for cmd in (["data", "list"], ["data", "make"], ["pretrain"], ["train"], ["eval"], ["info"],
-                ["import-timm"], ["demo"]):
+    for cmd in (
+        ["data", "list"],
+        ["data", "make"],
+        ["pretrain"],
+        ["train"],
+        ["eval"],
+        ["info"],
+        ["import-timm"],
+        ["demo"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main([*cmd, "--help"])
         assert exc.value.code == 0
@@ -28,20 +39,62 @@ def test_help_for_every_subcommand(capsys):
 
 def test_pretrain_train_eval_info_end_to_end(tmp_path, capsys):
     base = tmp_path / "base"
-    code, out, _ = run(capsys, "pretrain", "--preset", "vit-micro", "--data", "digits/mnist",
-                       "--out", base, "--epochs", "1", "--max-samples", "200", "--batch-size", "50")
+    code, out, _ = run(
+        capsys,
+        "pretrain",
+        "--preset",
+        "vit-micro",
+        "--data",
+        "digits/mnist",
+        "--out",
+        base,
+        "--epochs",
+        "1",
+        "--max-samples",
+        "200",
+        "--batch-size",
+        "50",
+    )
     assert code == 0 and "pretrained" in out
     for method in ("linear", "full"):
         expert = tmp_path / method
-        code, out, _ = run(capsys, "train", "--base", base, "--data", "digits/optdigits", "--method",
-                           method, "--out", expert, "--epochs", "1", "--max-samples", "100")
+        code, out, _ = run(
+            capsys,
+            "train",
+            "--base",
+            base,
+            "--data",
+            "digits/optdigits",
+            "--method",
+            method,
+            "--out",
+            expert,
+            "--epochs",
+            "1",
+            "--max-samples",
+            "100",
+        )
         assert code == 0, out
         metrics = json.loads((expert / "metrics.json").read_text())
-        for key in ("accuracy", "trainable_params", "train_seconds", "peak_rss_mb", "peak_train_mb"):
+        for key in (
+            "accuracy",
+            "trainable_params",
+            "train_seconds",
+            "peak_rss_mb",
+            "peak_train_mb",
+        ):
             assert key in metrics
         assert (expert / "train_curve.png").stat().st_size > 1000
-        code, out, _ = run(capsys, "eval", "--model", expert, "--data", "digits/optdigits",
-                           "--json", tmp_path / f"{method}.json")
+        code, out, _ = run(
+            capsys,
+            "eval",
+            "--model",
+            expert,
+            "--data",
+            "digits/optdigits",
+            "--json",
+            tmp_path / f"{method}.json",
+        )
         assert code == 0
         result = json.loads((tmp_path / f"{method}.json").read_text())
         assert result["accuracy"] == pytest.approx(metrics["accuracy"])
@@ -59,9 +112,17 @@ def test_pretrain_train_eval_info_end_to_end(tmp_path, capsys):
 def test_data_list_and_make(tmp_path, capsys):
     code, out, _ = run(capsys, "data", "list")
     assert code == 0
-    for name in ("digits/mnist", "digits/mnistm", "digits/syn", "digits/optdigits", "pretrain/chars"):
+    for name in (
+        "digits/mnist",
+        "digits/mnistm",
+        "digits/syn",
+        "digits/optdigits",
+        "pretrain/chars",
+    ):
         assert name in out
-    code, _, _ = run(capsys, "data", "make", "digits/syn", "--out", tmp_path / "syn", "--max-samples", "20")
+    code, _, _ = run(
+        capsys, "data", "make", "digits/syn", "--out", tmp_path / "syn", "--max-samples", "20"
+    )
     assert code == 0
     files = sorted((tmp_path / "syn" / "train").glob("*/*.png"))
     assert len(files) == 20 and len(list((tmp_path / "syn" / "test").glob("*/*.png"))) == 20
@@ -99,18 +160,41 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, tiny_base):
         (tmp_path / "small" / "test" / str(d)).mkdir(exist_ok=True)
     code, _, err = run(capsys, "eval", "--model", tiny_base, "--data", tmp_path / "small")
     _one_line_error(code, err, "32, 32")
-    code, _, err = run(capsys, "train", "--base", tiny_base, "--data", "digits/mnist", "--out",
-                       tmp_path / "x", "--epochs", "0")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--base",
+        tiny_base,
+        "--data",
+        "digits/mnist",
+        "--out",
+        tmp_path / "x",
+        "--epochs",
+        "0",
+    )
     _one_line_error(code, err, "--epochs")
-    code, _, err = run(capsys, "train", "--base", tiny_base, "--data", "digits/mnist", "--out",
-                       tmp_path / "x", "--lr", "-1")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--base",
+        tiny_base,
+        "--data",
+        "digits/mnist",
+        "--out",
+        tmp_path / "x",
+        "--lr",
+        "-1",
+    )
     _one_line_error(code, err, "--lr")
     assert not (tmp_path / "x").exists()
 
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorex", "info", str(tmp_path / "missing")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorex", "info", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr
@@ -119,14 +203,26 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
 def test_demo_end_to_end_on_tiny_settings(tmp_path):
     from lorex.demo import QUICK, replace, run_demo
 
-    tiny = replace(QUICK, pretrain_samples=200, pretrain_epochs=1, expert_samples=60, expert_epochs=1,
-                   linear_epochs=2, test_samples=40, domains=("digits/mnist", "digits/optdigits"))
+    tiny = replace(
+        QUICK,
+        pretrain_samples=200,
+        pretrain_epochs=1,
+        expert_samples=60,
+        expert_epochs=1,
+        linear_epochs=2,
+        test_samples=40,
+        domains=("digits/mnist", "digits/optdigits"),
+    )
     report = run_demo(tmp_path / "demo", settings=tiny)
     text = report.read_text()
     assert "Accuracy matrix" in text and "optdigits" in text
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert np.asarray(metrics["accuracy_matrix"]).shape == (2, 2)
     assert (tmp_path / "demo" / "accuracy_matrix.png").stat().st_size > 1000
-    stamp = (tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors").stat().st_mtime_ns
+    stamp = (
+        (tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors").stat().st_mtime_ns
+    )
     run_demo(tmp_path / "demo", settings=tiny)  # a second run reuses every finished stage
-    assert (tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (
+        tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors"
+    ).stat().st_mtime_ns == stamp

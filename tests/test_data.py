@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 
-from lorex.data import BUILTINS, ImageDataset, load_dataset, read_imagefolder, write_imagefolder
-from lorex.data import digits, pretrain, registry, sources
+from lorex.data import (
+    BUILTINS,
+    ImageDataset,
+    digits,
+    load_dataset,
+    pretrain,
+    read_imagefolder,
+    registry,
+    sources,
+    write_imagefolder,
+)
 from lorex.data.dataset import stratified_split
 from lorex.errors import LorexError
 
@@ -13,8 +22,16 @@ def small_generators(monkeypatch):
     monkeypatch.setattr(pretrain, "PER_CLASS", {"train": 3, "test": 1})
 
 
-@pytest.mark.parametrize("make", [digits.make_mnist, digits.make_mnistm, digits.make_syn,
-                                  digits.make_optdigits, pretrain.make_chars])
+@pytest.mark.parametrize(
+    "make",
+    [
+        digits.make_mnist,
+        digits.make_mnistm,
+        digits.make_syn,
+        digits.make_optdigits,
+        pretrain.make_chars,
+    ],
+)
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_generator_shapes_balance_and_determinism(make, split, small_generators):
     a, b = make(split), make(split)
@@ -60,8 +77,12 @@ def test_optdigits_matches_sklearn():
     # Downsampling the 28x28 image back to 8x8 must correlate strongly with the original.
     from PIL import Image
 
-    back = np.stack([np.asarray(Image.fromarray(im[2:30, 2:30, 0]).resize((8, 8), Image.BOX))
-                     for im in data.images[:50]]).astype(float)
+    back = np.stack(
+        [
+            np.asarray(Image.fromarray(im[2:30, 2:30, 0]).resize((8, 8), Image.BOX))
+            for im in data.images[:50]
+        ]
+    ).astype(float)
     corr = np.corrcoef(back.ravel(), x[train[:50]].ravel())[0, 1]
     assert corr > 0.9
 

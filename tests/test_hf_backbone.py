@@ -208,3 +208,45 @@ def test_missing_transformers_is_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(LorexError, match=r"pip install 'lorex\[hf\]'"):
         HFBackbone.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["vit", "dinov2"])
+def test_hf_directory_as_a_base_through_the_cli(model_type, tmp_path, capsys):
+    """`lorex train --base HF_DIR` for both methods; the experts reload and agree with training."""
+    import lorex
+    from lorex.cli import main
+
+    hf_dir = tmp_path / "hf"
+    tiny_model(model_type).save_pretrained(hf_dir)
+    base = lorex.load_model(hf_dir)
+    x = torch.rand(2, 3, 32, 32)
+    assert base.backbone(x).shape == (2, 32)
+    for method in ("linear", "full"):
+        out = tmp_path / method
+        argv = [
+            "train",
+            "--base",
+            str(hf_dir),
+            "--data",
+            "digits/optdigits",
+            "--method",
+            method,
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--max-samples",
+            "40",
+            "--batch-size",
+            "20",
+        ]
+        assert main(argv) == 0, capsys.readouterr().err
+        expert = lorex.load_model(out)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert expert(x).shape == (2, 10)
+        assert main(["eval", "--model", str(out), "--data", "digits/optdigits"]) == 0
+        assert f"{metrics['accuracy']:.4f}" in capsys.readouterr().out
+    # The linear probe keeps the HF backbone untouched; full fine-tuning changed it.
+    probe, full = lorex.load_model(tmp_path / "linear"), lorex.load_model(tmp_path / "full")
+    torch.testing.assert_close(probe.backbone(x), base.backbone(x))
+    assert not torch.allclose(full.backbone(x), base.backbone(x))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import lorex
+from lorex.backbones import build_backbone, preset_config
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
-from lorex.backbones import build_backbone, preset_config
 
 
 def _model(seed=0, tasks=("digits/mnist",)):

@@ -51,8 +51,12 @@ def test_feature_cache_matches_running_the_backbone(tiny_base, monkeypatch):
     monkeypatch.setattr(METHODS["linear"], "frozen_backbone", False)
     direct, r2 = _fit(tiny_base, "linear", cfg, data)
     assert not r2.feature_cache
-    torch.testing.assert_close(cached.heads["digits_optdigits"].weight,
-                               direct.heads["digits_optdigits"].weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        cached.heads["digits_optdigits"].weight,
+        direct.heads["digits_optdigits"].weight,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_loss_goes_down_and_metrics_are_reported(tiny_base):
@@ -84,8 +88,10 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(f(i) >= f(i + 1) for i in range(10, 99))
 
 
-@pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", -1.0), ("batch_size", 0),
-                                         ("label_smoothing", 1.5), ("max_samples", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("epochs", 0), ("lr", -1.0), ("batch_size", 0), ("label_smoothing", 1.5), ("max_samples", 0)],
+)
 def test_bad_hyper_parameters_are_refused(field, value):
     with pytest.raises(LorexError, match=field):
         TrainConfig(**{field: value})

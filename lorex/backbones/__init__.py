@@ -1,10 +1,10 @@
-"""Backbones map ``[0, 1]`` images ``(B, 3, H, W)`` to features ``(B, D)``; built from a config dict."""
+"""Backbones map ``[0, 1]`` images ``(B, 3, H, W)`` to features ``(B, D)``, built from a config."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from lorex.backbones.vit import PRESETS, ViTConfig, VisionTransformer
+from lorex.backbones.vit import PRESETS, VisionTransformer, ViTConfig
 from lorex.errors import LorexError
 
 

@@ -31,13 +31,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def split_timm_state(model: VisionTransformer, state: dict[str, torch.Tensor], source: str = "checkpoint"
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_timm_state(
+    model: VisionTransformer, state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a timm ViT state dict into backbone tensors (position table resized) and ``head.*``."""
     bad = [k for k in state if any(u in k for u in _UNSUPPORTED)]
     if bad:
         raise LorexError(f"{source}: key '{bad[0]}' belongs to a ViT variant lorex does not build")
-    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "pos_embed" in body:
         body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid)
@@ -49,8 +50,10 @@ def split_timm_state(model: VisionTransformer, state: dict[str, torch.Tensor], s
         raise LorexError(f"{source}: does not match the ViT config ({what})")
     for k, v in body.items():
         if v.shape != expected[k].shape:
-            raise LorexError(f"{source}: '{k}' has shape {tuple(v.shape)}, the config needs "
-                             f"{tuple(expected[k].shape)}")
+            raise LorexError(
+                f"{source}: '{k}' has shape {tuple(v.shape)}, the config needs "
+                f"{tuple(expected[k].shape)}"
+            )
     return body, head
 
 
@@ -70,7 +73,9 @@ def import_timm(checkpoint: str | Path, backbone_config: dict, out: str | Path) 
         for name, tensor in head.items():
             want = model.heads[key].state_dict().get(name)
             if want is None or want.shape != tensor.shape:
-                raise LorexError(f"{checkpoint}: 'head.{name}' of shape {tuple(tensor.shape)} does not "
-                                 f"fit a head on {model.num_features} features")
+                raise LorexError(
+                    f"{checkpoint}: 'head.{name}' of shape {tuple(tensor.shape)} does not "
+                    f"fit a head on {model.num_features} features"
+                )
         model.heads[key].load_state_dict(head)
     return save_model(model, out, made_by={"command": "import-timm", "checkpoint": str(checkpoint)})

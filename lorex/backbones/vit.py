@@ -55,8 +55,12 @@ PRESETS: dict[str, ViTConfig] = {
     "vit-micro": ViTConfig(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4),
     "vit-tiny": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),
     # timm's vit_tiny_patch16_224 and vit_base_patch16_224 shapes, for real checkpoints.
-    "vit-tiny-patch16-224": ViTConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit-base-patch16-224": ViTConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit-tiny-patch16-224": ViTConfig(
+        img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3
+    ),
+    "vit-base-patch16-224": ViTConfig(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12
+    ),
 }
 
 
@@ -120,14 +124,18 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Pre-norm ViT; ``forward`` returns pooled features ``(B, D)``, ``forward_tokens`` every block's."""
+    """Pre-norm ViT: pooled features from ``forward``, per-block tokens from ``forward_tokens``."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.img_size % cfg.patch_size:
-            raise LorexError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise LorexError(
+                f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}"
+            )
         if cfg.embed_dim % cfg.num_heads:
-            raise LorexError(f"embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}")
+            raise LorexError(
+                f"embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}"
+            )
         if cfg.global_pool not in ("token", "avg"):
             raise LorexError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
         self.config = cfg
@@ -139,7 +147,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.eps)
         # Not persistent: the state dict keeps exactly timm's keys.
-        self.register_buffer("input_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "input_mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("input_std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         self.reset_parameters()
 
@@ -155,7 +165,7 @@ class VisionTransformer(nn.Module):
         nn.init.uniform_(w, -1 / math.sqrt(w[0].numel()), 1 / math.sqrt(w[0].numel()))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``[0, 1]`` images, cut them into patch tokens, add the class token and positions."""
+        """Normalise [0, 1] images, cut them into patch tokens, add class token and positions."""
         self.patch_embed.check_input(x)  # before normalising: broadcasting would hide a bad shape
         x = self.patch_embed((x - self.input_mean) / self.input_std)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
@@ -179,7 +189,7 @@ class VisionTransformer(nn.Module):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resize a ``(1, 1 + g*g, D)`` position table to a new grid, keeping the class slot."""
+    """Bicubically resize a ``(1, 1 + g*g, D)`` position table to a new grid; class slot kept."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(round(math.sqrt(grid.shape[1])))
     if old * old != grid.shape[1]:

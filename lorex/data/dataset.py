@@ -17,10 +17,14 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-            raise ValueError(f"{self.name}: images must be uint8 (N, H, W, 3), got "
-                             f"{self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"{self.name}: images must be uint8 (N, H, W, 3), got "
+                f"{self.images.dtype} {self.images.shape}"
+            )
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+            raise ValueError(
+                f"{self.name}: {len(self.images)} images but {len(self.labels)} labels"
+            )
         self.labels = self.labels.astype(np.int64)
 
     def __len__(self) -> int:
@@ -38,7 +42,9 @@ class ImageDataset:
         if max_samples is None or max_samples >= len(self):
             return self
         rng = np.random.default_rng(seed)
-        per_class = [rng.permutation(np.flatnonzero(self.labels == c)) for c in range(len(self.classes))]
+        per_class = [
+            rng.permutation(np.flatnonzero(self.labels == c)) for c in range(len(self.classes))
+        ]
         picked: list[int] = []
         rank = 0
         while len(picked) < max_samples:  # round-robin over classes keeps the balance
@@ -59,7 +65,9 @@ class ImageDataset:
         return x.contiguous(), torch.from_numpy(self.labels)
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic per-class split into sorted train and test indices."""
     rng = np.random.default_rng(seed)
     train, test = [], []

@@ -35,8 +35,12 @@ def mnistm_patches(n: int, split: str) -> np.ndarray:
     """The seeded random photo crops, float32 ``(n, 32, 32, 3)``, that MNIST-M blends with."""
     rng = np.random.default_rng([SPLIT_SEED, 1, split == "train"])
     pool = sources.photos()
-    return np.stack([render.random_crop(rng, pool[int(rng.integers(len(pool)))], SIZE, (SIZE, 4 * SIZE))
-                     for _ in range(n)])
+    return np.stack(
+        [
+            render.random_crop(rng, pool[int(rng.integers(len(pool)))], SIZE, (SIZE, 4 * SIZE))
+            for _ in range(n)
+        ]
+    )
 
 
 def make_mnistm(split: str) -> ImageDataset:
@@ -66,8 +70,12 @@ def make_syn(split: str) -> ImageDataset:
         text = "".join(str(d) for d in rng.integers(0, 10, n_side)) + str(label)
         text += "".join(str(d) for d in rng.integers(0, 10, n_side))
         mask = render.glyph_mask(
-            text, fonts[int(rng.integers(len(fonts)))], int(rng.integers(18, 30)), out=SIZE,
-            stroke=int(rng.integers(0, 2)), rotation=float(rng.uniform(-15, 15)),
+            text,
+            fonts[int(rng.integers(len(fonts)))],
+            int(rng.integers(18, 30)),
+            out=SIZE,
+            stroke=int(rng.integers(0, 2)),
+            rotation=float(rng.uniform(-15, 15)),
             offset=(float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))),
         )
         image = image * (1 - mask[..., None]) + fg * mask[..., None]
@@ -84,6 +92,8 @@ def make_optdigits(split: str) -> ImageDataset:
     idx = train if split == "train" else test
     out = np.empty((len(idx), SIZE, SIZE, 3), dtype=np.uint8)
     for j, i in enumerate(idx):
-        grey = Image.fromarray((x[i] * (255.0 / 16.0)).astype(np.uint8)).resize((28, 28), Image.BICUBIC)
+        grey = Image.fromarray((x[i] * (255.0 / 16.0)).astype(np.uint8)).resize(
+            (28, 28), Image.BICUBIC
+        )
         out[j] = np.pad(np.asarray(grey), 2)[..., None]
     return ImageDataset(out, y[idx], DIGITS, "digits/optdigits")

@@ -1,4 +1,4 @@
-"""Read and write the ImageFolder layout: ``ROOT/<class>/<image>.png`` (optionally under train/test)."""
+"""Read and write the ImageFolder layout: ``ROOT/[train|test/]<class>/<image>.png``."""
 
 from __future__ import annotations
 
@@ -41,8 +41,12 @@ def read_imagefolder(root: str | Path, split: str = "train") -> ImageDataset:
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if (root / "train").is_dir() and split != "train" and not (root / split).is_dir():
         raise LorexError(f"{root}: has no '{split}' split folder")
-    files = [(f, c) for c, d in enumerate(class_dirs) for f in sorted(d.iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, c)
+        for c, d in enumerate(class_dirs)
+        for f in sorted(d.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise LorexError(f"{folder}: no images found (expected <class>/<image>.png sub-folders)")
     images, labels, size = [], [], None
@@ -51,11 +55,15 @@ def read_imagefolder(root: str | Path, split: str = "train") -> ImageDataset:
         if size is None:
             size = img.shape
         elif img.shape != size:
-            raise LorexError(f"{path}: image size {img.shape[1]}x{img.shape[0]} differs from "
-                             f"{size[1]}x{size[0]} of the other images (mixed sizes)")
+            raise LorexError(
+                f"{path}: image size {img.shape[1]}x{img.shape[0]} differs from "
+                f"{size[1]}x{size[0]} of the other images (mixed sizes)"
+            )
         images.append(img)
         labels.append(label)
-    return ImageDataset(np.stack(images), np.asarray(labels), [d.name for d in class_dirs], root.name)
+    return ImageDataset(
+        np.stack(images), np.asarray(labels), [d.name for d in class_dirs], root.name
+    )
 
 
 def write_imagefolder(dataset: ImageDataset, folder: str | Path) -> None:

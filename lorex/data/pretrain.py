@@ -34,12 +34,18 @@ def make_chars(split: str) -> ImageDataset:
             fg, bg = render.contrasting_colours(rng, min_gap=120.0)
             if fg.mean() < bg.mean():  # light glyphs on darker ground, the polarity of MNIST
                 fg, bg = bg, fg
-            texture = render.random_crop(rng, pool[int(rng.integers(len(pool)))], SIZE, (SIZE, 3 * SIZE))
+            texture = render.random_crop(
+                rng, pool[int(rng.integers(len(pool)))], SIZE, (SIZE, 3 * SIZE)
+            )
             texture = (texture - texture.mean()) * rng.uniform(0.05, 0.35)
             image = render.gradient_background(rng, SIZE, bg) + texture[..., None]
         mask = render.glyph_mask(
-            CHARS[label], fonts[int(rng.integers(len(fonts)))], int(rng.integers(22, 30)), out=SIZE,
-            stroke=int(rng.integers(2, 5)), rotation=float(rng.uniform(-12, 12)),
+            CHARS[label],
+            fonts[int(rng.integers(len(fonts)))],
+            int(rng.integers(22, 30)),
+            out=SIZE,
+            stroke=int(rng.integers(2, 5)),
+            rotation=float(rng.uniform(-12, 12)),
             offset=(float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))),
         )
         image = image * (1 - mask[..., None]) + fg * mask[..., None]

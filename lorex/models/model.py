@@ -51,7 +51,9 @@ class LorexModel(nn.Module):
     def set_head(self, task_or_key: str) -> None:
         key = task_or_key if task_or_key in self.heads else head_key(task_or_key)
         if key not in self.heads:
-            raise LorexError(f"no head for task '{task_or_key}'; heads: {', '.join(self.tasks) or 'none'}")
+            raise LorexError(
+                f"no head for task '{task_or_key}'; heads: {', '.join(self.tasks) or 'none'}"
+            )
         self.active_head = key
 
     @property

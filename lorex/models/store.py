@@ -48,7 +48,9 @@ def _check_fields(config: dict, path: Path) -> None:
         raise LorexError(f"{path}: missing field '{missing[0]}'")
     heads = config["heads"]
     if not isinstance(heads, dict) or not all(
-        isinstance(h, dict) and isinstance(h.get("task"), str) and isinstance(h.get("classes"), list)
+        isinstance(h, dict)
+        and isinstance(h.get("task"), str)
+        and isinstance(h.get("classes"), list)
         for h in heads.values()
     ):
         raise LorexError(f"{path}: field 'heads' must map keys to {{'task': str, 'classes': list}}")
@@ -83,7 +85,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
     model = LorexModel(build_backbone(config["backbone"]), config["backbone"])
     for key, info in config["heads"].items():
         if model.add_head(info["task"], info["classes"], activate=False) != key:
-            raise LorexError(f"{path / CONFIG}: head key '{key}' does not match task '{info['task']}'")
+            raise LorexError(
+                f"{path / CONFIG}: head key '{key}' does not match task '{info['task']}'"
+            )
     if config["active_head"] is not None and config["active_head"] not in model.heads:
         raise LorexError(f"{path / CONFIG}: active_head '{config['active_head']}' is not a head")
     model.active_head = config["active_head"]
@@ -94,10 +98,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
         base_dir = _base_path(path, base)
         if not is_model_dir(base_dir) and not (base_dir / CONFIG).is_file():
             raise LorexError(f"{path / CONFIG}: base model {base_dir} not found")
-        if base.get("sha256") and is_model_dir(base_dir) and file_sha256(base_dir / WEIGHTS) != base["sha256"]:
-            raise LorexError(f"{base_dir}: base weights changed since {path} was made (hash mismatch)")
-        state.update({k: v for k, v in load_model(base_dir).state_dict().items()
-                      if k.startswith("backbone.")})
+        if (
+            base.get("sha256")
+            and is_model_dir(base_dir)
+            and file_sha256(base_dir / WEIGHTS) != base["sha256"]
+        ):
+            raise LorexError(
+                f"{base_dir}: base weights changed since {path} was made (hash mismatch)"
+            )
+        state.update(
+            {
+                k: v
+                for k, v in load_model(base_dir).state_dict().items()
+                if k.startswith("backbone.")
+            }
+        )
     state.update(own)
     _load_state(model, state, path / WEIGHTS)
     return model.to(device).eval()
@@ -113,8 +128,10 @@ def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path)
         raise LorexError(f"{source}: unexpected tensor '{unexpected[0]}'")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise LorexError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected "
-                             f"{tuple(expected[k].shape)}")
+            raise LorexError(
+                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected "
+                f"{tuple(expected[k].shape)}"
+            )
     model.load_state_dict(state)
 
 
@@ -127,19 +144,29 @@ def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
     return model.to(device).eval()
 
 
-def save_model(model: LorexModel, out: str | Path, *, weights: str = "full",
-               base_dir: str | Path | None = None, made_by: dict[str, Any] | None = None,
-               seed: int | None = None, extra_files: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: LorexModel,
+    out: str | Path,
+    *,
+    weights: str = "full",
+    base_dir: str | Path | None = None,
+    made_by: dict[str, Any] | None = None,
+    seed: int | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
     """Write a model directory atomically.
 
-    ``weights="delta"`` stores only the heads and names ``base_dir``: the backbone comes from the base.
-    ``extra_files`` maps file names to JSON-able dicts or raw bytes (a PNG) written beside the model.
+    ``weights="delta"`` stores only the heads and names ``base_dir``, which holds the backbone.
+    ``extra_files`` maps file names to JSON-able dicts or raw bytes (a PNG) to write beside it.
     """
     out = Path(out)
     if weights not in ("full", "delta"):
         raise ValueError(f"weights must be 'full' or 'delta', got {weights!r}")
-    state = {k: v for k, v in model.state_dict().items()
-             if weights == "full" or not k.startswith("backbone.")}
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if weights == "full" or not k.startswith("backbone.")
+    }
     config: dict[str, Any] = {
         "lorex_version": __version__,
         "format_version": FORMAT_VERSION,

@@ -78,27 +78,39 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     n, _, h, w = x.shape
     shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).tolist()
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    return torch.stack([padded[i, :, max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
-                        for i, (dy, dx) in enumerate(shifts)])
+    return torch.stack(
+        [
+            padded[i, :, max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
+            for i, (dy, dx) in enumerate(shifts)
+        ]
+    )
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, x_u8: torch.Tensor, batch_size: int,
-                     device: torch.device) -> torch.Tensor:
+def extract_features(
+    backbone: torch.nn.Module, x_u8: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
     backbone.eval()
-    return torch.cat([backbone(as_float(x_u8[i : i + batch_size], device))
-                      for i in range(0, len(x_u8), batch_size)])
+    return torch.cat(
+        [
+            backbone(as_float(x_u8[i : i + batch_size], device))
+            for i in range(0, len(x_u8), batch_size)
+        ]
+    )
 
 
 @torch.inference_mode()
-def predict(model: LorexModel, data: ImageDataset, batch_size: int = 256,
-            device: torch.device | str = "cpu") -> np.ndarray:
+def predict(
+    model: LorexModel, data: ImageDataset, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Predicted class indices for every image of ``data``."""
     device = torch.device(device)
     model.eval()
     x, _ = images_to_tensor(data)
-    preds = [model(as_float(x[i : i + batch_size], device)).argmax(1).cpu()
-             for i in range(0, len(x), batch_size)]
+    preds = [
+        model(as_float(x[i : i + batch_size], device)).argmax(1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(preds).numpy()
 
 
@@ -107,8 +119,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (
+                no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay
+            ).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _schedule(total_steps: int, warmup_fraction: float):
@@ -123,8 +140,14 @@ def _schedule(total_steps: int, warmup_fraction: float):
     return factor
 
 
-def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: TrainConfig,
-        device: torch.device | str = "cpu", progress: bool | None = None) -> TrainResult:
+def fit(
+    model: LorexModel,
+    method: TrainingMethod,
+    data: ImageDataset,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> TrainResult:
     """Train ``model`` on ``data`` with ``method``; returns the loss curve and resource figures."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -134,8 +157,10 @@ def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: Trai
     params = trainable_parameters(model)
     if not params:
         raise LorexError(f"method '{method.name}' left no trainable parameters")
-    result = TrainResult(trainable_params=count_parameters(model, trainable_only=True),
-                         total_params=count_parameters(model))
+    result = TrainResult(
+        trainable_params=count_parameters(model, trainable_only=True),
+        total_params=count_parameters(model),
+    )
     x, y = images_to_tensor(data)
     use_cache = method.frozen_backbone and not cfg.augment
     result.feature_cache = use_cache
@@ -143,8 +168,13 @@ def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: Trai
     total = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_fraction))
-    bar = tqdm(total=total, desc=f"train {method.name}", unit="step", disable=progress is False or None,
-               leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"train {method.name}",
+        unit="step",
+        disable=progress is False or None,
+        leave=False,
+    )
     with PeakMemory(device=device) as mem:
         start = time.perf_counter()
         if use_cache:
@@ -166,8 +196,10 @@ def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: Trai
                     logits = model(batch)
                 loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise LorexError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; "
-                                     "try a lower --lr")
+                    raise LorexError(
+                        f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; "
+                        "try a lower --lr"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -177,8 +209,9 @@ def fit(model: LorexModel, method: TrainingMethod, data: ImageDataset, cfg: Trai
                 correct += int((logits.argmax(1) == target).sum())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            result.history.append({"epoch": epoch + 1, "loss": loss_sum / len(x),
-                                   "train_accuracy": correct / len(x)})
+            result.history.append(
+                {"epoch": epoch + 1, "loss": loss_sum / len(x), "train_accuracy": correct / len(x)}
+            )
         result.train_seconds = time.perf_counter() - start
     bar.close()
     model.eval()

@@ -32,6 +32,7 @@ class TrainingMethod(abc.ABC):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add this method's own CLI options (none by default)."""
+        return None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainingMethod:

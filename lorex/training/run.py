@@ -36,12 +36,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def check_classes(model: LorexModel, data: ImageDataset, source: str) -> None:
     if list(model.classes) != list(data.classes):
-        raise LorexError(f"{source}: classes {data.classes[:5]}... do not match the model head's "
-                         f"{model.classes[:5]}...")
+        raise LorexError(
+            f"{source}: classes {data.classes[:5]}... do not match the model head's "
+            f"{model.classes[:5]}..."
+        )
 
 
-def evaluate(model: LorexModel, data: ImageDataset, device: torch.device | str = "cpu",
-             batch_size: int = 256) -> float:
+def evaluate(
+    model: LorexModel, data: ImageDataset, device: torch.device | str = "cpu", batch_size: int = 256
+) -> float:
     """Top-1 accuracy of ``model``'s active head on ``data``."""
     check_classes(model, data, data.name or "dataset")
     return accuracy(predict(model, data, batch_size, device), data.labels)
@@ -49,8 +52,13 @@ def evaluate(model: LorexModel, data: ImageDataset, device: torch.device | str =
 
 def run_record(command: str, cfg: TrainConfig | None = None, **extra: Any) -> dict[str, Any]:
     """What made an output: command, settings, seed, versions. Stored beside every result."""
-    record = {"command": command, "lorex_version": __version__, "torch_version": torch.__version__,
-              "python": platform.python_version(), **extra}
+    record = {
+        "command": command,
+        "lorex_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        **extra,
+    }
     if cfg is not None:
         record["config"] = cfg.to_dict()
         record["seed"] = cfg.seed
@@ -70,7 +78,9 @@ def curve_png(history: list[dict], title: str) -> bytes:
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
-    ax2.plot(epochs, [h["train_accuracy"] for h in history], "s--", color="tab:orange", label="accuracy")
+    ax2.plot(
+        epochs, [h["train_accuracy"] for h in history], "s--", color="tab:orange", label="accuracy"
+    )
     ax2.set_ylabel("train accuracy")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -80,21 +90,44 @@ def curve_png(history: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _metrics(acc: float, result: TrainResult, data: str, method: str, cfg: TrainConfig,
-             n_train: int, n_test: int, device: torch.device) -> dict[str, Any]:
+def _metrics(
+    acc: float,
+    result: TrainResult,
+    data: str,
+    method: str,
+    cfg: TrainConfig,
+    n_train: int,
+    n_test: int,
+    device: torch.device,
+) -> dict[str, Any]:
     return {
-        "accuracy": acc, "trainable_params": result.trainable_params,
-        "total_params": result.total_params, "train_seconds": result.train_seconds,
-        "peak_rss_mb": result.peak_rss_mb, "peak_train_mb": result.peak_train_mb,
-        "peak_device_mb": result.peak_device_mb, "feature_cache": result.feature_cache,
-        "data": data, "method": method, "train_samples": n_train, "test_samples": n_test,
-        "device": str(device), "seed": cfg.seed, "lorex_version": __version__,
+        "accuracy": acc,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "train_seconds": result.train_seconds,
+        "peak_rss_mb": result.peak_rss_mb,
+        "peak_train_mb": result.peak_train_mb,
+        "peak_device_mb": result.peak_device_mb,
+        "feature_cache": result.feature_cache,
+        "data": data,
+        "method": method,
+        "train_samples": n_train,
+        "test_samples": n_test,
+        "device": str(device),
+        "seed": cfg.seed,
+        "lorex_version": __version__,
         "history": result.history,
     }
 
 
-def pretrain(preset: str | dict, out: str | Path, cfg: TrainConfig, data: str = "pretrain/chars",
-             device: torch.device | str = "cpu", progress: bool | None = None) -> dict[str, Any]:
+def pretrain(
+    preset: str | dict,
+    out: str | Path,
+    cfg: TrainConfig,
+    data: str = "pretrain/chars",
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Train a backbone from scratch with a head on ``data``: the base that experts start from."""
     device = torch.device(device)
     backbone_cfg = preset_config(preset) if isinstance(preset, str) else preset
@@ -103,42 +136,72 @@ def pretrain(preset: str | dict, out: str | Path, cfg: TrainConfig, data: str = 
     torch.manual_seed(cfg.seed)
     model = LorexModel(build_backbone(backbone_cfg), backbone_cfg)
     if model.image_size != train.image_size[0]:
-        raise LorexError(f"{data}: images are {train.image_size[0]}px, the preset needs {model.image_size}px")
+        raise LorexError(
+            f"{data}: images are {train.image_size[0]}px, the preset needs {model.image_size}px"
+        )
     model.add_head(train.name or data, train.classes)
     result = fit(model, METHODS["full"](), train, cfg, device, progress)
     acc = evaluate(model, test, device)
     metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device)
-    made_by = run_record("pretrain", cfg, preset=preset if isinstance(preset, str) else None, data=data)
-    save_model(model, out, made_by=made_by, seed=cfg.seed,
-               extra_files={"metrics.json": metrics, "train_curve.png": curve_png(result.history, f"pretrain {data}")})
+    made_by = run_record(
+        "pretrain", cfg, preset=preset if isinstance(preset, str) else None, data=data
+    )
+    save_model(
+        model,
+        out,
+        made_by=made_by,
+        seed=cfg.seed,
+        extra_files={
+            "metrics.json": metrics,
+            "train_curve.png": curve_png(result.history, f"pretrain {data}"),
+        },
+    )
     log.info("pretrained %s: test accuracy %.4f on %s", out, acc, data)
     return metrics
 
 
-def train_expert(base: str | Path, data: str, method: TrainingMethod, out: str | Path, cfg: TrainConfig,
-                 device: torch.device | str = "cpu", progress: bool | None = None) -> dict[str, Any]:
+def train_expert(
+    base: str | Path,
+    data: str,
+    method: TrainingMethod,
+    out: str | Path,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``base`` on one dataset with ``method`` and save the expert with its metrics."""
     device = torch.device(device)
     train = load_dataset(data, "train", cfg.max_samples, cfg.seed)
     test = load_dataset(data, "test")
     model = load_model(base, device)
     if train.image_size[0] != model.image_size:
-        raise LorexError(f"{data}: images are {train.image_size[0]}x{train.image_size[1]}, the model needs "
-                         f"{model.image_size}x{model.image_size}")
+        raise LorexError(
+            f"{data}: images are {train.image_size[0]}x{train.image_size[1]}, the model needs "
+            f"{model.image_size}x{model.image_size}"
+        )
     model.add_head(train.name or data, train.classes)
     torch.manual_seed(cfg.seed)
     result = fit(model, method, train, cfg, device, progress)
     acc = evaluate(model, test, device)
     metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device)
-    made_by = run_record("train", cfg, method=method.name, method_options=method.options(), data=data,
-                         base=str(base))
+    made_by = run_record(
+        "train", cfg, method=method.name, method_options=method.options(), data=data, base=str(base)
+    )
     # A delta model keeps only the new head: drop the base's heads so they are not saved twice.
     for key in [k for k in model.heads if k != model.active_head]:
         del model.heads[key]
         del model.head_info[key]
-    save_model(model, out, weights=method.saves, base_dir=base if method.saves == "delta" else None,
-               made_by=made_by, seed=cfg.seed,
-               extra_files={"metrics.json": metrics,
-                            "train_curve.png": curve_png(result.history, f"{method.name} on {data}")})
+    save_model(
+        model,
+        out,
+        weights=method.saves,
+        base_dir=base if method.saves == "delta" else None,
+        made_by=made_by,
+        seed=cfg.seed,
+        extra_files={
+            "metrics.json": metrics,
+            "train_curve.png": curve_png(result.history, f"{method.name} on {data}"),
+        },
+    )
     log.info("trained %s expert %s: test accuracy %.4f on %s", method.name, out, acc, data)
     return metrics
