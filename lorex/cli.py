@@ -43,13 +43,14 @@ def _positive_float(text: str) -> float:
 
 
 def _add_training_options(
-    p: argparse.ArgumentParser, epochs: int, lr: float, batch: int = 128
+    p: argparse.ArgumentParser, epochs: int, lr: float | None, batch: int = 64
 ) -> None:
     p.add_argument(
         "--epochs", type=_positive_int, default=epochs, help=f"passes over the data ({epochs})"
     )
     p.add_argument("--batch-size", type=_positive_int, default=batch, help=f"batch size ({batch})")
-    p.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate ({lr})")
+    lr_help = f"peak learning rate ({lr})" if lr else "peak learning rate (default: the method's)"
+    p.add_argument("--lr", type=_positive_float, default=lr, help=lr_help)
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument(
@@ -71,13 +72,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
-def _train_config(args: argparse.Namespace, augment_default: bool):
+def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: float | None = None):
     from lorex.training.loop import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else default_lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
         max_samples=args.max_samples,
@@ -133,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.data,
         method,
         args.out,
-        _train_config(args, False),
+        _train_config(args, False, default_lr=METHODS[args.method].default_lr),
         resolve_device(args.device),
     )
     print(
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS))
     p.add_argument("--data", default="pretrain/chars", help="dataset name or ImageFolder path")
     p.add_argument("--out", required=True, type=Path)
-    _add_training_options(p, epochs=10, lr=1e-3)
+    _add_training_options(p, epochs=10, lr=5e-4)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", help="fine-tune an expert for one dataset from a base model")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset name or ImageFolder path")
     p.add_argument("--method", default="full", choices=sorted(METHODS))
     p.add_argument("--out", required=True, type=Path)
-    _add_training_options(p, epochs=5, lr=5e-4)
+    _add_training_options(p, epochs=5, lr=None)
     for method in METHODS.values():
         method.add_arguments(p)
     p.set_defaults(func=cmd_train)

@@ -28,6 +28,8 @@ class TrainingMethod(abc.ABC):
     frozen_backbone: ClassVar[bool] = False
     #: What the saved model directory holds: every tensor, or only what differs from the base.
     saves: ClassVar[str] = "full"
+    #: The learning rate ``lorex train`` uses when ``--lr`` is not given.
+    default_lr: ClassVar[float] = 1e-3
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ class LinearProbe(TrainingMethod):
     name = "linear"
     frozen_backbone = True
     saves = "delta"
+    default_lr = 5e-3  # a single linear layer on fixed features tolerates a large step
 
     def prepare(self, model: LorexModel) -> None:
         model.requires_grad_(False)
