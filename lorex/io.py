@@ -41,30 +41,14 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
-    """Save tensors as safetensors atomically; shared or non-contiguous storage is copied."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; fsync and rename it into place on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata=metadata)
+        yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -72,6 +56,36 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    with _atomic_file(path) as tmp:
+        Path(tmp).write_bytes(payload)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """Save tensors as safetensors atomically; shared or non-contiguous storage is copied."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with _atomic_file(Path(path)) as tmp:
+        save_file(clean, tmp, metadata=metadata)
+
+
+def check_tensors_match(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str | Path
+) -> None:
+    """Same keys and shapes as ``expected``, or a LorexError naming the first offending tensor."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise LorexError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
+    if unexpected:
+        raise LorexError(f"{source}: unexpected tensor '{unexpected[0]}'")
+    for k, v in given.items():
+        if v.shape != expected[k].shape:
+            raise LorexError(
+                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected "
+                f"{tuple(expected[k].shape)}"
+            )
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

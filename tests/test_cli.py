@@ -160,32 +160,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, tiny_base):
         (tmp_path / "small" / "test" / str(d)).mkdir(exist_ok=True)
     code, _, err = run(capsys, "eval", "--model", tiny_base, "--data", tmp_path / "small")
     _one_line_error(code, err, "32, 32")
-    code, _, err = run(
-        capsys,
-        "train",
-        "--base",
-        tiny_base,
-        "--data",
-        "digits/mnist",
-        "--out",
-        tmp_path / "x",
-        "--epochs",
-        "0",
-    )
-    _one_line_error(code, err, "--epochs")
-    code, _, err = run(
-        capsys,
-        "train",
-        "--base",
-        tiny_base,
-        "--data",
-        "digits/mnist",
-        "--out",
-        tmp_path / "x",
-        "--lr",
-        "-1",
-    )
-    _one_line_error(code, err, "--lr")
+    for option, value in (("--epochs", "0"), ("--lr", "-1"), ("--batch-size", "x")):
+        argv = ["train", "--base", tiny_base, "--data", "digits/mnist", "--out", tmp_path / "x"]
+        code, _, err = run(capsys, *argv, option, value)
+        _one_line_error(code, err, option)
     assert not (tmp_path / "x").exists()
 
 

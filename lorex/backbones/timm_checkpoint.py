@@ -8,7 +8,7 @@ import torch
 
 from lorex.backbones.vit import VisionTransformer, resample_pos_embed
 from lorex.errors import LorexError
-from lorex.io import load_tensors
+from lorex.io import check_tensors_match, load_tensors
 
 # timm keys this ViT does not model; a checkpoint carrying them is a different architecture.
 _UNSUPPORTED = ("fc_norm.", "norm_pre.", ".ls1.", ".ls2.", "reg_token", "attn_pool.")
@@ -42,18 +42,7 @@ def split_timm_state(
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "pos_embed" in body:
         body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(body))
-    unexpected = sorted(set(body) - set(expected))
-    if missing or unexpected:
-        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
-        raise LorexError(f"{source}: does not match the ViT config ({what})")
-    for k, v in body.items():
-        if v.shape != expected[k].shape:
-            raise LorexError(
-                f"{source}: '{k}' has shape {tuple(v.shape)}, the config needs "
-                f"{tuple(expected[k].shape)}"
-            )
+    check_tensors_match(model.state_dict(), body, source)
     return body, head
 
 

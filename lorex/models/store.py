@@ -17,7 +17,14 @@ import torch
 from lorex import __version__
 from lorex.backbones import build_backbone
 from lorex.errors import LorexError
-from lorex.io import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lorex.io import (
+    atomic_directory,
+    check_tensors_match,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from lorex.models.model import LorexModel
 
 CONFIG = "config.json"
@@ -119,19 +126,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
 
 
 def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise LorexError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
-    if unexpected:
-        raise LorexError(f"{source}: unexpected tensor '{unexpected[0]}'")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise LorexError(
-                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected "
-                f"{tuple(expected[k].shape)}"
-            )
+    check_tensors_match(model.state_dict(), state, source)
     model.load_state_dict(state)
 
 
