@@ -22,6 +22,16 @@ from safetensors.torch import load_file, save_file
 from lorex.errors import LorexError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions instead.
+_UMASK = _current_umask()
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -47,6 +57,7 @@ def _atomic_file(path: Path) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -117,6 +128,7 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
         raise LorexError(f"{target}: already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:

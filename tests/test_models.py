@@ -100,3 +100,14 @@ def test_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
 def test_wrong_input_size_is_a_clear_error():
     with pytest.raises(LorexError, match=r"expected \(B, 3, 32, 32\)"):
         _model()(torch.rand(1, 3, 28, 28))
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    save_model(_model(), tmp_path / "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "m" / "config.json").stat().st_mode) == 0o666 & ~mask
