@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make", help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/)"
     )
     p.add_argument("name", help="a built-in dataset name, e.g. digits/mnistm")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.add_argument(
         "--max-samples", type=_positive_int, default=None, help="per split, class-balanced"
     )
@@ -248,15 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a base backbone on the pretraining set")
     p.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS))
     p.add_argument("--data", default="pretrain/chars", help="dataset name or ImageFolder path")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     _add_training_options(p, epochs=10, lr=5e-4)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", help="fine-tune an expert for one dataset from a base model")
     p.add_argument("--base", required=True, type=Path, help="base model directory")
     p.add_argument("--data", required=True, help="dataset name or ImageFolder path")
-    p.add_argument("--method", default="full", choices=sorted(METHODS))
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--method",
+        default="full",
+        choices=sorted(METHODS),
+        help="what trains: "
+        + "; ".join(f"{n}: {m.__doc__.strip().rstrip('.').lower()}" for n, m in METHODS.items()),
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     _add_training_options(p, epochs=5, lr=None)
     for method in METHODS.values():
         method.add_arguments(p)
@@ -279,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.set_defaults(func=cmd_import_timm)
 
     p = sub.add_parser(
