@@ -73,6 +73,10 @@ FULL = DemoSettings(
 )
 
 
+def _samples(limit: int | None) -> str:
+    return f"at most {limit}" if limit else "all"
+
+
 def short(domain: str) -> str:
     return domain.split("/")[-1]
 
@@ -246,10 +250,8 @@ def _write_report(
 Base: `{s.preset}` pretrained on `pretrain/chars` ({base_metrics["train_samples"]} images,
 {s.pretrain_epochs} epochs; {100 * base_metrics["accuracy"]:.1f}% on its own test split).
 Each domain gets a linear probe of the frozen base and a fully fine-tuned expert
-({s.expert_epochs} epochs, at most {s.expert_samples or "all"} training images).
-Test sets: {f"at most {s.test_samples}" if s.test_samples else "all"} images per domain. Seed {
-        seed
-    }, lorex {__version__}.
+({s.expert_epochs} epochs, {_samples(s.expert_samples)} training images).
+Test sets: {_samples(s.test_samples)} images per domain. Seed {seed}, lorex {__version__}.
 
 ## Experts against the base's linear probe (own domain)
 
