@@ -48,7 +48,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file in the same directory, fsync, rename)."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 @contextlib.contextmanager
@@ -69,7 +69,7 @@ def _atomic_file(path: Path) -> Iterator[str]:
         raise
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
     with _atomic_file(path) as tmp:
         Path(tmp).write_bytes(payload)
 

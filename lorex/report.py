@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +58,28 @@ def heatmap_png(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def curve_png(history: list[dict], title: str) -> bytes:
+    """Training loss and accuracy per epoch, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(epochs, [h["loss"] for h in history], "o-", label="loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax2 = ax.twinx()
+    ax2.plot(
+        epochs, [h["train_accuracy"] for h in history], "s--", color="tab:orange", label="accuracy"
+    )
+    ax2.set_ylabel("train accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

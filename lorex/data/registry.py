@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from lorex.data import digits, pretrain
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder
 from lorex.errors import LorexError
-from lorex.io import _atomic_write_bytes
+from lorex.io import atomic_write_bytes
 
 SPLITS = ("train", "test")
 
@@ -72,11 +73,9 @@ def _load_builtin(spec: BuiltinDataset, split: str) -> ImageDataset:
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is regenerated
     data = spec.make(split)
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, images=data.images, labels=data.labels, classes=np.asarray(data.classes))
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return data
 
 
@@ -88,7 +87,7 @@ def load_dataset(
         raise LorexError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name in BUILTINS:
         data = _load_builtin(BUILTINS[name], split)
-    elif Path(name).exists() or "/" in name.rstrip("/").lstrip("./") and Path(name).parent.exists():
+    elif Path(name).exists():
         data = read_imagefolder(name, split)
     else:
         close = difflib.get_close_matches(name, list(BUILTINS), n=1)

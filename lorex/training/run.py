@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import platform
 from pathlib import Path
@@ -16,6 +15,7 @@ from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
 from lorex.metrics import accuracy
 from lorex.models import LorexModel, load_model, save_model
+from lorex.report import curve_png
 from lorex.training.loop import TrainConfig, TrainResult, fit, predict
 from lorex.training.methods import METHODS, TrainingMethod
 
@@ -63,31 +63,6 @@ def run_record(command: str, cfg: TrainConfig | None = None, **extra: Any) -> di
         record["config"] = cfg.to_dict()
         record["seed"] = cfg.seed
     return record
-
-
-def curve_png(history: list[dict], title: str) -> bytes:
-    """Training loss and accuracy per epoch, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(epochs, [h["loss"] for h in history], "o-", label="loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss")
-    ax2 = ax.twinx()
-    ax2.plot(
-        epochs, [h["train_accuracy"] for h in history], "s--", color="tab:orange", label="accuracy"
-    )
-    ax2.set_ylabel("train accuracy")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _metrics(
