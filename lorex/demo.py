@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -94,12 +95,18 @@ def _done(out: Path, stamp: dict) -> bool:
     )
 
 
-def _stage(out: Path, stamp: dict, make) -> None:
+def _stage(out: Path, stamp: dict, make, label: str) -> None:
     if _done(out, stamp):
-        log.info("reusing %s", out)
+        _say(f"{label}: reusing {out}")
         return
+    _say(f"{label} ...")
     make()
     write_json(out / "stage.json", stamp)
+
+
+def _say(message: str) -> None:
+    """Stage lines on stderr: the demo is long, and a progress bar alone does not name its stage."""
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
 def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> Path:
@@ -124,7 +131,8 @@ def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> 
         max_samples=s.pretrain_samples,
         augment=s.pretrain_augment,
     )
-    _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device))
+    label = f"pretrain {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs)"
+    _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device), label)
     target = out / "base"
     if not _done(target, stamp):
         if target.exists():
@@ -181,9 +189,11 @@ def run_demo(
                 lambda c=cfg, d=domain, m=method, t=target: train_expert(
                     base, d, METHODS[m](), t, c, device
                 ),
+                f"{method} expert on {domain} ({epochs} epochs)",
             )
             experts[domain][method] = read_json(target / "metrics.json")
 
+    _say("evaluating every expert on every domain ...")
     tests = {d: load_dataset(d, "test", s.test_samples, seed) for d in s.domains}
     matrix = np.zeros((len(s.domains), len(s.domains)))
     for i, trained in enumerate(s.domains):

@@ -170,7 +170,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_fraction))
     bar = tqdm(
         total=total,
-        desc=f"train {method.name}",
+        desc=f"{method.name} on {data.name or 'data'}",
         unit="step",
         disable=progress is False or None,
         leave=False,
