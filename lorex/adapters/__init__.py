@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters on a frozen backbone. LoRA first (``lorex.adapters.lora``)."""

@@ -1,0 +1,40 @@
+"""LoRA: config, layer, and the code that injects and saves it (in PEFT's file format)."""
+
+from lorex.adapters.lora.config import VIT_TARGETS, LoraConfig
+from lorex.adapters.lora.layer import LoraLinear
+from lorex.adapters.lora.model import (
+    active_adapters,
+    adapter_configs,
+    adapter_state_dict,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    lora_layers,
+    mark_trainable,
+    merge_adapter,
+    save_adapter,
+    set_adapter,
+    set_weighted_adapters,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "VIT_TARGETS",
+    "LoraConfig",
+    "LoraLinear",
+    "active_adapters",
+    "adapter_configs",
+    "adapter_state_dict",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "lora_layers",
+    "mark_trainable",
+    "merge_adapter",
+    "save_adapter",
+    "set_adapter",
+    "set_weighted_adapters",
+    "unmerge_adapters",
+]

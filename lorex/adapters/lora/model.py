@@ -1,0 +1,234 @@
+"""Inject, switch, combine, merge and save named LoRA adapters on any ``nn.Module``.
+
+Adapters live in ``LoraLinear`` layers that replace the targeted ``nn.Linear`` modules; the settings
+of each adapter are kept on the root module (``lora_configs``). Files use PEFT's format: keys
+``base_model.model.<module path>.lora_{A,B}.weight`` in ``adapter_model.safetensors`` and an
+``adapter_config.json``: ``peft.PeftModel.from_pretrained`` loads them, and PEFT's files load here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorex.adapters.lora.config import LoraConfig
+from lorex.adapters.lora.layer import LoraLinear
+from lorex.errors import LorexError
+from lorex.io import load_tensors, read_json, save_tensors, write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_configs(module: nn.Module) -> dict[str, LoraConfig]:
+    if not hasattr(module, "lora_configs"):
+        module.lora_configs = {}
+    return module.lora_configs
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+    """Wrap every ``nn.Linear`` that ``config`` targets (once) and give it adapter ``name``.
+
+    Returns the wrapped module paths. The new adapter becomes the only active one.
+    """
+    configs = adapter_configs(module)
+    if name in configs:
+        raise LorexError(f"adapter '{name}' already exists")
+    targets = []
+    for path, sub in list(module.named_modules()):
+        if isinstance(sub, LoraLinear) or path.endswith(("base_layer", "lora_A", "lora_B")):
+            continue
+        if not config.matches(path):
+            continue
+        if isinstance(sub, nn.Linear):
+            targets.append(path)
+        elif not any(path.startswith(t + ".") for t in targets):
+            raise LorexError(
+                f"target '{path}' is a {type(sub).__name__}; LoRA wraps nn.Linear only"
+            )
+    wrapped = [
+        p for p, m in module.named_modules() if isinstance(m, LoraLinear) and config.matches(p)
+    ]
+    if not targets and not wrapped:
+        linear = [p for p, m in module.named_modules() if isinstance(m, nn.Linear)][:4]
+        raise LorexError(
+            f"targets {config.target_modules!r} match no nn.Linear module "
+            f"(some are: {', '.join(linear)})"
+        )
+    for path in targets:
+        base = module.get_submodule(path)
+        base.requires_grad_(False)
+        _set_submodule(module, path, LoraLinear(base))
+    for path in sorted(set(targets) | set(wrapped)):
+        module.get_submodule(path).add_adapter(name, config.r, config.scaling, config.lora_dropout)
+    configs[name] = config
+    set_adapter(module, name)
+    return sorted(set(targets) | set(wrapped))
+
+
+def _layers_with(module: nn.Module, name: str) -> dict[str, LoraLinear]:
+    if name not in adapter_configs(module):
+        known = ", ".join(adapter_configs(module)) or "none"
+        raise LorexError(f"no adapter named '{name}' (adapters: {known})")
+    return {p: m for p, m in lora_layers(module).items() if name in m.scaling}
+
+
+def set_adapter(module: nn.Module, name: str) -> None:
+    """Make ``name`` the only active adapter."""
+    set_weighted_adapters(module, {name: 1.0})
+
+
+def set_weighted_adapters(module: nn.Module, weights: dict[str, float]) -> None:
+    """Activate several adapters at once: the output adds each one's delta times its weight.
+
+    This is the exact weighted sum of the adapters' outputs, not a combination of their A and B.
+    """
+    for name in weights:
+        _layers_with(module, name)
+    for layer in lora_layers(module).values():
+        layer.active = {n: float(w) for n, w in weights.items() if n in layer.scaling}
+
+
+def active_adapters(module: nn.Module) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for layer in lora_layers(module).values():
+        merged.update(layer.active)
+    return merged
+
+
+@contextlib.contextmanager
+def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare backbone inside the block; merged adapters are unmerged for its duration."""
+    layers = lora_layers(module).values()
+    remerge = {layer: list(layer.merged) for layer in layers}
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.merge(remerge[layer])
+
+
+def delete_adapter(module: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; a layer left without adapters becomes a plain ``nn.Linear``."""
+    for path, layer in _layers_with(module, name).items():
+        layer.delete_adapter(name)
+        if not layer.scaling:
+            _set_submodule(module, path, layer.base_layer)
+    del adapter_configs(module)[name]
+
+
+def merge_adapter(module: nn.Module, name: str) -> None:
+    """Fold adapter ``name`` into the base weights (weight 1); unmerge restores them."""
+    for layer in _layers_with(module, name).values():
+        layer.merge([name])
+
+
+def unmerge_adapters(module: nn.Module) -> None:
+    for layer in lora_layers(module).values():
+        layer.unmerge()
+
+
+def mark_trainable(module: nn.Module, name: str) -> None:
+    """Freeze everything, then unfreeze adapter ``name`` (and biases, per its ``bias`` setting)."""
+    config = adapter_configs(module)[name]
+    module.requires_grad_(False)
+    for layer in _layers_with(module, name).values():
+        layer.lora_A[name].requires_grad_(True)
+        layer.lora_B[name].requires_grad_(True)
+        if config.bias == "lora_only" and layer.base_layer.bias is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    if config.bias == "all":
+        for pname, p in module.named_parameters():
+            if pname.endswith("bias") and ".lora_" not in pname:
+                p.requires_grad_(True)
+
+
+def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under PEFT's on-disk keys (adapter name stripped)."""
+    state = {}
+    for path, layer in _layers_with(module, name).items():
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+    config = adapter_configs(module)[name]
+    if config.bias != "none":
+        layers = _layers_with(module, name)
+        for pname, p in module.named_parameters():
+            owner = pname.rsplit(".", 2)[0] if ".base_layer." in pname else None
+            is_lora_bias = owner in layers and pname.endswith("base_layer.bias")
+            if (
+                pname.endswith("bias")
+                and ".lora_" not in pname
+                and (config.bias == "all" or is_lora_bias)
+            ):
+                state[PEFT_PREFIX + pname.replace(".base_layer.", ".")] = p
+    return state
+
+
+def save_adapter(module: nn.Module, name: str, out: str | Path, base: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format."""
+    out = Path(out)
+    save_tensors(out / WEIGHTS_NAME, adapter_state_dict(module, name), metadata={"format": "pt"})
+    write_json(out / CONFIG_NAME, adapter_configs(module)[name].to_peft(base))
+    return out
+
+
+def load_adapter(module: nn.Module, folder: str | Path, name: str = "default") -> list[str]:
+    """Add adapter ``name`` from a PEFT-format folder (written by lorex or by PEFT)."""
+    folder = Path(folder)
+    config = LoraConfig.from_peft(read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
+    tensors = load_tensors(folder / WEIGHTS_NAME)
+    paths = add_adapter(module, config, name)
+    try:
+        _load_adapter_tensors(module, name, tensors, folder / WEIGHTS_NAME)
+    except LorexError:
+        delete_adapter(module, name)
+        raise
+    return paths
+
+
+def _load_adapter_tensors(module: nn.Module, name: str, tensors: dict, source: Path) -> None:
+    layers = _layers_with(module, name)
+    expected = {}
+    for path, layer in layers.items():
+        expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
+        expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+    params = dict(module.named_parameters())
+    for key in sorted(tensors):
+        if key in expected:
+            target = expected[key]
+        elif key.startswith(PEFT_PREFIX) and key.endswith("bias"):
+            path = key[len(PEFT_PREFIX) :]
+            owner = path.rsplit(".", 1)[0]
+            target = params.get(f"{owner}.base_layer.bias", params.get(path))
+        else:
+            target = None
+        if target is None:
+            raise LorexError(f"{source}: key '{key}' does not fit this backbone")
+        if tensors[key].shape != target.shape:
+            raise LorexError(
+                f"{source}: '{key}' has shape {tuple(tensors[key].shape)}, the backbone needs "
+                f"{tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensors[key])
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise LorexError(f"{source}: missing tensor '{missing[0]}'")

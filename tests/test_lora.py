@@ -1,0 +1,194 @@
+"""LoRA maths against explicit matrices, adapter management, and PEFT's file format both ways."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lorex.adapters import lora
+from lorex.adapters.lora import LoraConfig
+from lorex.backbones.vit import VisionTransformer, ViTConfig
+from lorex.errors import LorexError
+
+SMALL = ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+def _vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(SMALL).eval()
+
+
+def _randomise_adapter(module, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(module).values():
+            if name in layer.scaling:
+                layer.lora_B[name].weight.copy_(
+                    torch.randn(layer.lora_B[name].weight.shape, generator=g)
+                )
+
+
+def test_layer_matches_explicit_matrix():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = lora.LoraLinear(copy.deepcopy(base))
+    layer.add_adapter("a", r=3, scaling=2.0)
+    torch.nn.init.normal_(layer.lora_B["a"].weight)
+    layer.active = {"a": 1.0}
+    x = torch.randn(4, 6)
+    w = base.weight + 2.0 * layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+    expected = torch.stack([w @ x[i] + base.bias for i in range(4)])  # row by row, no batching
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_init_is_a_no_op_and_targets_only_block_linears():
+    model = _vit()
+    x = torch.rand(2, 3, 32, 32)
+    before = model(x)
+    paths = lora.add_adapter(model, LoraConfig(r=4))
+    assert paths == sorted(
+        f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    assert "patch_embed.proj" not in paths
+    torch.testing.assert_close(model(x), before)  # B starts at zero
+    bound = 1 / 48**0.5  # kaiming_uniform(a=sqrt 5) on fan_in 48
+    a = lora.lora_layers(model)["blocks.0.attn.qkv"].lora_A["default"].weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.5 * bound
+
+
+def test_merge_unmerge_restores_weights():
+    model = _vit()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.add_adapter(model, LoraConfig(r=4, lora_alpha=16))
+    _randomise_adapter(model, "default", 1)
+    x = torch.rand(3, 3, 32, 32)
+    unmerged = model(x)
+    lora.merge_adapter(model, "default")
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-5)
+    lora.unmerge_adapters(model)
+    for k, v in model.state_dict().items():
+        if ".lora_" not in k:
+            torch.testing.assert_close(
+                v, original[k.replace(".base_layer.", ".")], rtol=0, atol=1e-6
+            )
+
+
+def test_weighted_set_equals_explicit_weighted_sum_and_disable_gives_bare_backbone():
+    model = _vit()
+    bare = copy.deepcopy(model)
+    lora.add_adapter(model, LoraConfig(r=2), "a")
+    lora.add_adapter(model, LoraConfig(r=3, lora_alpha=6), "b")
+    _randomise_adapter(model, "a", 1)
+    _randomise_adapter(model, "b", 2)
+    layer = lora.lora_layers(model)["blocks.1.mlp.fc1"]
+    x = torch.randn(5, 48)
+    lora.set_weighted_adapters(model, {"a": 0.7, "b": -0.4})
+    w = layer.base_layer.weight + 0.7 * layer.delta_weight("a") + (-0.4) * layer.delta_weight("b")
+    torch.testing.assert_close(layer(x), x @ w.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+    assert lora.active_adapters(model) == {"a": 0.7, "b": -0.4}
+    images = torch.rand(2, 3, 32, 32)
+    lora.merge_adapter(model, "a")
+    with lora.disable_adapters(model):
+        torch.testing.assert_close(model(images), bare(images), rtol=1e-5, atol=1e-5)
+    assert lora.lora_layers(model)["blocks.0.attn.qkv"].merged == ["a"]  # re-merged on exit
+    lora.unmerge_adapters(model)
+    lora.delete_adapter(model, "b")
+    assert "b" not in lora.adapter_configs(model) and "b" not in layer.lora_A
+    with pytest.raises(LorexError, match="no adapter named 'b'"):
+        lora.set_adapter(model, "b")
+
+
+def test_frozen_base_receives_no_gradient():
+    model = _vit()
+    lora.add_adapter(model, LoraConfig(r=4))
+    _randomise_adapter(model, "default", 3)
+    lora.mark_trainable(model, "default")
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+
+
+def test_bias_modes():
+    for mode, expect in (("none", 0), ("lora_only", 8), ("all", 1 + 2 * 6 + 1)):
+        model = _vit()
+        lora.add_adapter(model, LoraConfig(r=2, bias=mode))
+        lora.mark_trainable(model, "default")
+        biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+        assert len(biases) == expect, (mode, biases)
+
+
+def test_bad_config_and_targets():
+    with pytest.raises(LorexError, match="rank"):
+        LoraConfig(r=0)
+    with pytest.raises(LorexError, match="match no nn.Linear"):
+        lora.add_adapter(_vit(), LoraConfig(target_modules=["nope"]))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _vit()
+    lora.add_adapter(model, LoraConfig(r=4, lora_alpha=8, bias="lora_only"))
+    _randomise_adapter(model, "default", 4)
+    x = torch.rand(2, 3, 32, 32)
+    lora.save_adapter(model, "default", tmp_path / "adapter")
+    fresh = _vit()
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_mismatched_adapter_names_the_key(tmp_path):
+    def vit(dim, depth):
+        return VisionTransformer(
+            ViTConfig(img_size=32, patch_size=8, embed_dim=dim, depth=depth, num_heads=3)
+        )
+
+    wide, deep = vit(96, 2), vit(48, 3)
+    for model, name in ((wide, "wide"), (deep, "deep")):
+        lora.add_adapter(model, LoraConfig(r=4))
+        lora.save_adapter(model, "default", tmp_path / name)
+    target = _vit()
+    with pytest.raises(
+        LorexError, match=r"'base_model\.model\.blocks\.0\.attn\.proj\.lora_A\.weight' has shape"
+    ):
+        lora.load_adapter(target, tmp_path / "wide")
+    with pytest.raises(
+        LorexError, match=r"'base_model\.model\.blocks\.2\..*' does not fit this backbone"
+    ):
+        lora.load_adapter(target, tmp_path / "deep")
+    assert lora.adapter_configs(target) == {}  # a failed load leaves no half-made adapter
+    assert lora.lora_layers(target) == {}  # and the layers are plain nn.Linear again
+    assert set(target.state_dict()) == set(_vit().state_dict())
+
+
+peft = pytest.importorskip("peft")
+
+
+def test_peft_loads_a_lorex_adapter(tmp_path):
+    model = _vit()
+    lora.add_adapter(model, LoraConfig(r=4, lora_alpha=12, bias="none"))
+    _randomise_adapter(model, "default", 5)
+    lora.save_adapter(model, "default", tmp_path / "adapter")
+    x = torch.rand(2, 3, 32, 32)
+    peft_model = peft.PeftModel.from_pretrained(_vit(), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(peft_model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lorex_loads_a_peft_adapter(tmp_path):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["qkv", "fc2"], init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(_vit(), config).eval()
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    mine = _vit()
+    paths = lora.load_adapter(mine, tmp_path / "adapter")
+    assert paths == [
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc2",
+        "blocks.1.attn.qkv",
+        "blocks.1.mlp.fc2",
+    ]
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(mine(x), peft_model(x), rtol=1e-5, atol=1e-5)
