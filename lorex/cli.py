@@ -188,9 +188,38 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"head     {mark} {info['task']} ({len(info['classes'])} classes)")
     if "base" in config:
         print(f"base       {config['base']['path']}")
+    for entry in config.get("adapters") or []:
+        cfg = entry.get("config", {})
+        print(
+            f"adapter    {entry['name']} [{entry['state']}] r={cfg.get('r')} "
+            f"alpha={cfg.get('lora_alpha')} targets={cfg.get('target_modules')} "
+            f"sha256={str(entry.get('sha256'))[:12]} ({entry['path']}/)"
+        )
     made_by = config.get("made_by", {})
     if made_by:
         print(f"made by    {json.dumps(made_by, sort_keys=True)}")
+    return 0
+
+
+def cmd_merge_adapter(args: argparse.Namespace) -> int:
+    from lorex.adapters.lora import merge_and_unload
+    from lorex.io import read_json
+    from lorex.models import load_model, save_model
+
+    model = load_model(args.model)
+    source = read_json(Path(args.model) / "config.json")
+    if not source.get("adapters"):
+        raise LorexError(f"{args.model}: has no adapters to merge")
+    folded = merge_and_unload(model.backbone)
+    made_by = {
+        "command": "merge-adapter",
+        "source": str(args.model),
+        "folded": folded,
+        "adapters": source["adapters"],
+        "lorex_version": __version__,
+    }
+    save_model(model, args.out, weights="full", made_by=made_by, seed=source.get("seed"))
+    print(f"wrote {args.out}: {', '.join(folded)} folded into the backbone weights")
     return 0
 
 
@@ -281,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model directory's architecture, heads and provenance")
     p.add_argument("model", type=Path)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("merge-adapter", help="fold a model's LoRA adapters into plain weights")
+    p.add_argument(
+        "model", type=Path, help="model directory with adapters (lorex train --method lora)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_merge_adapter)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

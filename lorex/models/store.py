@@ -31,7 +31,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"lorex_version", "format_version", "backbone", "heads", "active_head", "weights"}
-OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics"}
+OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics", "adapters"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -122,7 +122,38 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
         )
     state.update(own)
     _load_state(model, state, path / WEIGHTS)
+    _load_adapters(model, path, config.get("adapters") or [])
     return model.to(device).eval()
+
+
+def _load_adapters(model: LorexModel, path: Path, entries: list) -> None:
+    """Re-apply the adapters a model directory records, in their recorded state."""
+    from lorex.adapters import lora
+
+    if not entries:
+        return
+    source = path / CONFIG
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"name", "path", "state"} <= set(e) for e in entries
+    ):
+        raise LorexError(f"{source}: field 'adapters' must list {{name, path, state}} objects")
+    for entry in entries:
+        folder = path / entry["path"]
+        weights_file = folder / lora.model.WEIGHTS_NAME
+        if not weights_file.is_file():
+            raise LorexError(f"{weights_file}: file not found")
+        if entry.get("sha256") and file_sha256(weights_file) != entry["sha256"]:
+            raise LorexError(
+                f"{weights_file}: adapter changed since {path} was made (hash mismatch)"
+            )
+        lora.load_adapter(model.backbone, folder, entry["name"])
+    lora.set_weighted_adapters(
+        model.backbone,
+        {e["name"]: float(e.get("weight") or 1.0) for e in entries if e["state"] == "active"},
+    )
+    for entry in entries:
+        if entry["state"] == "merged":
+            lora.merge_adapter(model.backbone, entry["name"])
 
 
 def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -137,6 +168,30 @@ def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
     model = LorexModel(backbone, backbone.to_config())
     model.source_dir = str(path)  # a delta expert of this base points back here
     return model.to(device).eval()
+
+
+def _save_adapters(model: LorexModel, folder: Path, base: str | None) -> list[dict[str, Any]]:
+    """Each adapter in PEFT's format (``adapter/`` for "default"), with its state and hash."""
+    from lorex.adapters import lora
+
+    active = lora.active_adapters(model.backbone)
+    merged = {n for layer in lora.lora_layers(model.backbone).values() for n in layer.merged}
+    entries = []
+    for name, cfg in lora.adapter_configs(model.backbone).items():
+        sub = "adapter" if name == "default" else f"adapters/{name}"
+        lora.save_adapter(model.backbone, name, folder / sub, base)
+        state = "merged" if name in merged else "active" if name in active else "inactive"
+        entries.append(
+            {
+                "name": name,
+                "path": sub,
+                "state": state,
+                "weight": active.get(name),
+                "sha256": file_sha256(folder / sub / lora.model.WEIGHTS_NAME),
+                "config": cfg.to_peft(base),
+            }
+        )
+    return entries
 
 
 def save_model(
@@ -154,9 +209,16 @@ def save_model(
     ``weights="delta"`` stores only the heads and names ``base_dir``, which holds the backbone.
     ``extra_files`` maps file names to JSON-able dicts or raw bytes (a PNG) to write beside it.
     """
+    from lorex.adapters import lora
+
     out = Path(out)
     if weights not in ("full", "delta"):
         raise ValueError(f"weights must be 'full' or 'delta', got {weights!r}")
+    adapters = lora.adapter_configs(model.backbone)
+    if weights == "full" and lora.lora_layers(model.backbone):
+        raise LorexError(
+            "a model with LoRA adapters saves as a delta, or merged (lorex merge-adapter)"
+        )
     state = {
         k: v
         for k, v in model.state_dict().items()
@@ -183,6 +245,8 @@ def save_model(
         config["seed"] = seed
     with atomic_directory(out) as tmp:
         save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt", "lorex_version": __version__})
+        if adapters:
+            config["adapters"] = _save_adapters(model, tmp, config.get("base", {}).get("path"))
         write_json(tmp / CONFIG, config)
         for name, payload in (extra_files or {}).items():
             if isinstance(payload, bytes):

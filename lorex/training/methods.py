@@ -12,6 +12,13 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from lorex.adapters.lora import (
+    VIT_TARGETS,
+    LoraConfig,
+    adapter_configs,
+    add_adapter,
+    mark_trainable,
+)
 from lorex.models import LorexModel
 
 METHODS: dict[str, type[TrainingMethod]] = {}
@@ -81,3 +88,68 @@ class FullFinetune(TrainingMethod):
         model.requires_grad_(True)
         for key, head in model.heads.items():
             head.requires_grad_(key == model.active_head)
+
+
+@register_method
+class Lora(TrainingMethod):
+    """Train low-rank updates of the chosen layers and the head; the backbone stays frozen."""
+
+    name = "lora"
+    saves = "delta"  # the head in model.safetensors, the adapter in PEFT's format under adapter/
+    default_lr = 2e-3  # low-rank updates from a zero B take larger steps than full fine-tuning
+
+    def __init__(self, config: LoraConfig | None = None):
+        self.config = config or LoraConfig()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("LoRA (--method lora)")
+        group.add_argument("--rank", type=int, default=8, help="rank r of the updates (8)")
+        group.add_argument("--alpha", type=float, default=None, help="scaling alpha (default: r)")
+        group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout before A (0)")
+        group.add_argument(
+            "--targets",
+            nargs="+",
+            default=None,
+            help="module names (suffix match) or one regex; default: every ViT block's "
+            "qkv, proj, fc1, fc2",
+        )
+        group.add_argument(
+            "--lora-bias",
+            choices=("none", "all", "lora_only"),
+            default="none",
+            help="which biases train with the adapter (none)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
+        targets: str | list[str] = VIT_TARGETS
+        if args.targets:
+            targets = (
+                args.targets[0]
+                if len(args.targets) == 1 and _is_regex(args.targets[0])
+                else list(args.targets)
+            )
+        return cls(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.alpha if args.alpha is not None else float(args.rank),
+                lora_dropout=args.lora_dropout,
+                target_modules=targets,
+                bias=args.lora_bias,
+            )
+        )
+
+    def options(self) -> dict[str, Any]:
+        return self.config.to_peft()
+
+    def prepare(self, model: LorexModel) -> None:
+        if "default" not in adapter_configs(model.backbone):
+            add_adapter(model.backbone, self.config, "default")
+        mark_trainable(model.backbone, "default")
+        for key, head in model.heads.items():
+            head.requires_grad_(key == model.active_head)
+
+
+def _is_regex(text: str) -> bool:
+    return any(c in text for c in "\\^$*+?[](){}|")

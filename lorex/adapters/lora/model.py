@@ -141,6 +141,23 @@ def merge_adapter(module: nn.Module, name: str) -> None:
         layer.merge([name])
 
 
+def merge_and_unload(module: nn.Module) -> list[str]:
+    """Fold the active adapters (with their weights) into the base weights and remove every LoRA
+    layer: a plain module again, with no inference overhead. Returns the adapters folded in."""
+    folded = sorted(active_adapters(module))
+    with torch.no_grad():
+        for path, layer in lora_layers(module).items():
+            layer.unmerge()
+            w = layer.base_layer.weight
+            delta = sum(
+                (wt * layer.delta_weight(n) for n, wt in layer.active.items()), torch.zeros(())
+            )
+            w.copy_((w.float() + delta).to(w.dtype))
+            _set_submodule(module, path, layer.base_layer)
+    adapter_configs(module).clear()
+    return folded
+
+
 def unmerge_adapters(module: nn.Module) -> None:
     for layer in lora_layers(module).values():
         layer.unmerge()
