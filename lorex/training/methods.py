@@ -96,7 +96,9 @@ class Lora(TrainingMethod):
 
     name = "lora"
     saves = "delta"  # the head in model.safetensors, the adapter in PEFT's format under adapter/
-    default_lr = 2e-3  # low-rank updates from a zero B take larger steps than full fine-tuning
+    # Low-rank updates from a zero B take larger steps than full fine-tuning: on the quick demo's
+    # base, 5 epochs on 3,000 images, 5e-3 beat 2e-3 on all four digit domains (docs/lora.md).
+    default_lr = 5e-3
 
     def __init__(self, config: LoraConfig | None = None):
         self.config = config or LoraConfig()
