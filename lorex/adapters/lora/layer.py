@@ -75,7 +75,8 @@ class LoraLinear(nn.Module):
             if name in self.merged or weight == 0:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            y = y + b(a(self.lora_dropout[name](x))) * (self.scaling[name] * weight)
+            # Scale the rank-r activation, not the full-width output: r << out elements to touch.
+            y = y + b(a(self.lora_dropout[name](x)) * (self.scaling[name] * weight))
         return y
 
     def extra_repr(self) -> str:
