@@ -93,3 +93,34 @@ def test_a_changed_adapter_file_is_refused(lora_expert, tmp_path):
     lorex.io.save_tensors(copy / "adapter" / "adapter_model.safetensors", tensors)
     with pytest.raises(lorex.errors.LorexError, match="hash mismatch"):
         lorex.load_model(copy)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--rank", "0"], "rank"),
+        (["--targets", "nope"], "match no nn.Linear"),
+        (["--lora-dropout", "1.5"], "dropout"),
+    ],
+)
+def test_bad_lora_options_are_one_line_errors(tiny_base, tmp_path, capsys, extra, needle):
+    argv = [
+        "train",
+        "--base",
+        str(tiny_base),
+        "--data",
+        "digits/optdigits",
+        "--method",
+        "lora",
+        "--out",
+        str(tmp_path / "x"),
+        "--epochs",
+        "1",
+        "--max-samples",
+        "20",
+        *extra,
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert not (tmp_path / "x").exists()
