@@ -36,6 +36,13 @@ def main() -> None:
         )
         seconds = time.perf_counter() - start
         demo = json.loads((Path(tmp) / "demo" / "metrics.json").read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "demo_quick_report.md").write_text(
+            (Path(tmp) / "demo" / "report.md").read_text()
+        )
+        (args.out / "accuracy_matrix.png").write_bytes(
+            (Path(tmp) / "demo" / "accuracy_matrix.png").read_bytes()
+        )
     result = {
         "benchmark": "demo_quick",
         "wall_seconds": round(seconds, 1),

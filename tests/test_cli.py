@@ -197,6 +197,13 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert np.asarray(metrics["accuracy_matrix"]).shape == (2, 2)
     assert (tmp_path / "demo" / "accuracy_matrix.png").stat().st_size > 1000
+    lora_expert = metrics["experts"]["digits/mnist"]["lora"]
+    assert lora_expert["adapter_bytes"] > 0
+    assert (
+        lora_expert["trainable_params"]
+        < metrics["experts"]["digits/mnist"]["full"]["trainable_params"]
+    )
+    assert "LoRA r8 %" in text
     stamp = (
         (tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors").stat().st_mtime_ns
     )
