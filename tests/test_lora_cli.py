@@ -10,26 +10,29 @@ from lorex.adapters import lora
 from lorex.cli import main
 
 
-@pytest.fixture(scope="module")
-def lora_expert(tiny_base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lora") / "expert"
-    argv = [
+def _train_lora(base, out, max_samples, *extra):
+    return [
         "train",
         "--base",
-        str(tiny_base),
+        str(base),
         "--data",
         "digits/optdigits",
         "--method",
         "lora",
-        "--rank",
-        "4",
         "--out",
         str(out),
         "--epochs",
         "1",
         "--max-samples",
-        "100",
+        max_samples,
+        *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def lora_expert(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "expert"
+    argv = _train_lora(tiny_base, out, "100", "--rank", "4")
     assert main(argv) == 0
     return out
 
@@ -104,22 +107,7 @@ def test_a_changed_adapter_file_is_refused(lora_expert, tmp_path):
     ],
 )
 def test_bad_lora_options_are_one_line_errors(tiny_base, tmp_path, capsys, extra, needle):
-    argv = [
-        "train",
-        "--base",
-        str(tiny_base),
-        "--data",
-        "digits/optdigits",
-        "--method",
-        "lora",
-        "--out",
-        str(tmp_path / "x"),
-        "--epochs",
-        "1",
-        "--max-samples",
-        "20",
-        *extra,
-    ]
+    argv = _train_lora(tiny_base, tmp_path / "x", "20", *extra)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
