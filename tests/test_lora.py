@@ -192,3 +192,18 @@ def test_lorex_loads_a_peft_adapter(tmp_path):
     ]
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(mine(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deleting_a_merged_adapter_keeps_the_others_merged():
+    model = _vit()
+    only_a = _vit()
+    for m, names in ((model, ("a", "b")), (only_a, ("a",))):
+        for i, n in enumerate(names):
+            torch.manual_seed(10 + i)  # the same A matrices in both models
+            lora.add_adapter(m, LoraConfig(r=2), n)
+            _randomise_adapter(m, n, i + 1)
+            lora.merge_adapter(m, n)
+    lora.delete_adapter(model, "b")
+    assert lora.lora_layers(model)["blocks.0.attn.qkv"].merged == ["a"]
+    for k, v in only_a.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)

@@ -59,12 +59,7 @@ def import_timm(checkpoint: str | Path, backbone_config: dict, out: str | Path) 
     model.backbone.load_state_dict(body)
     if "weight" in head:
         key = model.add_head("timm", [str(i) for i in range(head["weight"].shape[0])])
-        for name, tensor in head.items():
-            want = model.heads[key].state_dict().get(name)
-            if want is None or want.shape != tensor.shape:
-                raise LorexError(
-                    f"{checkpoint}: 'head.{name}' of shape {tuple(tensor.shape)} does not "
-                    f"fit a head on {model.num_features} features"
-                )
+        expected = {f"head.{k}": v for k, v in model.heads[key].state_dict().items()}
+        check_tensors_match(expected, {f"head.{k}": v for k, v in head.items()}, checkpoint)
         model.heads[key].load_state_dict(head)
     return save_model(model, out, made_by={"command": "import-timm", "checkpoint": str(checkpoint)})

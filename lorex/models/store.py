@@ -166,7 +166,6 @@ def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
 
     backbone = HFBackbone.from_pretrained(path)
     model = LorexModel(backbone, backbone.to_config())
-    model.source_dir = str(path)  # a delta expert of this base points back here
     return model.to(device).eval()
 
 

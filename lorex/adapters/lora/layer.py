@@ -37,8 +37,10 @@ class LoraLinear(nn.Module):
         self.scaling[name] = scaling
 
     def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
+        if name in self.merged:  # take only this one out of the weights; the others stay merged
+            others = [n for n in self.merged if n != name]
             self.unmerge()
+            self.merge(others)
         for container in (self.lora_A, self.lora_B, self.lora_dropout):
             del container[name]
         self.scaling.pop(name)

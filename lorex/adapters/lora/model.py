@@ -180,21 +180,19 @@ def mark_trainable(module: nn.Module, name: str) -> None:
 
 def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under PEFT's on-disk keys (adapter name stripped)."""
+    layers = _layers_with(module, name)
     state = {}
-    for path, layer in _layers_with(module, name).items():
+    for path, layer in layers.items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
         state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
-    config = adapter_configs(module)[name]
-    if config.bias != "none":
-        layers = _layers_with(module, name)
+    bias = adapter_configs(module)[name].bias
+    if bias == "lora_only":
+        for path, layer in layers.items():
+            if layer.base_layer.bias is not None:
+                state[f"{PEFT_PREFIX}{path}.bias"] = layer.base_layer.bias
+    elif bias == "all":
         for pname, p in module.named_parameters():
-            owner = pname.rsplit(".", 2)[0] if ".base_layer." in pname else None
-            is_lora_bias = owner in layers and pname.endswith("base_layer.bias")
-            if (
-                pname.endswith("bias")
-                and ".lora_" not in pname
-                and (config.bias == "all" or is_lora_bias)
-            ):
+            if pname.endswith("bias") and ".lora_" not in pname:
                 state[PEFT_PREFIX + pname.replace(".base_layer.", ".")] = p
     return state
 
