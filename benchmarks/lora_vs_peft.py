@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 PRESET, RANK, BATCH = "vit-micro", 8, 64
+INFERENCE_PRESETS = ("vit-micro", "vit-tiny")
 
 
-def _model():
+def _model(preset: str = PRESET):
     from lorex.backbones import build_backbone, preset_config
 
     torch.manual_seed(0)
-    return build_backbone(preset_config(PRESET))
+    return build_backbone(preset_config(preset))
 
 
 def _targets() -> str:
@@ -78,34 +79,40 @@ def child(impl: str, steps: int, warmup: int) -> dict:
     }
 
 
-def inference(repeats: int) -> dict:
+def inference(repeats: int, presets: tuple[str, ...] = INFERENCE_PRESETS) -> dict:
+    """Median latency of the bare backbone, lorex LoRA unmerged and merged, and PEFT unmerged."""
+    import peft
     from torch.utils.benchmark import Timer
 
     from lorex.adapters import lora
 
-    bare = _model().eval()
-    adapted = _model().eval()
-    lora.add_adapter(adapted, lora.LoraConfig(r=RANK, target_modules=_targets()))
-    merged = _model().eval()
-    lora.add_adapter(merged, lora.LoraConfig(r=RANK, target_modules=_targets()))
-    lora.merge_adapter(merged, "default")
     result = {}
-    for batch in (1, BATCH):
-        x = torch.rand(batch, 3, 32, 32)
-        row = {}
-        for _ in range(repeats):  # interleave the three so drift hits each equally
-            for name, model in (("bare", bare), ("unmerged", adapted), ("merged", merged)):
-                with torch.inference_mode():
-                    t = Timer("m(x)", globals={"m": model, "x": x}).blocked_autorange(
-                        min_run_time=0.5
-                    )
-                row.setdefault(name, []).append(t.median * 1000)
-        med = {k: statistics.median(v) for k, v in row.items()}
-        result[f"batch_{batch}"] = {
-            **{f"{k}_ms": round(v, 3) for k, v in med.items()},
-            "unmerged_over_bare": round(med["unmerged"] / med["bare"], 3),
-            "merged_over_bare": round(med["merged"] / med["bare"], 3),
-        }
+    for preset in presets:
+        bare = _model(preset).eval()
+        adapted = _model(preset).eval()
+        lora.add_adapter(adapted, lora.LoraConfig(r=RANK, target_modules=_targets()))
+        merged = _model(preset).eval()
+        lora.add_adapter(merged, lora.LoraConfig(r=RANK, target_modules=_targets()))
+        lora.merge_adapter(merged, "default")
+        config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=_targets())
+        peft_model = peft.get_peft_model(_model(preset), config).eval()
+        models = {"bare": bare, "unmerged": adapted, "merged": merged, "peft_unmerged": peft_model}
+        size = bare.img_size
+        for batch in (1, BATCH):
+            x = torch.rand(batch, 3, size, size)
+            row: dict[str, list[float]] = {}
+            for _ in range(repeats):  # interleave the models so drift hits each equally
+                for name, model in models.items():
+                    with torch.inference_mode():
+                        t = Timer("m(x)", globals={"m": model, "x": x}).blocked_autorange(
+                            min_run_time=0.5
+                        )
+                    row.setdefault(name, []).append(t.median * 1000)
+            med = {k: statistics.median(v) for k, v in row.items()}
+            result[f"{preset}/batch_{batch}"] = {
+                **{f"{k}_ms": round(v, 3) for k, v in med.items()},
+                **{f"{k}_over_bare": round(med[k] / med["bare"], 3) for k in models if k != "bare"},
+            }
     return result
 
 
@@ -174,13 +181,16 @@ def main() -> None:
         )
         + f"\nlorex / PEFT: step time {record['step_time_ratio_lorex_over_peft']}, "
         f"memory {record['memory_ratio_lorex_over_peft']}.\n\n"
-        "Inference latency (median ms), side by side in one process:\n\n"
-        "| batch | bare | unmerged LoRA | merged LoRA | unmerged/bare | merged/bare |\n"
-        "|---|---|---|---|---|---|\n"
+        "Inference latency (median ms), side by side in one process. Unmerged lorex LoRA adds\n"
+        "the update to the weight per call when no gradient is needed (see docs/lora.md):\n\n"
+        "| preset / batch | bare | lorex unmerged | lorex merged | PEFT unmerged "
+        "| unmerged/bare | merged/bare | PEFT/bare |\n"
+        "|---|---|---|---|---|---|---|---|\n"
         + "".join(
-            f"| {b.split('_')[1]} | {v['bare_ms']} | {v['unmerged_ms']} | {v['merged_ms']} | "
-            f"{v['unmerged_over_bare']} | {v['merged_over_bare']} |\n"
-            for b, v in inf.items()
+            f"| {key.replace('/batch_', ' / ')} | {v['bare_ms']} | {v['unmerged_ms']} | "
+            f"{v['merged_ms']} | {v['peft_unmerged_ms']} | {v['unmerged_over_bare']} | "
+            f"{v['merged_over_bare']} | {v['peft_unmerged_over_bare']} |\n"
+            for key, v in inf.items()
         )
     )
     print(json.dumps({k: v for k, v in record.items() if k != "raw"}, indent=2))

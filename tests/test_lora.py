@@ -29,17 +29,34 @@ def _randomise_adapter(module, name, seed):
                 )
 
 
-def test_layer_matches_explicit_matrix():
+@pytest.mark.parametrize("path", ["low-rank", "folded"])
+def test_layer_matches_explicit_matrix(path):
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
     layer = lora.LoraLinear(copy.deepcopy(base))
     layer.add_adapter("a", r=3, scaling=2.0)
     torch.nn.init.normal_(layer.lora_B["a"].weight)
     layer.active = {"a": 1.0}
-    x = torch.randn(4, 6)
+    x = torch.randn(2, 4, 6)
     w = base.weight + 2.0 * layer.lora_B["a"].weight @ layer.lora_A["a"].weight
-    expected = torch.stack([w @ x[i] + base.bias for i in range(4)])  # row by row, no batching
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    expected = torch.stack(  # row by row, no batching
+        [torch.stack([w @ x[i, j] + base.bias for j in range(4)]) for i in range(2)]
+    )
+    # The folded path (update added to the weight per call) runs only when no gradient is needed.
+    with torch.set_grad_enabled(path == "low-rank"):
+        assert layer._fold_per_call(x, layer._live()) == (path == "folded")
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_folding_is_skipped_for_dropout_and_tiny_batches():
+    layer = lora.LoraLinear(nn.Linear(6, 5))
+    layer.add_adapter("a", r=3, scaling=1.0, dropout=0.5)
+    layer.active = {"a": 1.0}
+    with torch.no_grad():
+        assert not layer.train()._fold_per_call(torch.randn(8, 6), layer._live())
+        assert layer.eval()._fold_per_call(torch.randn(8, 6), layer._live())
+        assert not layer._fold_per_call(torch.randn(2, 6), layer._live())  # rows < r
 
 
 def test_default_init_is_a_no_op_and_targets_only_block_linears():
@@ -86,6 +103,8 @@ def test_weighted_set_equals_explicit_weighted_sum_and_disable_gives_bare_backbo
     lora.set_weighted_adapters(model, {"a": 0.7, "b": -0.4})
     w = layer.base_layer.weight + 0.7 * layer.delta_weight("a") + (-0.4) * layer.delta_weight("b")
     torch.testing.assert_close(layer(x), x @ w.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # folded path
+        torch.testing.assert_close(layer(x), x @ w.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
     assert lora.active_adapters(model) == {"a": 0.7, "b": -0.4}
     images = torch.rand(2, 3, 32, 32)
     lora.merge_adapter(model, "a")
