@@ -97,7 +97,7 @@ def inference(repeats: int, presets: tuple[str, ...] = INFERENCE_PRESETS) -> dic
         config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=_targets())
         peft_model = peft.get_peft_model(_model(preset), config).eval()
         models = {"bare": bare, "unmerged": adapted, "merged": merged, "peft_unmerged": peft_model}
-        size = bare.img_size
+        size = _model(preset).patch_embed.img_size
         for batch in (1, BATCH):
             x = torch.rand(batch, 3, size, size)
             row: dict[str, list[float]] = {}

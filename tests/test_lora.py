@@ -182,10 +182,12 @@ def test_mismatched_adapter_names_the_key(tmp_path):
     assert set(target.state_dict()) == set(_vit().state_dict())
 
 
-peft = pytest.importorskip("peft")
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft")
 
 
-def test_peft_loads_a_lorex_adapter(tmp_path):
+def test_peft_loads_a_lorex_adapter(tmp_path, peft):
     model = _vit()
     lora.add_adapter(model, LoraConfig(r=4, lora_alpha=12, bias="none"))
     _randomise_adapter(model, "default", 5)
@@ -195,7 +197,7 @@ def test_peft_loads_a_lorex_adapter(tmp_path):
     torch.testing.assert_close(peft_model(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_lorex_loads_a_peft_adapter(tmp_path):
+def test_lorex_loads_a_peft_adapter(tmp_path, peft):
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["qkv", "fc2"], init_lora_weights=False
     )
@@ -226,3 +228,93 @@ def test_deleting_a_merged_adapter_keeps_the_others_merged():
     assert lora.lora_layers(model)["blocks.0.attn.qkv"].merged == ["a"]
     for k, v in only_a.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def _conv_layer(seed=0, **conv):
+    torch.manual_seed(seed)
+    base = nn.Conv2d(3, 5, kernel_size=3, **conv)
+    layer = lora.LoraConv2d(copy.deepcopy(base))
+    layer.add_adapter("a", r=2, scaling=1.5)
+    torch.nn.init.normal_(layer.lora_B["a"].weight)
+    layer.active = {"a": 1.0}
+    return base, layer
+
+
+@pytest.mark.parametrize("path", ["low-rank", "folded"])
+@pytest.mark.parametrize("conv", [{}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2}])
+def test_conv_layer_matches_explicit_kernel(path, conv):
+    base, layer = _conv_layer(**conv)
+    x = torch.randn(2, 3, 9, 9)
+    a = layer.lora_A["a"].weight.flatten(1)  # (r, in*k*k)
+    b = layer.lora_B["a"].weight.flatten(1)  # (out, r)
+    kernel = base.weight + 1.5 * (b @ a).view(base.weight.shape)
+    expected = torch.nn.functional.conv2d(x, kernel, base.bias, **conv)
+    with torch.set_grad_enabled(path == "low-rank"):
+        assert layer._fold_per_call(x, layer._live()) == (path == "folded")
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert layer._rows(x) == expected.shape[0] * expected.shape[2] * expected.shape[3]
+
+
+def test_conv_merge_unmerge_and_unsupported_convs():
+    base, layer = _conv_layer(padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    before = layer(x)
+    layer.merge(["a"])
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, base.weight, rtol=0, atol=1e-6)
+    for bad in (
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Conv2d(3, 4, 3, padding="same"),
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    ):
+        with pytest.raises(LorexError, match="groups=1 and numeric zero padding"):
+            lora.LoraConv2d(bad)
+
+
+def test_patch_embedding_can_take_a_conv_adapter(tmp_path):
+    model = _vit()
+    paths = lora.add_adapter(model, LoraConfig(r=2, target_modules=["patch_embed.proj", "qkv"]))
+    assert paths == ["blocks.0.attn.qkv", "blocks.1.attn.qkv", "patch_embed.proj"]
+    assert isinstance(lora.lora_layers(model)["patch_embed.proj"], lora.LoraConv2d)
+    _randomise_adapter(model, "default", 6)
+    lora.save_adapter(model, "default", tmp_path / "adapter")
+    fresh = _vit()
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_peft_round_trips_conv_targets_and_bias_modes(tmp_path, peft, bias):
+    """Both directions, with the patch-embedding convolution and each bias mode."""
+    targets = ["patch_embed.proj", "qkv", "fc1"]
+    g = torch.Generator().manual_seed(7)
+
+    def perturb_biases(model):  # trained biases differ from the base's
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") and ".lora_" not in name and p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g))
+
+    mine = _vit()
+    lora.add_adapter(mine, LoraConfig(r=2, lora_alpha=4, target_modules=targets, bias=bias))
+    _randomise_adapter(mine, "default", 8)
+    lora.mark_trainable(mine, "default")
+    perturb_biases(mine)
+    lora.save_adapter(mine, "default", tmp_path / "lorex")
+    x = torch.rand(2, 3, 32, 32)
+    theirs = peft.PeftModel.from_pretrained(_vit(), str(tmp_path / "lorex")).eval()
+    torch.testing.assert_close(theirs(x), mine(x), rtol=1e-5, atol=1e-5)
+
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=targets, bias=bias, init_lora_weights=False
+    )
+    theirs = peft.get_peft_model(_vit(), config).eval()
+    perturb_biases(theirs)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    loaded = _vit()
+    lora.load_adapter(loaded, tmp_path / "peft")
+    assert isinstance(lora.lora_layers(loaded)["patch_embed.proj"], lora.LoraConv2d)
+    torch.testing.assert_close(loaded(x), theirs(x), rtol=1e-5, atol=1e-5)

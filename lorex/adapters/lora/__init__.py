@@ -1,7 +1,7 @@
 """LoRA: config, layer, and the code that injects and saves it (in PEFT's file format)."""
 
 from lorex.adapters.lora.config import VIT_TARGETS, LoraConfig
-from lorex.adapters.lora.layer import LoraLinear
+from lorex.adapters.lora.layer import LoraConv2d, LoraLayer, LoraLinear
 from lorex.adapters.lora.model import (
     active_adapters,
     adapter_configs,
@@ -23,6 +23,8 @@ from lorex.adapters.lora.model import (
 __all__ = [
     "VIT_TARGETS",
     "LoraConfig",
+    "LoraConv2d",
+    "LoraLayer",
     "LoraLinear",
     "active_adapters",
     "adapter_configs",

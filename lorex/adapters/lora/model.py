@@ -1,9 +1,10 @@
 """Inject, switch, combine, merge and save named LoRA adapters on any ``nn.Module``.
 
-Adapters live in ``LoraLinear`` layers that replace the targeted ``nn.Linear`` modules; the settings
-of each adapter are kept on the root module (``lora_configs``). Files use PEFT's format: keys
-``base_model.model.<module path>.lora_{A,B}.weight`` in ``adapter_model.safetensors`` and an
-``adapter_config.json``: ``peft.PeftModel.from_pretrained`` loads them, and PEFT's files load here.
+Adapters live in ``LoraLayer``s that replace the targeted ``nn.Linear``/``nn.Conv2d`` modules;
+the settings of each adapter are kept on the root module (``lora_configs``). Files use PEFT's
+format: keys ``base_model.model.<module path>.lora_{A,B}.weight`` in ``adapter_model.safetensors``
+and an ``adapter_config.json``: ``peft.PeftModel.from_pretrained`` loads them, and PEFT's files
+load here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from lorex.adapters.lora.config import LoraConfig
-from lorex.adapters.lora.layer import LoraLinear
+from lorex.adapters.lora.layer import LoraLayer, wrapper_for
 from lorex.errors import LorexError
 from lorex.io import load_tensors, read_json, save_tensors, write_json
 
@@ -25,8 +26,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def lora_layers(module: nn.Module) -> dict[str, LoraLinear]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
 def adapter_configs(module: nn.Module) -> dict[str, LoraConfig]:
@@ -41,7 +42,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
-    """Wrap every ``nn.Linear`` that ``config`` targets (once) and give it adapter ``name``.
+    """Wrap each ``nn.Linear`` or ``nn.Conv2d`` that ``config`` targets; give it adapter ``name``.
 
     Returns the wrapped module paths. The new adapter becomes the only active one.
     """
@@ -50,29 +51,29 @@ def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") ->
         raise LorexError(f"adapter '{name}' already exists")
     targets = []
     for path, sub in list(module.named_modules()):
-        if isinstance(sub, LoraLinear) or path.endswith(("base_layer", "lora_A", "lora_B")):
+        if isinstance(sub, LoraLayer) or path.endswith(("base_layer", "lora_A", "lora_B")):
             continue
         if not config.matches(path):
             continue
-        if isinstance(sub, nn.Linear):
+        if wrapper_for(sub) is not None:
             targets.append(path)
         elif not any(path.startswith(t + ".") for t in targets):
             raise LorexError(
-                f"target '{path}' is a {type(sub).__name__}; LoRA wraps nn.Linear only"
+                f"target '{path}' is a {type(sub).__name__}; LoRA wraps nn.Linear and nn.Conv2d"
             )
     wrapped = [
-        p for p, m in module.named_modules() if isinstance(m, LoraLinear) and config.matches(p)
+        p for p, m in module.named_modules() if isinstance(m, LoraLayer) and config.matches(p)
     ]
     if not targets and not wrapped:
-        linear = [p for p, m in module.named_modules() if isinstance(m, nn.Linear)][:4]
+        linear = [p for p, m in module.named_modules() if wrapper_for(m) is not None][:4]
         raise LorexError(
-            f"targets {config.target_modules!r} match no nn.Linear module "
+            f"targets {config.target_modules!r} match no nn.Linear or nn.Conv2d module "
             f"(some are: {', '.join(linear)})"
         )
     for path in targets:
         base = module.get_submodule(path)
         base.requires_grad_(False)
-        _set_submodule(module, path, LoraLinear(base))
+        _set_submodule(module, path, wrapper_for(base)(base))
     for path in sorted(set(targets) | set(wrapped)):
         module.get_submodule(path).add_adapter(name, config.r, config.scaling, config.lora_dropout)
     configs[name] = config
@@ -80,7 +81,7 @@ def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") ->
     return sorted(set(targets) | set(wrapped))
 
 
-def _layers_with(module: nn.Module, name: str) -> dict[str, LoraLinear]:
+def _layers_with(module: nn.Module, name: str) -> dict[str, LoraLayer]:
     if name not in adapter_configs(module):
         known = ", ".join(adapter_configs(module)) or "none"
         raise LorexError(f"no adapter named '{name}' (adapters: {known})")
@@ -127,7 +128,7 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(module: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; a layer left without adapters becomes a plain ``nn.Linear``."""
+    """Remove adapter ``name``; a layer left without adapters becomes its plain base again."""
     for path, layer in _layers_with(module, name).items():
         layer.delete_adapter(name)
         if not layer.scaling:
@@ -185,15 +186,16 @@ def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, layer in layers.items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
         state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
+    # Biases keep the wrapped layer's ``base_layer`` in their key, as PEFT writes them.
     bias = adapter_configs(module)[name].bias
     if bias == "lora_only":
         for path, layer in layers.items():
             if layer.base_layer.bias is not None:
-                state[f"{PEFT_PREFIX}{path}.bias"] = layer.base_layer.bias
+                state[f"{PEFT_PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     elif bias == "all":
         for pname, p in module.named_parameters():
             if pname.endswith("bias") and ".lora_" not in pname:
-                state[PEFT_PREFIX + pname.replace(".base_layer.", ".")] = p
+                state[PEFT_PREFIX + pname] = p
     return state
 
 
