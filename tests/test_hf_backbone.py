@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -250,3 +251,33 @@ def test_hf_directory_as_a_base_through_the_cli(model_type, tmp_path, capsys):
     probe, full = lorex.load_model(tmp_path / "linear"), lorex.load_model(tmp_path / "full")
     torch.testing.assert_close(probe.backbone(x), base.backbone(x))
     assert not torch.allclose(full.backbone(x), base.backbone(x))
+
+
+def test_default_lora_targets_and_peft_reads_the_adapter(saved, tmp_path):
+    from lorex.adapters import lora
+
+    peft = pytest.importorskip("peft")
+    model_type, _, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    paths = lora.add_adapter(
+        backbone, lora.LoraConfig(r=2, target_modules=lora.default_targets(backbone))
+    )
+    # In these architectures a transformer layer's linear maps are exactly its four attention
+    # projections and two MLP layers, whatever transformers calls them: all of them, nothing else.
+    bare = HFBackbone.from_pretrained(path)
+    in_layers = [
+        n
+        for n, m in bare.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.search(r"\.layers?\.\d+\.", n)
+    ]
+    assert paths == sorted(in_layers) and len(paths) == 2 * 6, model_type
+    with torch.no_grad():
+        for layer in lora.lora_layers(backbone).values():
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)  # trained-sized
+    lora.save_adapter(backbone, "default", tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(
+        HFBackbone.from_pretrained(path), str(tmp_path / "adapter")
+    )
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), backbone(x), rtol=1e-5, atol=1e-5)

@@ -86,6 +86,15 @@ def _image_size(hf_config: object) -> int:
 class HFBackbone(nn.Module):
     """Frozen-backbone wrapper: ``[0, 1]`` images ``(B, 3, S, S)`` to pooled features ``(B, D)``."""
 
+    #: Default LoRA targets: every layer's attention projections and both MLP layers, in the
+    #: names of transformers 5 (q/k/v_proj, o_proj or out_proj, mlp.fc1/fc2) and of transformers
+    #: 4's ViT and DINOv2 (query/key/value, attention.output.dense, intermediate/output.dense).
+    lora_targets = (
+        r"(.*\.)?layers?\.\d+\.((attention|self_attn)\.(q_proj|k_proj|v_proj|o_proj|out_proj)"
+        r"|attention\.attention\.(query|key|value)|attention\.output\.dense"
+        r"|intermediate\.dense|output\.dense|mlp\.(fc1|fc2))"
+    )
+
     def __init__(
         self, model: nn.Module, model_type: str, image_size: int, mean: Triple, std: Triple
     ):

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import abc
 import argparse
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from torch import nn
 
 from lorex.adapters.lora import (
-    VIT_TARGETS,
     LoraConfig,
     adapter_configs,
     add_adapter,
+    default_targets,
     mark_trainable,
 )
 from lorex.models import LorexModel
@@ -100,8 +101,12 @@ class Lora(TrainingMethod):
     # base, 5 epochs on 3,000 images, 5e-3 beat 2e-3 on all four digit domains (docs/lora.md).
     default_lr = 5e-3
 
-    def __init__(self, config: LoraConfig | None = None):
+    def __init__(self, config: LoraConfig | None = None, backbone_targets: bool | None = None):
+        """``backbone_targets`` (default: when no config is given) replaces the config's targets
+        with the backbone's own default placement (``default_targets``) once the model is known,
+        so the same command trains the built-in ViT and a Hugging Face one."""
         self.config = config or LoraConfig()
+        self.backbone_targets = config is None if backbone_targets is None else backbone_targets
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -113,8 +118,8 @@ class Lora(TrainingMethod):
             "--targets",
             nargs="+",
             default=None,
-            help="module names (suffix match) or one regex; default: every ViT block's "
-            "qkv, proj, fc1, fc2",
+            help="module names (suffix match) or one regex; default: every block's attention "
+            "projections and MLP layers (qkv, proj, fc1, fc2 in the built-in ViT)",
         )
         group.add_argument(
             "--lora-bias",
@@ -125,27 +130,28 @@ class Lora(TrainingMethod):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
-        targets: str | list[str] = VIT_TARGETS
+        targets: str | list[str] | None = None
         if args.targets:
             targets = (
                 args.targets[0]
                 if len(args.targets) == 1 and _is_regex(args.targets[0])
                 else list(args.targets)
             )
-        return cls(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.alpha if args.alpha is not None else float(args.rank),
-                lora_dropout=args.lora_dropout,
-                target_modules=targets,
-                bias=args.lora_bias,
-            )
+        config = LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha if args.alpha is not None else float(args.rank),
+            lora_dropout=args.lora_dropout,
+            bias=args.lora_bias,
+            **({"target_modules": targets} if targets else {}),
         )
+        return cls(config, backbone_targets=targets is None)
 
     def options(self) -> dict[str, Any]:
         return self.config.to_peft()
 
     def prepare(self, model: LorexModel) -> None:
+        if self.backbone_targets:
+            self.config = replace(self.config, target_modules=default_targets(model.backbone))
         if "default" not in adapter_configs(model.backbone):
             add_adapter(model.backbone, self.config, "default")
         mark_trainable(model.backbone, "default")

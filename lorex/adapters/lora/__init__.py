@@ -1,6 +1,6 @@
 """LoRA: config, layer, and the code that injects and saves it (in PEFT's file format)."""
 
-from lorex.adapters.lora.config import VIT_TARGETS, LoraConfig
+from lorex.adapters.lora.config import VIT_TARGETS, LoraConfig, default_targets
 from lorex.adapters.lora.layer import LoraConv2d, LoraLayer, LoraLinear
 from lorex.adapters.lora.model import (
     active_adapters,
@@ -30,6 +30,7 @@ __all__ = [
     "adapter_configs",
     "adapter_state_dict",
     "add_adapter",
+    "default_targets",
     "delete_adapter",
     "disable_adapters",
     "load_adapter",

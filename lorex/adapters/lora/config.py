@@ -16,6 +16,12 @@ VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 BIAS_MODES = ("none", "all", "lora_only")
 
 
+def default_targets(backbone: object) -> str:
+    """The same placement (attention projections and both MLP layers, every block) in the
+    backbone's own module names: a backbone may say them in ``lora_targets``; else ViT's."""
+    return getattr(backbone, "lora_targets", VIT_TARGETS)
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
