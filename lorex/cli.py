@@ -223,6 +223,38 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorex.merging import MERGE_METHODS, merge_models
+
+    method = MERGE_METHODS[args.method].from_args(args)
+    record = merge_models(method, args.base, args.experts, args.out)
+    print(
+        f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
+        f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
+        f"base) in {record['seconds']:.1f} s"
+    )
+    return 0
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    """Every method's options; one left unset takes the chosen method's own default."""
+    g = p.add_argument_group("method options (default: the method's own)")
+    g.add_argument(
+        "--scale", type=float, help="lambda: task-arithmetic 0.3, dare 0.3, ties 1.0, dare-ties 1.0"
+    )
+    g.add_argument("--density", type=float, help="ties: fraction kept per task vector (0.2)")
+    g.add_argument("--merge-func", choices=("mean", "sum"), help="ties, dare-ties: (mean)")
+    g.add_argument("--drop", type=float, help="dare, dare-ties: drop probability p (0.5)")
+    g.add_argument("--seed", type=int, help="dare, dare-ties: seed of the drop masks (0)")
+    g.add_argument("--eta", type=float, help="doge: lambda_i = eta / ||tau_i|| (0.07)")
+    g.add_argument(
+        "--subspace", type=_positive_int, help="doge: shared directions = rank / this (6)"
+    )
+    g.add_argument("--mask", type=float, help="doge: fraction kept by the global mask (0.3)")
+    g.add_argument("--steps", type=int, help="doge: Adam steps per matrix (400)")
+    g.add_argument("--lr", type=_positive_float, help="doge: Adam learning rate (1e-4)")
+
+
 def cmd_import_timm(args: argparse.Namespace) -> int:
     from lorex.backbones import preset_config
     from lorex.backbones.timm_checkpoint import import_timm
@@ -317,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.set_defaults(func=cmd_merge_adapter)
+
+    from lorex.merging import MERGE_METHODS
+
+    p = sub.add_parser(
+        "merge", help="merge experts fine-tuned from one base into one model, without data"
+    )
+    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
+    p.add_argument("--base", required=True, type=Path, help="the base the experts come from")
+    p.add_argument(
+        "--experts", required=True, nargs="+", type=Path, help="full or LoRA expert directories"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    _add_merge_options(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

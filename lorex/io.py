@@ -141,3 +141,151 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file one tensor at a time, so a merge never holds the whole output.
+
+    The header (names, dtypes, shapes, offsets) is known before any data: it is written first and
+    each tensor's bytes follow in the declared order. The file is built beside ``path`` and
+    renamed into place by ``close()``; ``abort()`` (or an exception inside ``with``) removes it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self._specs = list(specs)
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dtype, shape in self._specs:
+            if dtype not in _ST_DTYPES:
+                raise LorexError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype}")
+            size = torch.empty((), dtype=dtype).element_size()
+            for dim in shape:
+                size *= dim
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self._context = _atomic_file(self.path)
+        self._tmp = self._context.__enter__()
+        self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._fh.write(len(blob).to_bytes(8, "little") + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, dtype, shape = self._specs[self._next]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"tensor {self._next} must be '{expected}' {dtype} {tuple(shape)}, got '{name}' "
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous()
+        self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            self.abort()
+            raise ValueError(
+                f"{self.path}: only {self._next} of {len(self._specs)} tensors written"
+            )
+        self._fh.close()
+        self._context.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._fh.close()
+        with contextlib.suppress(Exception):
+            self._context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_ST_FROM_NAME = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+class SafetensorsReader:
+    """Read one tensor at a time from a safetensors file with plain reads, not a memory map.
+
+    ``safe_open`` maps the file: every page a merge touches stays resident in this process until
+    the file is closed, so reading N experts tensor by tensor still ends with N models in RSS.
+    Here each tensor is read into its own buffer and freed with it. The header is checked against
+    the file size, so a truncated or corrupt file is a one-line error naming it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LorexError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LorexError(f"{self.path}: not a valid safetensors file ({exc})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _ST_FROM_NAME[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(v) for v in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise LorexError(f"{self.path}: bad header entry for '{name}'") from None
+            expected = torch.empty((), dtype=dtype).element_size()
+            for d in shape:
+                expected *= d
+            if end - begin != expected or begin < 0 or self._data_start + end > size:
+                raise LorexError(f"{self.path}: tensor '{name}' does not fit the file")
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = self._entries[name]
+        return dtype, shape
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as fh:
+            fh.seek(self._data_start + begin)
+            if fh.readinto(buffer) != len(buffer):
+                raise LorexError(f"{self.path}: tensor '{name}' is truncated")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)

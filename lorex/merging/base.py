@@ -1,0 +1,81 @@
+"""One interface for every merge method, and the registry ``lorex merge --method`` reads.
+
+A method sees one tensor name at a time: the base tensor and the experts' task vectors
+``tau_i = theta_i - theta_0`` stacked into one float32 tensor. Methods that need a statistic of
+the whole model (a global top-k threshold) compute it in ``prepare`` with extra streamed passes.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lorex.merging.sources import ModelSource
+
+MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    MERGE_METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class MergeContext:
+    """What a method may read: the base, the experts, and the names it merges (in order)."""
+
+    base: ModelSource
+    experts: list[ModelSource]
+    keys: list[str]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def task_vectors(self, key: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, *shape)`` float32: row i is ``theta_i - theta_0``. Filled row by row, so only
+        one expert tensor is in flight at a time; methods may modify it in place."""
+        theta0 = (self.base.get(key) if base is None else base).float()
+        taus = torch.empty((len(self.experts), *theta0.shape), dtype=torch.float32)
+        for row, expert in zip(taus, self.experts, strict=True):
+            torch.sub(expert.get(key).float(), theta0, out=row)
+        return taus
+
+    def stream(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every merged name with its task vectors, one name at a time."""
+        for key in self.keys if keys is None else keys:
+            yield key, self.task_vectors(key)
+
+
+class MergeMethod(abc.ABC):
+    name: ClassVar[str]
+    #: The dataclass of this method's settings; its fields become CLI options.
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MergeMethod:
+        """Options given on the command line (not None) override this method's defaults."""
+        names = cls.Options.__dataclass_fields__
+        given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+        return cls(cls.Options(**given))
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.options)
+
+    def merges(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+        """Whether ``key`` is merged; the rest keeps the base's value. Default: float tensors."""
+        return dtype.is_floating_point
+
+    def prepare(self, ctx: MergeContext) -> None:
+        """Whole-model statistics before the per-tensor pass (none by default)."""
+        return None
+
+    @abc.abstractmethod
+    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        """The merged value of one tensor (float32), from the base and the stacked task vectors
+        ``(N, *shape)``, which the method owns and may overwrite."""

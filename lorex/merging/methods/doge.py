@@ -1,0 +1,133 @@
+"""``doge``: DOGE-TA (Wei et al., ICML 2025), as the official code does it (docs/merging.md).
+
+Per weight matrix W (2-D weights inside transformer blocks; everything else keeps theta_0):
+
+- ``lambda_i = eta / ||tau_i||_F`` (task-aware, training-free coefficients);
+- a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
+  their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
+- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps at ``lr`` on the
+  data-free loss ``sum_j sum_rows <tau_j, tau_j - sum_i lambda_i (tau_i + Delta)>^2`` (row-wise
+  inner products), its gradient projected off the shared subspace, ``g - U_c (U_c^T g)``, before
+  each step;
+- a global top-``mask`` magnitude mask per task, computed on ``tau_i`` over all merged matrices;
+- ``theta = theta_0 + sum_i lambda_i (tau_i + Delta) * M_i``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lorex.errors import LorexError
+from lorex.merging.base import MergeContext, MergeMethod, register_merge_method
+from lorex.merging.methods.ties import global_thresholds
+
+# A transformer block's weight matrices: lorex/timm `blocks.N.`, Hugging Face `layer(s).N.`.
+BLOCK = re.compile(r"(^|\.)(blocks|layers?)\.\d+\.")
+
+
+@dataclass(frozen=True)
+class DogeOptions:
+    eta: float = 0.07
+    subspace: int = 6
+    mask: float = 0.3
+    steps: int = 400
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.eta > 0:
+            raise LorexError(f"eta: must be positive, got {self.eta}")
+        if self.subspace < 1:
+            raise LorexError(f"subspace: must be at least 1, got {self.subspace}")
+        if not 0 < self.mask <= 1:
+            raise LorexError(f"mask: must be in (0, 1], got {self.mask}")
+        if self.steps < 0 or not self.lr > 0:
+            raise LorexError("steps must be >= 0 and lr > 0")
+
+
+def coefficients(taus: list[torch.Tensor], eta: float) -> torch.Tensor:
+    """``eta / ||tau_i||``; a task that left this matrix unchanged (a LoRA expert that did not
+    adapt it) gets 0 rather than infinity."""
+    norms = torch.stack([t.norm() for t in taus])
+    return torch.where(norms > 0, eta / norms.clamp(min=1e-30), torch.zeros_like(norms))
+
+
+def shared_basis(taus: list[torch.Tensor], subspace: int) -> torch.Tensor:
+    """``U_c``: (m, int(r / subspace)) orthonormal columns spanning the tasks' shared directions."""
+    m, n = taus[0].shape
+    r = min(m, n)
+    per_task = r // len(taus)
+    stacked = torch.zeros(m, r, dtype=torch.float32)
+    for i, tau in enumerate(taus):
+        u = torch.linalg.svd(tau, full_matrices=False).U
+        stacked[:, i * per_task : (i + 1) * per_task] = u[:, :per_task]
+    u_c = torch.linalg.svd(stacked, full_matrices=False).U
+    return u_c[:, : r // subspace]
+
+
+def surrogate_loss(delta: torch.Tensor, taus: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
+    """``sum_j sum_rows <tau_j[r], tau_j[r] - sum_i lambda_i (tau_i[r] + delta[r])>^2``."""
+    merged = (lambdas[:, None, None] * taus).sum(0) + lambdas.sum() * delta
+    gaps = (taus * (taus - merged)).sum(-1)
+    return gaps.pow(2).sum()
+
+
+def optimise_delta(
+    taus: torch.Tensor,
+    lambdas: torch.Tensor,
+    basis: torch.Tensor,
+    steps: int,
+    lr: float,
+    on_grad: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Adam on the shared modification, gradients kept orthogonal to ``basis``; returns the
+    modification and the loss before each step (and after the last). ``on_grad`` sees each
+    projected gradient (diagnostics, tests)."""
+    delta = torch.zeros_like(taus[0], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = surrogate_loss(delta, taus, lambdas)
+        loss.backward()
+        losses.append(loss.item())
+        with torch.no_grad():
+            delta.grad -= basis @ (basis.T @ delta.grad)
+        if on_grad is not None:
+            on_grad(delta.grad.detach().clone())
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(surrogate_loss(delta, taus, lambdas)))
+    return delta.detach(), losses
+
+
+@register_merge_method
+class Doge(MergeMethod):
+    name = "doge"
+    Options = DogeOptions
+
+    def merges(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+        return (
+            dtype.is_floating_point
+            and len(shape) == 2
+            and key.endswith("weight")
+            and BLOCK.search(key) is not None
+        )
+
+    def prepare(self, ctx: MergeContext) -> None:
+        if not ctx.keys:
+            raise LorexError("doge: the base has no 2-D weights inside transformer blocks")
+        self.thresholds = global_thresholds(ctx, self.options.mask)
+        self.losses: dict[str, tuple[float, float]] = {}
+
+    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        lambdas = coefficients(list(taus), o.eta)
+        basis = shared_basis(list(taus), o.subspace)
+        delta, losses = optimise_delta(taus, lambdas, basis, o.steps, o.lr)
+        self.losses[key] = (losses[0], losses[-1])
+        masks = torch.stack([t.abs() >= th for t, th in zip(taus, self.thresholds, strict=True)])
+        return base + (lambdas[:, None, None] * (taus + delta) * masks).sum(0)

@@ -1,0 +1,189 @@
+"""``merge_models``: check that the experts fit the base, then merge and write, tensor by tensor.
+
+Memory stays at about one tensor of the base plus one of each expert (and the method's own work
+on it): the output's safetensors header is known from the base before any data, so each merged
+tensor is written and freed before the next is read.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lorex import __version__
+from lorex.errors import LorexError
+from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
+from lorex.merging.base import MERGE_METHODS, MergeContext, MergeMethod
+from lorex.merging.sources import ModelSource
+from lorex.metrics.resources import PeakMemory
+from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
+
+HF_EXTRA_FILES = ("preprocessor_config.json",)
+
+
+def _backbone_keys(source: ModelSource) -> list[str]:
+    if source.kind == "hf":
+        return source.keys()
+    return [k for k in source.keys() if k.startswith("backbone.")]
+
+
+def check_experts(base: ModelSource, experts: list[ModelSource]) -> list[str]:
+    """The backbone names every expert shares with the base, or a one-line error naming the
+    first expert and key that do not fit (keys, shapes, dtypes, architecture or base)."""
+    keys = _backbone_keys(base)
+    for expert in experts:
+        where = f"expert {expert.path}"
+        if expert.kind != base.kind:
+            raise LorexError(f"{where}: a {expert.kind} model, but the base is {base.kind}")
+        if base.kind == "lorex" and expert.config.get("backbone") != base.config.get("backbone"):
+            raise LorexError(f"{where}: its backbone config differs from the base's")
+        if base.kind == "hf" and expert.config.get("model_type") != base.config.get("model_type"):
+            raise LorexError(f"{where}: model_type differs from the base's")
+        if expert.base is not None and expert.base.sha256() != base.sha256():
+            raise LorexError(f"{where}: fine-tuned from {expert.base.path}, not from this base")
+        theirs = _backbone_keys(expert)
+        missing = sorted(set(keys) - set(theirs))
+        if missing:
+            raise LorexError(f"{where}: missing tensor '{missing[0]}'")
+        extra = sorted(set(theirs) - set(keys))
+        if extra:
+            raise LorexError(f"{where}: unexpected tensor '{extra[0]}'")
+        for key in keys:
+            if expert.spec(key) != base.spec(key):
+                (d1, s1), (d2, s2) = expert.spec(key), base.spec(key)
+                raise LorexError(
+                    f"{where}: tensor '{key}' is {d1} {tuple(s1)}, the base's is {d2} {tuple(s2)}"
+                )
+    return keys
+
+
+def _expert_heads(experts: list[ModelSource]) -> tuple[dict[str, Any], dict[str, ModelSource]]:
+    """Each expert's own heads, keyed as in its config; a task claimed twice is an error."""
+    info: dict[str, Any] = {}
+    owner: dict[str, ModelSource] = {}
+    for expert in experts:
+        if expert.kind != "lorex":
+            continue
+        for key, head in expert.config.get("heads", {}).items():
+            if key in info:
+                raise LorexError(
+                    f"expert {expert.path}: task '{head.get('task', key)}' already comes from "
+                    f"expert {owner[key].path}"
+                )
+            info[key] = head
+            owner[key] = expert
+    return info, owner
+
+
+def merge_models(
+    method: MergeMethod,
+    base: str | Path,
+    experts: list[str | Path],
+    out: str | Path,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Merge ``experts`` (full, LoRA or mixed, all from ``base``) into a model directory ``out``.
+
+    Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
+    seconds, and whatever the method reports (DOGE: its loss before and after per matrix).
+    """
+    if len(experts) < 1:
+        raise LorexError("merge needs at least one expert")
+    with PeakMemory() as memory:
+        record = _merge(method, Path(base), [Path(e) for e in experts], Path(out), progress)
+    record["peak_added_mb"] = round(memory.peak_delta_mb, 1)
+    write_json(Path(out) / "merge.json", record)
+    return record
+
+
+def _merge(
+    method: MergeMethod, base: Path, experts: list[Path], out: Path, progress: bool | None
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    base_src = ModelSource(base)
+    expert_srcs = [ModelSource(e) for e in experts]
+    keys = check_experts(base_src, expert_srcs)
+    heads, head_owner = _expert_heads(expert_srcs)
+    merged_keys = [k for k in keys if method.merges(k, *base_src.spec(k))]
+    ctx = MergeContext(base_src, expert_srcs, merged_keys)
+    method.prepare(ctx)
+
+    head_tensors = [
+        (f"heads.{key}.{part}", head_owner[key])
+        for key in heads
+        for part in ("weight", "bias")
+        if f"heads.{key}.{part}" in head_owner[key].own_keys()
+    ]
+    specs = [(k, *base_src.spec(k)) for k in keys]
+    specs += [(name, *src.spec(name)) for name, src in head_tensors]
+    record: dict[str, Any] = {
+        "command": "merge",
+        "method": method.name,
+        "settings": method.settings(),
+        "base": {"path": str(Path(base)), "sha256": base_src.sha256()},
+        "experts": [{"path": str(Path(e.path)), "sha256": e.sha256()} for e in expert_srcs],
+        "merged_tensors": len(merged_keys),
+        "kept_from_base": len(keys) - len(merged_keys),
+        "lorex_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    merged_set = set(merged_keys)
+    with atomic_directory(out) as tmp:
+        with SafetensorsStreamWriter(
+            tmp / WEIGHTS, specs, metadata={"format": "pt", "lorex_version": __version__}
+        ) as writer:
+            bar = tqdm(
+                keys, desc=f"merge ({method.name})", unit="tensor", disable=progress is False
+            )
+            for key in bar:
+                theta0 = base_src.get(key)
+                if key in merged_set:
+                    value = method.merge(key, theta0.float(), ctx.task_vectors(key, theta0))
+                    writer.write(key, value.to(theta0.dtype))
+                else:
+                    writer.write(key, theta0)
+            for name, src in head_tensors:
+                writer.write(name, src.get(name))
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        if hasattr(method, "losses"):
+            record["doge_loss"] = {
+                k: {"before": a, "after": b} for k, (a, b) in method.losses.items()
+            }
+        if base_src.kind == "lorex":
+            first = next(iter(heads), None)
+            write_json(
+                tmp / CONFIG,
+                {
+                    "lorex_version": __version__,
+                    "format_version": FORMAT_VERSION,
+                    "backbone": base_src.config["backbone"],
+                    "heads": heads,
+                    "active_head": first,
+                    "weights": "full",
+                    "made_by": record,
+                },
+            )
+        else:  # a save_pretrained folder again: the base's config, merged weights, base names
+            shutil.copy2(base_src.path / CONFIG, tmp / CONFIG)
+            for name in HF_EXTRA_FILES:
+                if (base_src.path / name).is_file():
+                    shutil.copy2(base_src.path / name, tmp / name)
+        write_json(tmp / "merge.json", record)
+    base_src.close()
+    for e in expert_srcs:
+        e.close()
+    return record
+
+
+def method_from_name(name: str, **options: Any) -> MergeMethod:
+    import lorex.merging.methods  # noqa: F401  (registers the methods)
+
+    if name not in MERGE_METHODS:
+        raise LorexError(f"unknown merge method '{name}' (known: {', '.join(MERGE_METHODS)})")
+    cls = MERGE_METHODS[name]
+    return cls(cls.Options(**options))

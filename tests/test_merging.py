@@ -1,0 +1,438 @@
+"""Merge methods against brute-force references written here with plain loops, on tiny models."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorex.adapters import lora
+from lorex.backbones.vit import VisionTransformer, ViTConfig
+from lorex.merging import merge_models, method_from_name
+from lorex.merging.methods import doge
+from lorex.models import LorexModel, load_model
+from lorex.models.store import save_model
+
+TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2)
+TASKS = ("t0", "t1", "t2")
+
+
+def _fresh(config: dict = TINY) -> LorexModel:
+    return LorexModel(VisionTransformer(ViTConfig.from_dict(config)), config)
+
+
+def make_experts(root: Path, config: dict = TINY, n_full: int = 3, with_lora: bool = True):
+    """A base, ``n_full`` full experts (base + noise) and optionally one LoRA expert."""
+    torch.manual_seed(0)
+    base = _fresh(config)
+    base.add_head("pretrain", ["a", "b", "c"])
+    save_model(base, root / "base")
+    backbone = {k: v for k, v in base.state_dict().items() if k.startswith("backbone.")}
+    experts = []
+    for i in range(n_full):
+        model = _fresh(config)
+        model.load_state_dict(backbone, strict=False)
+        model.add_head(f"t{i}", ["x", "y"])
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        save_model(model, root / f"t{i}")
+        experts.append(root / f"t{i}")
+    if with_lora:
+        model = _fresh(config)
+        model.load_state_dict(backbone, strict=False)
+        model.add_head("lora", ["x", "y"])
+        lora.add_adapter(model.backbone, lora.LoraConfig(r=2, lora_alpha=4))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for layer in lora.lora_layers(model.backbone).values():
+                b = layer.lora_B["default"].weight
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        save_model(model, root / "lora", weights="delta", base_dir=root / "base")
+        experts.append(root / "lora")
+    return root / "base", experts
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return make_experts(tmp_path_factory.mktemp("zoo"))
+
+
+def backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    """A model's backbone weights by the ordinary loading path, LoRA folded in by the layer code."""
+    model = load_model(path)
+    lora.merge_and_unload(model.backbone)
+    return {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+
+
+def flat_task_vectors(base_dir, expert_dirs, keys):
+    """Task vectors as plain Python lists over ``keys`` in order (float32 differences)."""
+    base = backbone_state(base_dir)
+    experts = [backbone_state(e) for e in expert_dirs]
+    taus = [[float(v) for k in keys for v in (e[k] - base[k]).flatten()] for e in experts]
+    flat_base = [float(v) for k in keys for v in base[k].flatten()]
+    return base, flat_base, taus
+
+
+def unflatten(values, base, keys):
+    out, i = {}, 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = torch.tensor(values[i : i + n], dtype=torch.float64).view(base[k].shape)
+        i += n
+    return out
+
+
+def merged_state(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_model(out).state_dict().items() if k.startswith("backbone.")}
+
+
+def sign(x: float) -> float:
+    return (x > 0) - (x < 0)
+
+
+def assert_matches(out, reference, keys):
+    got = merged_state(out)
+    for k in keys:
+        torch.testing.assert_close(got[k].double(), reference[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_average_and_task_arithmetic_match_loops(zoo, tmp_path):
+    base_dir, experts = zoo
+    keys = sorted(backbone_state(base_dir))
+    base, flat_base, taus = flat_task_vectors(base_dir, experts, keys)
+    n = len(taus)
+    merge_models(method_from_name("average"), base_dir, experts, tmp_path / "avg", progress=False)
+    expected = [flat_base[j] + sum(t[j] for t in taus) / n for j in range(len(flat_base))]
+    assert_matches(tmp_path / "avg", unflatten(expected, base, keys), keys)
+    method = method_from_name("task-arithmetic", scale=0.4)
+    merge_models(method, base_dir, experts, tmp_path / "ta", progress=False)
+    expected = [flat_base[j] + 0.4 * sum(t[j] for t in taus) for j in range(len(flat_base))]
+    assert_matches(tmp_path / "ta", unflatten(expected, base, keys), keys)
+
+
+def reference_ties(flat_base, taus, density, scale, merge_func, trim=True):
+    d = len(flat_base)
+    trimmed = []
+    for t in taus:
+        k = d - int(d * density)
+        threshold = sorted(abs(v) for v in t)[k - 1] if trim and k > 0 else 0.0
+        trimmed.append([v if abs(v) >= threshold else 0.0 for v in t])
+    signs = [sign(sum(tr[j] for tr in trimmed)) for j in range(d)]
+    majority = sign(sum(signs))
+    out = []
+    for j in range(d):
+        s = signs[j] if signs[j] != 0 else majority
+        agree = [tr[j] for tr in trimmed if (tr[j] > 0 if s > 0 else tr[j] < 0)]
+        total = sum(agree)
+        out.append(
+            flat_base[j] + scale * (total / max(len(agree), 1) if merge_func == "mean" else total)
+        )
+    return out
+
+
+@pytest.mark.parametrize("density,merge_func", [(0.2, "mean"), (0.5, "sum"), (1.0, "mean")])
+def test_ties_matches_loops(zoo, tmp_path, density, merge_func):
+    base_dir, experts = zoo
+    keys = sorted(backbone_state(base_dir))
+    base, flat_base, taus = flat_task_vectors(base_dir, experts, keys)
+    method = method_from_name("ties", density=density, merge_func=merge_func, scale=0.8)
+    merge_models(method, base_dir, experts, tmp_path / "ties", progress=False)
+    expected = reference_ties(flat_base, taus, density, 0.8, merge_func)
+    assert_matches(tmp_path / "ties", unflatten(expected, base, keys), keys)
+
+
+def test_trim_is_global_not_per_tensor(zoo, tmp_path):
+    """A tensor that moved 10x more keeps nearly all its entries under a global top-20% trim."""
+    base_dir, experts = zoo
+    base = backbone_state(base_dir)
+    loud = load_model(experts[0])
+    key = "backbone.blocks.0.mlp.fc1.weight"
+    with torch.no_grad():
+        w = loud.state_dict()[key]
+        w.copy_(base[key] + 10 * (w - base[key]))
+    save_model(loud, tmp_path / "loud")
+    method = method_from_name("ties", density=0.2)
+    merge_models(method, base_dir, [tmp_path / "loud"], tmp_path / "one", progress=False)
+    got = merged_state(tmp_path / "one")
+    assert float((got[key] != base[key]).float().mean()) > 0.6  # a per-tensor trim: 0.2
+    total = sum(int((got[k] != base[k]).sum()) for k in base)
+    assert abs(total / sum(v.numel() for v in base.values()) - 0.2) < 0.01
+
+
+def test_dare_keeps_rescaled_entries_and_is_seeded(zoo, tmp_path):
+    base_dir, experts = zoo
+    keys = sorted(backbone_state(base_dir))
+    base, flat_base, taus = flat_task_vectors(base_dir, experts, keys)
+    p, scale = 0.5, 0.3
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        method = method_from_name("dare", drop=p, scale=scale, seed=seed)
+        merge_models(method, base_dir, experts, tmp_path / name, progress=False)
+    a, b, c = (merged_state(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in keys)  # same seed, same merge
+    assert any(not torch.equal(a[k], c[k]) for k in keys)  # another seed, other masks
+    flat = [float(v) for k in keys for v in a[k].flatten()]
+    hits = 0
+    for j in range(len(flat)):  # each entry is the base plus a rescaled subset of the experts
+        options = [
+            flat_base[j] + scale * sum(taus[i][j] for i in subset) / (1 - p)
+            for r in range(len(taus) + 1)
+            for subset in itertools.combinations(range(len(taus)), r)
+        ]
+        assert min(abs(flat[j] - o) for o in options) < 2e-6, j
+        hits += abs(flat[j] - flat_base[j]) > 0
+    merge_models(
+        method_from_name("dare", drop=0.0), base_dir, experts, tmp_path / "d0", progress=False
+    )
+    merge_models(
+        method_from_name("task-arithmetic"), base_dir, experts, tmp_path / "ta", progress=False
+    )
+    d0, ta = merged_state(tmp_path / "d0"), merged_state(tmp_path / "ta")
+    assert all(torch.equal(d0[k], ta[k]) for k in keys)
+
+
+def test_dare_ties_without_drop_is_ties_without_trim(zoo, tmp_path):
+    base_dir, experts = zoo
+    keys = sorted(backbone_state(base_dir))
+    base, flat_base, taus = flat_task_vectors(base_dir, experts, keys)
+    merge_models(
+        method_from_name("dare-ties", drop=0.0), base_dir, experts, tmp_path / "dt", progress=False
+    )
+    expected = reference_ties(flat_base, taus, 1.0, 1.0, "mean", trim=False)
+    assert_matches(tmp_path / "dt", unflatten(expected, base, keys), keys)
+
+
+def reference_doge_matrix(taus, eta, subspace, steps, lr, masks):
+    """DOGE-TA for one matrix: closed-form gradient, explicit projector, Adam by its equations."""
+    n = len(taus)
+    m, cols = taus[0].shape
+    r = min(m, cols)
+    lambdas = [eta / math.sqrt(sum(float(v) ** 2 for v in t.flatten())) for t in taus]
+    k_task = r // n
+    u_cat = torch.zeros(m, r, dtype=torch.float64)
+    for i, t in enumerate(taus):
+        u_cat[:, i * k_task : (i + 1) * k_task] = torch.linalg.svd(t.double()).U[:, :k_task]
+    u_c = torch.linalg.svd(u_cat).U[:, : r // subspace]
+    projector = u_c @ u_c.T
+    delta = torch.zeros(m, cols, dtype=torch.float64)
+    first, second = torch.zeros_like(delta), torch.zeros_like(delta)
+    tt = [t.double() for t in taus]
+    for step in range(1, steps + 1):
+        merged = sum(lam * t for lam, t in zip(lambdas, tt, strict=True)) + sum(lambdas) * delta
+        grad = torch.zeros_like(delta)
+        for t in tt:
+            for row in range(m):
+                gap = float(t[row] @ (t[row] - merged[row]))
+                grad[row] += -2 * sum(lambdas) * gap * t[row]
+        grad = grad - projector @ grad
+        first = 0.9 * first + 0.1 * grad
+        second = 0.999 * second + 0.001 * grad**2
+        m_hat, v_hat = first / (1 - 0.9**step), second / (1 - 0.999**step)
+        delta = delta - lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return sum(lam * (t + delta) * mk for lam, t, mk in zip(lambdas, tt, masks, strict=True))
+
+
+def test_doge_matches_reference_and_keeps_norms_and_embeddings(zoo, tmp_path):
+    base_dir, experts = zoo
+    full = experts[:3]  # every full expert changes every matrix
+    eta, subspace, steps, lr, keep = 0.07, 2, 25, 1e-3, 0.3
+    method = method_from_name("doge", eta=eta, subspace=subspace, steps=steps, lr=lr, mask=keep)
+    merge_models(method, base_dir, full, tmp_path / "doge", progress=False)
+    base = backbone_state(base_dir)
+    got = merged_state(tmp_path / "doge")
+    matrices = sorted(
+        k for k in base if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2
+    )
+    assert matrices == [
+        f"backbone.blocks.0.{m}.weight" for m in ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
+    ]
+    for k in base:  # norms, biases, embeddings, patch projection: the base's values
+        if k not in matrices:
+            assert torch.equal(got[k], base[k]), k
+    experts_sd = [backbone_state(e) for e in full]
+    taus = {k: [e[k] - base[k] for e in experts_sd] for k in matrices}
+    masks = {k: [] for k in matrices}
+    for i in range(len(full)):  # global top-30% per task, by a sort over all matrices
+        values = sorted(abs(float(v)) for k in matrices for v in taus[k][i].flatten())
+        threshold = values[len(values) - int(len(values) * keep) - 1]
+        for k in matrices:
+            masks[k].append(taus[k][i].abs() >= threshold)
+    for k in matrices:
+        expected = base[k].double() + reference_doge_matrix(
+            taus[k], eta, subspace, steps, lr, masks[k]
+        )
+        torch.testing.assert_close(got[k].double(), expected, rtol=0, atol=5e-6, msg=k)
+
+
+def test_doge_gradient_is_orthogonal_to_shared_subspace_and_loss_falls():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(12, 2, generator=g)
+    # Fine-tuning-sized task vectors (entries ~1e-3): at lr 1e-4 Delta can move as far as tau.
+    taus = [
+        1e-3 * (shared @ torch.randn(2, 10, generator=g) + 0.3 * torch.randn(12, 10, generator=g))
+        for _ in range(3)
+    ]
+    lambdas = doge.coefficients(taus, 0.07)
+    basis = doge.shared_basis(taus, subspace=3)
+    assert basis.shape == (12, 10 // 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    seen = []
+    delta, losses = doge.optimise_delta(
+        torch.stack(taus), lambdas, basis, steps=400, lr=1e-4, on_grad=seen.append
+    )
+    assert len(seen) == 400
+    for grad in seen:  # every step moves against a gradient with no shared-subspace component
+        assert float((basis.T @ grad).abs().max()) < 1e-5 * max(float(grad.abs().max()), 1e-12)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_merge_is_deterministic(zoo, tmp_path):
+    base_dir, experts = zoo
+    for name in ("a", "b"):
+        method = method_from_name("doge", steps=5)
+        merge_models(method, base_dir, experts, tmp_path / name, progress=False)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_lora_expert_task_vector_is_the_exact_update(zoo, tmp_path):
+    base_dir, experts = zoo
+    merge_models(
+        method_from_name("task-arithmetic", scale=1.0),
+        base_dir,
+        experts[3:],
+        tmp_path / "l",
+        progress=False,
+    )
+    expert = load_model(experts[3])
+    base, got = backbone_state(base_dir), merged_state(tmp_path / "l")
+    for path, layer in lora.lora_layers(expert.backbone).items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        explicit = base[f"backbone.{path}.weight"] + 2.0 * b @ a  # alpha 4 / r 2
+        torch.testing.assert_close(got[f"backbone.{path}.weight"], explicit, rtol=0, atol=1e-6)
+    untouched = [k for k in base if "blocks" not in k or "norm" in k]
+    assert all(torch.equal(got[k], base[k]) for k in untouched)
+
+
+def test_merged_model_keeps_every_expert_head_and_records_provenance(zoo, tmp_path):
+    base_dir, experts = zoo
+    merge_models(method_from_name("ties"), base_dir, experts, tmp_path / "m", progress=False)
+    model = load_model(tmp_path / "m")
+    assert model.tasks == ["t0", "t1", "t2", "lora"]
+    for e in experts:
+        own = load_model(e)
+        key = own.active_head
+        torch.testing.assert_close(model.heads[key].weight, own.heads[key].weight)
+    import json
+
+    made_by = json.loads((tmp_path / "m" / "config.json").read_text())["made_by"]
+    assert made_by["method"] == "ties" and made_by["settings"]["density"] == 0.2
+    assert [len(e["sha256"]) for e in made_by["experts"]] == [64] * 4
+
+
+def test_cli_merge_and_eval_each_task(zoo, tmp_path, capsys):
+    from lorex.cli import main
+
+    base_dir, experts = zoo
+    out = tmp_path / "merged"
+    args = ["merge", "--method", "dare-ties", "--base", str(base_dir), "--experts"]
+    assert main([*args, *map(str, experts), "--out", str(out), "--drop", "0.3", "--seed", "4"]) == 0
+    made_by = load_model(out)  # loads, with every head
+    assert made_by.tasks == ["t0", "t1", "t2", "lora"]
+    import json
+
+    settings = json.loads((out / "config.json").read_text())["made_by"]["settings"]
+    assert settings == {"drop": 0.3, "scale": 1.0, "merge_func": "mean", "seed": 4}
+
+
+@pytest.mark.parametrize(
+    "break_it,needle",
+    [
+        ("shape", "tensor 'backbone.blocks.0.attn.qkv.weight' is torch.float32 (24, 9)"),
+        ("missing", "missing tensor 'backbone.blocks.0.mlp.fc2.bias'"),
+        ("dtype", "tensor 'backbone.norm.weight' is torch.float16"),
+        ("base", "fine-tuned from"),
+    ],
+)
+def test_experts_that_do_not_fit_are_refused_in_one_line(zoo, tmp_path, capsys, break_it, needle):
+    from safetensors.torch import load_file, save_file
+
+    from lorex.cli import main
+
+    base_dir, experts = zoo
+    import shutil
+
+    bad = tmp_path / "bad"
+    if break_it == "base":  # a LoRA expert whose base is another model
+        other_base, other = make_experts(tmp_path / "other", n_full=0)
+        tensors = load_file(other_base / "model.safetensors")
+        tensors["backbone.norm.bias"] = tensors["backbone.norm.bias"] + 1
+        save_file(tensors, other_base / "model.safetensors")
+        shutil.copytree(other[0], bad)
+        import json
+
+        config = json.loads((bad / "config.json").read_text())
+        config["base"]["sha256"] = None  # the base is found, but it is not ours
+        config["base"]["path"] = str(other_base)
+        (bad / "config.json").write_text(json.dumps(config))
+    else:
+        shutil.copytree(experts[0], bad)
+        tensors = load_file(bad / "model.safetensors")
+        key = {
+            "shape": "backbone.blocks.0.attn.qkv.weight",
+            "missing": "backbone.blocks.0.mlp.fc2.bias",
+            "dtype": "backbone.norm.weight",
+        }[break_it]
+        if break_it == "shape":
+            tensors[key] = torch.zeros(24, 9)
+        elif break_it == "missing":
+            del tensors[key]
+        else:
+            tensors[key] = tensors[key].half()
+        save_file(tensors, bad / "model.safetensors")
+    out = tmp_path / "out"
+    code = main(
+        ["merge", "--method", "ties", "--base", str(base_dir), "--experts"]
+        + [str(experts[1]), str(bad), "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err and str(bad) in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing written
+
+
+def test_streaming_memory_does_not_grow_with_the_number_of_experts(tmp_path):
+    """Peak RSS of a merge (fresh subprocess each) with 2 and with 6 experts of a 36 MB model."""
+    import json
+    import subprocess
+    import sys
+
+    config = dict(type="vit", img_size=16, patch_size=8, embed_dim=256, depth=12, num_heads=4)
+    base_dir, experts = make_experts(tmp_path / "big", config=config, n_full=6, with_lora=False)
+    model_mb = (base_dir / "model.safetensors").stat().st_size / 2**20
+    script = (  # merge_models samples the process's RSS while it runs (peak_added_mb)
+        "import json, sys\n"
+        "from lorex.merging import merge_models, method_from_name\n"
+        "r = merge_models(method_from_name(sys.argv[1]), sys.argv[2], sys.argv[4:], sys.argv[3],"
+        " progress=False)\n"
+        "print(json.dumps(r['peak_added_mb']))\n"
+    )
+    added = {}
+    for method in ("task-arithmetic", "ties"):
+        for n in (2, 6):
+            proc = subprocess.run(
+                [sys.executable, "-c", script, method, str(base_dir), str(tmp_path / f"o{n}")]
+                + [str(e) for e in experts[:n]],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            added[method, n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Loading every expert would add 4 more models (4 x model_mb); streaming adds a few
+        # copies of one layer per expert (the largest layer here is 1 MB): measured 0-17 MB.
+        assert added[method, 6] - added[method, 2] < model_mb, (added, model_mb)
+    assert model_mb > 30
