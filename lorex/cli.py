@@ -227,7 +227,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorex.merging import MERGE_METHODS, merge_models
 
     method = MERGE_METHODS[args.method].from_args(args)
-    record = merge_models(method, args.base, args.experts, args.out)
+    from lorex.training.run import resolve_device
+
+    record = merge_models(
+        method, args.base, args.experts, args.out, device=resolve_device(args.device)
+    )
     print(
         f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
@@ -253,6 +257,27 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask", type=float, help="doge: fraction kept by the global mask (0.3)")
     g.add_argument("--steps", type=int, help="doge: Adam steps per matrix (400)")
     g.add_argument("--lr", type=_positive_float, help="doge: Adam learning rate (1e-4)")
+
+
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lorex.demo import FULL, QUICK, run_demo
+    from lorex.merging.bench import write_merge_report
+    from lorex.training.run import resolve_device, run_record
+
+    settings = replace(QUICK if args.quick else FULL, merge_kinds=("full", "lora"))
+    demo = args.out / "demo"
+    run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)
+    from lorex.io import read_json
+
+    results = read_json(demo / "metrics.json")["merge"]
+    results["run"] = run_record("bench merge", None, quick=args.quick, seed=args.seed)
+    report = write_merge_report(
+        results, args.out, f"Merging the digit-domain experts ({'quick' if args.quick else 'full'})"
+    )
+    print(f"wrote {report}")
+    return 0
 
 
 def cmd_import_timm(args: argparse.Namespace) -> int:
@@ -362,7 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     _add_merge_options(p)
+    _add_device(p)
     p.set_defaults(func=cmd_merge)
+
+    bench = sub.add_parser("bench", help="benchmarks that train (or reuse) experts and report")
+    bench_sub = bench.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    p = bench_sub.add_parser(
+        "merge", help="merge the digit experts (full and LoRA) with every method, per task"
+    )
+    p.add_argument("--out", required=True, type=Path, help="results and the demo it builds on")
+    p.add_argument("--quick", action="store_true", help="the quick demo's experts (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(func=cmd_bench_merge)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

@@ -19,6 +19,7 @@ import torch
 from lorex import __version__
 from lorex.data import DIGIT_DOMAINS, cache_dir, load_dataset
 from lorex.io import read_json, write_json
+from lorex.merging.bench import merge_table, score_merges
 from lorex.models import is_model_dir, load_model
 from lorex.report import accuracy_table, heatmap_png, markdown_table
 from lorex.training.loop import TrainConfig
@@ -43,6 +44,7 @@ class DemoSettings:
     test_samples: int | None
     lora_lr: float = 5e-3  # rank 8 on every block's qkv, proj, fc1, fc2 (docs/lora.md)
     batch_size: int = 64
+    merge_kinds: tuple[str, ...] = ("full",)  # which experts the merge table merges
     domains: tuple[str, ...] = tuple(DIGIT_DOMAINS)
 
 
@@ -211,7 +213,13 @@ def run_demo(
             for d in s.domains
         ]
     )
-    return _write_report(out, s, seed, base, experts, matrix, probe)
+    merges = {}
+    for kind in s.merge_kinds:
+        _say(f"merging the {kind} experts with every method ...")
+        merges[kind] = score_merges(
+            out, out / "merged", list(s.domains), kind, device=device, test_samples=s.test_samples
+        )
+    return _write_report(out, s, seed, base, experts, matrix, probe, merges)
 
 
 def _write_report(
@@ -222,6 +230,7 @@ def _write_report(
     experts: dict,
     matrix: np.ndarray,
     probe: np.ndarray,
+    merges: dict[str, dict] | None = None,
 ) -> Path:
     names = [short(d) for d in s.domains]
     heatmap_png(
@@ -245,6 +254,7 @@ def _write_report(
         "base_linear_probe_accuracy": dict(zip(s.domains, probe.tolist(), strict=True)),
         "base_pretrain_accuracy": base_metrics["accuracy"],
         "experts": experts,
+        "merge": merges or {},
     }
     write_json(out / "metrics.json", metrics)
     rows = [
@@ -304,12 +314,27 @@ The diagonal is the expert's own domain; off-diagonal cells show the domain shif
 
 ![accuracy matrix](accuracy_matrix.png)
 
+{_merge_section(merges or {})}
 Per-run details (loss curves, parameters, memory, time) are in `experts/<domain>/<method>/`.
 Memory figures there compare only between runs in separate processes (`lorex train`):
 within one demo process, later stages reuse memory that earlier ones already took.
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"
+
+
+def _merge_section(merges: dict[str, dict]) -> str:
+    if not merges:
+        return ""
+    parts = [
+        "## One model for every domain: merging the experts without data\n",
+        "Each merged model keeps every expert's head and is scored on each domain with that "
+        "domain's head. Normalised: merged accuracy / the domain's own expert, averaged. "
+        "Default settings of each method (`lorex merge --help`, docs/merging.md).\n",
+    ]
+    for kind, results in merges.items():
+        parts.append(f"### {kind} experts\n\n{merge_table(results)}\n")
+    return "\n".join(parts) + "\n"
 
 
 __all__ = ["FULL", "QUICK", "DemoSettings", "replace", "run_demo"]

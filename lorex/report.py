@@ -83,3 +83,29 @@ def curve_png(history: list[dict], title: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def grouped_bars_png(
+    values: dict[str, dict[str, float]], path: str | Path, title: str, ylabel: str = "accuracy (%)"
+) -> None:
+    """One group of bars per row key (a method), one bar per column key (a task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(values)
+    cols = list(next(iter(values.values())))
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 3, 3.6), dpi=110)
+    for j, col in enumerate(cols):
+        xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [values[r][col] for r in rows], width, label=col)
+    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=min(len(cols), 5), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -290,6 +290,20 @@ def test_doge_gradient_is_orthogonal_to_shared_subspace_and_loss_falls():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_closed_form_gradient_matches_autograd_of_the_loss():
+    g = torch.Generator().manual_seed(1)
+    taus = torch.randn(3, 7, 5, generator=g)
+    lambdas = doge.coefficients(list(taus), 0.07)
+    delta = torch.randn(7, 5, generator=g, requires_grad=True)
+    loss = doge.surrogate_loss(delta, taus, lambdas)
+    loss.backward()
+    merged0 = (lambdas[:, None, None] * taus).sum(0)
+    fixed = (taus * (taus - merged0)).sum(-1)
+    closed_loss, closed_grad = doge.surrogate_grad(delta.detach(), taus, lambdas, fixed)
+    torch.testing.assert_close(closed_loss, loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(closed_grad, delta.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_merge_is_deterministic(zoo, tmp_path):
     base_dir, experts = zoo
     for name in ("a", "b"):
@@ -436,3 +450,56 @@ def test_streaming_memory_does_not_grow_with_the_number_of_experts(tmp_path):
         # copies of one layer per expert (the largest layer here is 1 MB): measured 0-17 MB.
         assert added[method, 6] - added[method, 2] < model_mb, (added, model_mb)
     assert model_mb > 30
+
+
+def test_hugging_face_clip_experts_merge_with_the_same_code(tmp_path):
+    """save_pretrained folders in, a save_pretrained folder out, with the base's key names."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    config = transformers.CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    base = transformers.CLIPVisionModel(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    experts = []
+    for i in range(3):
+        expert = transformers.CLIPVisionModel(config).eval()
+        expert.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        expert.save_pretrained(tmp_path / f"e{i}")
+        experts.append(tmp_path / f"e{i}")
+    for name, options in (("task-arithmetic", {"scale": 0.3}), ("doge", {"steps": 3})):
+        out = tmp_path / name
+        merge_models(
+            method_from_name(name, **options), tmp_path / "base", experts, out, progress=False
+        )
+        merged = load_file(out / "model.safetensors")
+        base_sd = load_file(tmp_path / "base" / "model.safetensors")
+        assert list(merged) == sorted(base_sd)  # the base's names, nothing added
+        reloaded = transformers.CLIPVisionModel.from_pretrained(out)  # a loadable folder
+        assert isinstance(reloaded, transformers.CLIPVisionModel)
+        expert_sds = [load_file(e / "model.safetensors") for e in experts]
+        for key, value in base_sd.items():
+            if name == "task-arithmetic":
+                expected = value + 0.3 * sum(e[key] - value for e in expert_sds)
+                torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
+            elif not (".layers." in key and key.endswith("weight") and value.ndim == 2):
+                assert torch.equal(merged[key], value), key  # DOGE keeps these at theta_0
+    doge_keys = json_load(tmp_path / "doge" / "merge.json")["merged_tensors"]
+    assert doge_keys == 2 * 6  # q, k, v, out_proj, fc1, fc2 per layer
+
+
+def json_load(path):
+    import json
+
+    return json.loads(Path(path).read_text())

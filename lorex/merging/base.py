@@ -32,15 +32,15 @@ class MergeContext:
     base: ModelSource
     experts: list[ModelSource]
     keys: list[str]
-    cache: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def task_vectors(self, key: str, base: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, *shape)`` float32: row i is ``theta_i - theta_0``. Filled row by row, so only
         one expert tensor is in flight at a time; methods may modify it in place."""
-        theta0 = (self.base.get(key) if base is None else base).float()
-        taus = torch.empty((len(self.experts), *theta0.shape), dtype=torch.float32)
+        theta0 = (self.base.get(key) if base is None else base).to(self.device, torch.float32)
+        taus = torch.empty((len(self.experts), *theta0.shape), device=self.device)
         for row, expert in zip(taus, self.experts, strict=True):
-            torch.sub(expert.get(key).float(), theta0, out=row)
+            torch.sub(expert.get(key).to(self.device, torch.float32), theta0, out=row)
         return taus
 
     def stream(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -86,8 +86,11 @@ def merge_models(
     experts: list[str | Path],
     out: str | Path,
     progress: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Merge ``experts`` (full, LoRA or mixed, all from ``base``) into a model directory ``out``.
+
+    The per-tensor work (DOGE's optimisation above all) runs on ``device``; files stay on disk.
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
     seconds, and whatever the method reports (DOGE: its loss before and after per matrix).
@@ -95,14 +98,26 @@ def merge_models(
     if len(experts) < 1:
         raise LorexError("merge needs at least one expert")
     with PeakMemory() as memory:
-        record = _merge(method, Path(base), [Path(e) for e in experts], Path(out), progress)
+        record = _merge(
+            method,
+            Path(base),
+            [Path(e) for e in experts],
+            Path(out),
+            progress,
+            torch.device(device),
+        )
     record["peak_added_mb"] = round(memory.peak_delta_mb, 1)
     write_json(Path(out) / "merge.json", record)
     return record
 
 
 def _merge(
-    method: MergeMethod, base: Path, experts: list[Path], out: Path, progress: bool | None
+    method: MergeMethod,
+    base: Path,
+    experts: list[Path],
+    out: Path,
+    progress: bool | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
@@ -110,7 +125,7 @@ def _merge(
     keys = check_experts(base_src, expert_srcs)
     heads, head_owner = _expert_heads(expert_srcs)
     merged_keys = [k for k in keys if method.merges(k, *base_src.spec(k))]
-    ctx = MergeContext(base_src, expert_srcs, merged_keys)
+    ctx = MergeContext(base_src, expert_srcs, merged_keys, device)
     method.prepare(ctx)
 
     head_tensors = [
@@ -143,8 +158,9 @@ def _merge(
             for key in bar:
                 theta0 = base_src.get(key)
                 if key in merged_set:
-                    value = method.merge(key, theta0.float(), ctx.task_vectors(key, theta0))
-                    writer.write(key, value.to(theta0.dtype))
+                    theta = theta0.to(device, torch.float32)
+                    value = method.merge(key, theta, ctx.task_vectors(key, theta))
+                    writer.write(key, value.to("cpu", theta0.dtype))
                 else:
                     writer.write(key, theta0)
             for name, src in head_tensors:

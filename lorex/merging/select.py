@@ -33,7 +33,7 @@ def kth_smallest_abs(
     high = torch.zeros(n, BINS, dtype=torch.long)
     for chunks in stream():
         for i, t in enumerate(chunks):
-            high[i] += torch.bincount(_bits(t) >> 16, minlength=BINS)
+            high[i] += torch.bincount(_bits(t) >> 16, minlength=BINS).cpu()
     buckets, remaining = [], []
     for i, k in enumerate(ks):
         total = int(high[i].sum())
@@ -48,7 +48,7 @@ def kth_smallest_abs(
         for i, t in enumerate(chunks):
             bits = _bits(t)
             inside = bits[(bits >> 16) == buckets[i]]
-            low[i] += torch.bincount(inside & 0xFFFF, minlength=BINS)
+            low[i] += torch.bincount(inside & 0xFFFF, minlength=BINS).cpu()
     values = []
     for i in range(n):
         cum = torch.cumsum(low[i], 0)

@@ -29,7 +29,7 @@ def drop_and_rescale_(tau: torch.Tensor, drop: float, seed: int, expert: int, ke
         return
     digest = hashlib.sha256(f"{seed}/{expert}/{key}".encode()).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    keep = torch.rand(tau.shape, generator=g) >= drop
+    keep = (torch.rand(tau.shape, generator=g) >= drop).to(tau.device)  # CPU draws: same masks
     tau.mul_(keep).div_(1 - drop)
 
 

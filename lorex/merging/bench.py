@@ -1,0 +1,103 @@
+"""Merge the demo's per-domain experts with every method and score each merged model per task.
+
+Used by ``lorex bench merge`` (and ``benchmarks/merge.py``) and by ``lorex demo``'s merge table.
+Normalised accuracy is the mean over tasks of merged accuracy / the task's own expert accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorex.io import read_json, write_json
+from lorex.merging.base import MERGE_METHODS
+from lorex.merging.run import merge_models
+from lorex.models import load_model
+from lorex.report import grouped_bars_png, markdown_table
+
+METHOD_ORDER = ("average", "task-arithmetic", "ties", "dare", "dare-ties", "doge")
+
+
+def _short(domain: str) -> str:
+    return domain.split("/")[-1]
+
+
+def score_merges(
+    demo_dir: Path,
+    out: Path,
+    domains: list[str],
+    expert_kind: str = "full",
+    methods: tuple[str, ...] = METHOD_ORDER,
+    device: torch.device | str = "cpu",
+    test_samples: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``{"experts": {task: acc}, <method>: {"per_task", "average", "normalized", "seconds",
+    "peak_mb"}}`` for the ``expert_kind`` ("full" or "lora") experts under ``demo_dir``."""
+    from lorex.data import load_dataset
+    from lorex.training.run import evaluate
+
+    base = demo_dir / "base"
+    experts = [demo_dir / "experts" / _short(d) / expert_kind for d in domains]
+    tests = {d: load_dataset(d, "test", test_samples, seed) for d in domains}
+    own = {
+        _short(d): float(read_json(e / "metrics.json")["accuracy"])
+        for d, e in zip(domains, experts, strict=True)
+    }
+    results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
+    for name in methods:
+        target = out / expert_kind / name
+        record = merge_models(MERGE_METHODS[name](), base, experts, target, device=device)
+        model = load_model(target, device)
+        per_task = {}
+        for d in domains:
+            model.set_head(d)
+            per_task[_short(d)] = evaluate(model, tests[d], device)
+        results[name] = {
+            "per_task": {k: round(100 * v, 2) for k, v in per_task.items()},
+            "average": round(100 * sum(per_task.values()) / len(per_task), 2),
+            "normalized": round(100 * sum(per_task[k] / own[k] for k in own) / len(own), 2),
+            "seconds": record["seconds"],
+            "peak_mb": record["peak_added_mb"],
+        }
+    return results
+
+
+def merge_table(results: dict[str, Any]) -> str:
+    tasks = list(results["experts"])
+    rows = [["experts (each on its own task)", *[f"{results['experts'][t]:.1f}" for t in tasks]]]
+    rows[0] += [f"{sum(results['experts'].values()) / len(tasks):.1f}", "100", "", ""]
+    for name, r in results.items():
+        if name == "experts":
+            continue
+        rows.append(
+            [
+                f"`{name}`",
+                *[f"{r['per_task'][t]:.1f}" for t in tasks],
+                f"**{r['average']:.1f}**",
+                f"{r['normalized']:.1f}",
+                f"{r['seconds']:.1f}",
+                f"{r['peak_mb']:.0f}",
+            ]
+        )
+    header = ["method", *[f"{t} %" for t in tasks], "average %", "normalised %", "s", "peak MB"]
+    return markdown_table(header, rows)
+
+
+def write_merge_report(results: dict[str, dict[str, Any]], out: Path, title: str) -> Path:
+    """``results.json``, ``results.md`` and one bar chart per expert kind, in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    parts = [f"# {title}\n"]
+    for kind, res in results.items():
+        if kind == "run":
+            continue
+        chart = f"merge_{kind}.png"
+        bars = {"experts": res["experts"]}
+        bars.update({k: v["per_task"] for k, v in res.items() if k != "experts"})
+        grouped_bars_png(bars, out / chart, f"Merging the {kind} experts: accuracy per task")
+        parts.append(f"## {kind} experts\n\n{merge_table(res)}\n\n![{kind}]({chart})\n")
+    (out / "results.md").write_text("\n".join(parts), encoding="utf-8")
+    return out / "results.md"
