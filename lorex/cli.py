@@ -240,6 +240,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eta(text: str) -> float | str:
+    return text if text == "auto" else _positive_float(text)
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     """Every method's options; one left unset takes the chosen method's own default."""
     g = p.add_argument_group("method options (default: the method's own)")
@@ -250,7 +254,11 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge-func", choices=("mean", "sum"), help="ties, dare-ties: (mean)")
     g.add_argument("--drop", type=float, help="dare, dare-ties: drop probability p (0.5)")
     g.add_argument("--seed", type=int, help="dare, dare-ties: seed of the drop masks (0)")
-    g.add_argument("--eta", type=float, help="doge: lambda_i = eta / ||tau_i|| (0.07)")
+    g.add_argument(
+        "--eta",
+        type=_eta,
+        help="doge: lambda_i = eta / ||tau_i|| (0.07), or 'auto': 0.3 x the mean ||tau_i||",
+    )
     g.add_argument(
         "--subspace", type=_positive_int, help="doge: shared directions = rank / this (6)"
     )

@@ -503,3 +503,18 @@ def json_load(path):
     import json
 
     return json.loads(Path(path).read_text())
+
+
+def test_doge_auto_eta_is_task_arithmetic_sized(zoo, tmp_path):
+    base_dir, experts = zoo
+    rec = merge_models(
+        method_from_name("doge", eta="auto", steps=2), base_dir, experts[:3], tmp_path / "d", False
+    )
+    base = backbone_state(base_dir)
+    norms = [
+        float((backbone_state(e)[k] - base[k]).norm())
+        for e in experts[:3]
+        for k in base
+        if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2
+    ]
+    assert rec["doge_eta"] == pytest.approx(0.3 * sum(norms) / len(norms), rel=1e-5)

@@ -167,6 +167,7 @@ def _merge(
                 writer.write(name, src.get(name))
         record["seconds"] = round(time.perf_counter() - start, 3)
         if hasattr(method, "losses"):
+            record["doge_eta"] = method.eta
             record["doge_loss"] = {
                 k: {"before": a, "after": b} for k, (a, b) in method.losses.items()
             }

@@ -29,17 +29,22 @@ from lorex.merging.methods.ties import global_thresholds
 BLOCK = re.compile(r"(^|\.)(blocks|layers?)\.\d+\.")
 
 
+#: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
+#: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
+AUTO_ETA_SCALE = 0.3
+
+
 @dataclass(frozen=True)
 class DogeOptions:
-    eta: float = 0.07
+    eta: float | str = 0.07
     subspace: int = 6
     mask: float = 0.3
     steps: int = 400
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        if not self.eta > 0:
-            raise LorexError(f"eta: must be positive, got {self.eta}")
+        if self.eta != "auto" and not (isinstance(self.eta, int | float) and self.eta > 0):
+            raise LorexError(f"eta: must be a positive number or 'auto', got {self.eta!r}")
         if self.subspace < 1:
             raise LorexError(f"subspace: must be at least 1, got {self.subspace}")
         if not 0 < self.mask <= 1:
@@ -137,10 +142,14 @@ class Doge(MergeMethod):
             raise LorexError("doge: the base has no 2-D weights inside transformer blocks")
         self.thresholds = global_thresholds(ctx, self.options.mask)
         self.losses: dict[str, tuple[float, float]] = {}
+        self.eta = self.options.eta
+        if self.eta == "auto":
+            norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
+            self.eta = AUTO_ETA_SCALE * sum(norms) / len(norms)
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
-        lambdas = coefficients(list(taus), o.eta)
+        lambdas = coefficients(list(taus), self.eta)
         basis = shared_basis(list(taus), o.subspace)
         delta, losses = optimise_delta(taus, lambdas, basis, o.steps, o.lr)
         self.losses[key] = (losses[0], losses[-1])
