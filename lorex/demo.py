@@ -43,6 +43,9 @@ class DemoSettings:
     linear_epochs: int
     test_samples: int | None
     lora_lr: float = 5e-3  # rank 8 on every block's qkv, proj, fc1, fc2 (docs/lora.md)
+    lora_epochs: int | None = None  # default: expert_epochs
+    lora_alpha: float | None = None  # default: the rank (scaling 1)
+    lora_targets: str | None = None  # default: the backbone's own (default_targets)
     batch_size: int = 64
     merge_kinds: tuple[str, ...] = ("full",)  # which experts the merge table merges
     domains: tuple[str, ...] = tuple(DIGIT_DOMAINS)
@@ -170,8 +173,9 @@ def run_demo(
         for method, epochs, lr in (
             ("linear", s.linear_epochs, s.linear_lr),
             ("full", s.expert_epochs, s.full_lr),
-            ("lora", s.expert_epochs, s.lora_lr),
+            ("lora", s.lora_epochs or s.expert_epochs, s.lora_lr),
         ):
+            trainer = _method(method, s)
             cfg = TrainConfig(
                 epochs=epochs,
                 batch_size=s.batch_size,
@@ -187,12 +191,12 @@ def run_demo(
                 "config": cfg.to_dict(),
                 "base": read_json(base / "stage.json"),
             }
+            if method == "lora":  # its recipe (alpha, targets) decides whether a stage is reusable
+                stamp["options"] = trainer.options()
             _stage(
                 target,
                 stamp,
-                lambda c=cfg, d=domain, m=method, t=target: train_expert(
-                    base, d, METHODS[m](), t, c, device
-                ),
+                lambda c=cfg, d=domain, m=trainer, t=target: train_expert(base, d, m, t, c, device),
                 f"{method} expert on {domain} ({epochs} epochs)",
             )
             experts[domain][method] = read_json(target / "metrics.json")
@@ -321,6 +325,18 @@ within one demo process, later stages reuse memory that earlier ones already too
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"
+
+
+def _method(name: str, s: DemoSettings):
+    """The training method for one demo stage; LoRA takes the settings' rank-8 recipe."""
+    if name != "lora":
+        return METHODS[name]()
+    from lorex.adapters.lora import LoraConfig
+
+    options = {"lora_alpha": s.lora_alpha or 8.0}
+    if s.lora_targets:
+        options["target_modules"] = s.lora_targets
+    return METHODS["lora"](LoraConfig(r=8, **options), backbone_targets=not s.lora_targets)
 
 
 def _merge_section(merges: dict[str, dict]) -> str:
