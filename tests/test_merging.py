@@ -518,3 +518,27 @@ def test_doge_auto_eta_is_task_arithmetic_sized(zoo, tmp_path):
         if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2
     ]
     assert rec["doge_eta"] == pytest.approx(0.3 * sum(norms) / len(norms), rel=1e-5)
+
+
+def test_lora_expert_with_trained_biases_merges_them(zoo, tmp_path):
+    base_dir, _ = zoo
+    model = load_model(base_dir)
+    del model.heads["pretrain"], model.head_info["pretrain"]
+    model.add_head("biased", ["x", "y"])
+    lora.add_adapter(model.backbone, lora.LoraConfig(r=2, bias="lora_only"))
+    lora.mark_trainable(model.backbone, "default")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.requires_grad:  # lora_A, lora_B and the wrapped layers' biases
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_model(model, tmp_path / "biased", weights="delta", base_dir=base_dir)
+    method = method_from_name("task-arithmetic", scale=1.0)
+    merge_models(method, base_dir, [tmp_path / "biased"], tmp_path / "m", progress=False)
+    expected = backbone_state(tmp_path / "biased")  # the expert itself, adapters folded
+    got = merged_state(tmp_path / "m")
+    assert any(
+        not torch.equal(expected[k], backbone_state(base_dir)[k]) for k in got if "bias" in k
+    )
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)

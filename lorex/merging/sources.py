@@ -42,6 +42,8 @@ class ModelSource:
         # weight key -> (adapter name, key prefix up to "lora_", scaling x weight) per update
         self._lora: dict[str, list[tuple[str, str, float]]] = {}
         self._adapter_tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self._biases: dict[str, torch.Tensor] = {}
+        self._sha256: str | None = None
         if self.kind == "lorex" and self.config.get("weights") == "delta":
             base_info = self.config.get("base") or {}
             if "path" not in base_info:
@@ -81,11 +83,11 @@ class ModelSource:
         return self._handles[file]
 
     def sha256(self) -> str:
-        """Content hash of the weights (all shards, in name order)."""
-        files = sorted(set(self._files.values()))
-        if len(files) == 1:
-            return file_sha256(files[0])
-        return "+".join(file_sha256(f) for f in files)
+        """Content hash of the weights (all shards, in name order), computed once."""
+        if self._sha256 is None:
+            files = sorted(set(self._files.values()))
+            self._sha256 = "+".join(file_sha256(f) for f in files)
+        return self._sha256
 
     # --- LoRA experts -------------------------------------------------------------------------
     def _index_adapters(self) -> None:
@@ -99,11 +101,6 @@ class ModelSource:
             weight = 1.0 if entry["state"] == "merged" else float(entry.get("weight") or 1.0)
             folder = self.path / entry["path"]
             config = LoraConfig.from_peft(read_json(folder / CONFIG_NAME), str(folder))
-            if config.bias != "none":
-                raise LorexError(
-                    f"{folder}: adapters that train biases (bias={config.bias!r}) have no task "
-                    "vector of their own; merge them with lorex merge-adapter first"
-                )
             if entry.get("sha256") and file_sha256(folder / WEIGHTS_NAME) != entry["sha256"]:
                 raise LorexError(f"{folder / WEIGHTS_NAME}: adapter changed (hash mismatch)")
             tensors = load_tensors(folder / WEIGHTS_NAME)
@@ -114,6 +111,10 @@ class ModelSource:
                     self._lora.setdefault(f"backbone.{module}.weight", []).append(
                         (entry["name"], key[: -len("A.weight")], config.scaling * weight)
                     )
+                elif key.startswith(PEFT_PREFIX) and key.endswith(".bias"):
+                    # A bias the adapter trained (bias="all"/"lora_only") replaces the base's.
+                    name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+                    self._biases[f"backbone.{name}"] = tensors[key]
 
     # --- the interface ------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -134,6 +135,8 @@ class ModelSource:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor, with any applied LoRA update added (exact ``s * B @ A``, in float32)."""
+        if key in self._biases:
+            return self._biases[key].clone()
         if key in self._where:
             tensor = self._open(self._where[key]).get(key)
         elif self.base is not None:
