@@ -271,14 +271,15 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lorex.demo import FULL, QUICK, run_demo
+    from lorex.io import read_json
     from lorex.merging.bench import write_merge_report
     from lorex.training.run import resolve_device, run_record
 
-    settings = replace(QUICK if args.quick else FULL, merge_kinds=("full", "lora"))
+    settings = replace(
+        QUICK if args.quick else FULL, merge_kinds=("full", "lora"), merge_methods=None
+    )
     demo = args.out / "demo"
     run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)
-    from lorex.io import read_json
-
     results = read_json(demo / "metrics.json")["merge"]
     results["run"] = run_record("bench merge", None, quick=args.quick, seed=args.seed)
     report = write_merge_report(

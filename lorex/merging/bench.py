@@ -12,12 +12,21 @@ from typing import Any
 import torch
 
 from lorex.io import read_json, write_json
-from lorex.merging.base import MERGE_METHODS
-from lorex.merging.run import merge_models
+from lorex.merging.run import merge_models, method_from_name
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table
 
-METHOD_ORDER = ("average", "task-arithmetic", "ties", "dare", "dare-ties", "doge")
+# (label, method, options): every method at its defaults, and DOGE also with eta scaled to the
+# experts' task vectors (docs/merging.md: the paper's eta assumes CLIP-sized fine-tuning steps).
+METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("average", "average", {}),
+    ("task-arithmetic", "task-arithmetic", {}),
+    ("ties", "ties", {}),
+    ("dare", "dare", {}),
+    ("dare-ties", "dare-ties", {}),
+    ("doge", "doge", {}),
+    ("doge (eta auto)", "doge", {"eta": "auto"}),
+)
 
 
 def _short(domain: str) -> str:
@@ -29,7 +38,7 @@ def score_merges(
     out: Path,
     domains: list[str],
     expert_kind: str = "full",
-    methods: tuple[str, ...] = METHOD_ORDER,
+    methods: tuple[tuple[str, str, dict[str, Any]], ...] = METHOD_ORDER,
     device: torch.device | str = "cpu",
     test_samples: int | None = None,
     seed: int = 0,
@@ -47,15 +56,16 @@ def score_merges(
         for d, e in zip(domains, experts, strict=True)
     }
     results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
-    for name in methods:
-        target = out / expert_kind / name
-        record = merge_models(MERGE_METHODS[name](), base, experts, target, device=device)
+    for label, name, options in methods:
+        target = out / expert_kind / label.replace(" ", "-").replace("(", "").replace(")", "")
+        method = method_from_name(name, **options)
+        record = merge_models(method, base, experts, target, device=device)
         model = load_model(target, device)
         per_task = {}
         for d in domains:
             model.set_head(d)
             per_task[_short(d)] = evaluate(model, tests[d], device)
-        results[name] = {
+        results[label] = {
             "per_task": {k: round(100 * v, 2) for k, v in per_task.items()},
             "average": round(100 * sum(per_task.values()) / len(per_task), 2),
             "normalized": round(100 * sum(per_task[k] / own[k] for k in own) / len(own), 2),
