@@ -204,6 +204,27 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         < metrics["experts"]["digits/mnist"]["full"]["trainable_params"]
     )
     assert "LoRA r8 %" in text
+    assert "merging the experts without data" in text and "`dare-ties`" in text
+    merged = metrics["merge"]["full"]
+    assert list(merged) == ["experts", "average", "task-arithmetic", "ties", "dare", "dare-ties"]
+    for result in list(merged.values())[1:]:
+        assert set(result["per_task"]) == {"mnist", "optdigits"}
+        assert 0 <= result["normalized"] <= 200 and result["seconds"] >= 0
+    # The merge benchmark's pieces on the same experts (DOGE shortened to 2 steps).
+    from lorex.merging.bench import score_merges, write_merge_report
+
+    lora_results = score_merges(
+        tmp_path / "demo",
+        tmp_path / "merged",
+        list(tiny.domains),
+        "lora",
+        methods=(("doge (eta auto)", "doge", {"eta": "auto", "steps": 2}),),
+        test_samples=40,
+    )
+    report_md = write_merge_report({"lora": lora_results}, tmp_path / "bench", "tiny")
+    assert "doge (eta auto)" in report_md.read_text()
+    assert (tmp_path / "bench" / "merge_lora.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["lora"]["experts"]
     stamp = (
         (tmp_path / "demo" / "experts" / "mnist" / "full" / "model.safetensors").stat().st_mtime_ns
     )
