@@ -97,9 +97,16 @@ def merge_table(results: dict[str, Any]) -> str:
 
 
 def write_merge_report(results: dict[str, dict[str, Any]], out: Path, title: str) -> Path:
-    """``results.json``, ``results.md`` and one bar chart per expert kind, in ``out``."""
+    """``results.json``, ``results.md`` and one bar chart per expert kind, in ``out``.
+
+    ``results`` maps an expert kind ("full", "lora") to ``score_merges``' output. In
+    ``results.json`` the full experts' methods sit at the top level (method name -> scores, the
+    experts under "experts"); other kinds sit under their own key ("lora": {...}).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", results)
+    payload = dict(results.get("full", {}))
+    payload.update({k: v for k, v in results.items() if k != "full"})
+    write_json(out / "results.json", payload)
     parts = [f"# {title}\n"]
     for kind, res in results.items():
         if kind == "run":
