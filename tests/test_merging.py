@@ -11,6 +11,7 @@ import torch
 
 from lorex.adapters import lora
 from lorex.backbones.vit import VisionTransformer, ViTConfig
+from lorex.errors import LorexError
 from lorex.merging import merge_models, method_from_name
 from lorex.merging.methods import doge
 from lorex.models import LorexModel, load_model
@@ -542,3 +543,34 @@ def test_lora_expert_with_trained_biases_merges_them(zoo, tmp_path):
     )
     for k, v in expected.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_sharded_hugging_face_folders_and_pickled_ones(tmp_path):
+    """A model.safetensors.index.json with two shards reads like one file; .bin is refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"layers.0.fc.weight": torch.randn(3, 4, generator=g), "norm.bias": torch.zeros(3)}
+    for name, shift in (("base", 0.0), ("e0", 1.0), ("e1", 3.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+        shards = {"a.safetensors": ["layers.0.fc.weight"], "b.safetensors": ["norm.bias"]}
+        for file, keys in shards.items():
+            save_file({k: weights[k] + shift for k in keys}, folder / file)
+        index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    method = method_from_name("task-arithmetic", scale=0.5)
+    merge_models(method, tmp_path / "base", [tmp_path / "e0", tmp_path / "e1"], tmp_path / "m")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for key, value in weights.items():
+        torch.testing.assert_close(merged[key], value + 0.5 * (1.0 + 3.0))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(LorexError, match="reads safetensors only"):
+        merge_models(method, tmp_path / "base", [pickled], tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()

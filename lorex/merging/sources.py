@@ -35,7 +35,7 @@ class ModelSource:
         self._files = self._weight_files()
         self._handles: dict[Path, SafetensorsReader] = {}
         self._where: dict[str, Path] = {}
-        for file in sorted(set(self._files.values()) if self._files else []):
+        for file in self._files:
             for key in self._open(file).keys():
                 self._where[key] = file
         self.base: ModelSource | None = None
@@ -58,18 +58,19 @@ class ModelSource:
             self._index_adapters()
 
     # --- files --------------------------------------------------------------------------------
-    def _weight_files(self) -> dict[str, Path]:
+    def _weight_files(self) -> list[Path]:
+        """The safetensors file(s) holding the weights, in name order."""
         if self.kind == "lorex":
             if not (self.path / WEIGHTS).is_file():
                 raise LorexError(f"{self.path / WEIGHTS}: file not found")
-            return {"*": self.path / WEIGHTS}
+            return [self.path / WEIGHTS]
         if (self.path / WEIGHTS).is_file():
-            return {"*": self.path / WEIGHTS}
+            return [self.path / WEIGHTS]
         if (self.path / HF_INDEX).is_file():
             index = read_json(self.path / HF_INDEX).get("weight_map")
             if not isinstance(index, dict):
                 raise LorexError(f"{self.path / HF_INDEX}: no 'weight_map'")
-            return {k: self.path / v for k, v in index.items()}
+            return sorted({self.path / v for v in index.values()})
         if any(self.path.glob("*.bin")):
             raise LorexError(
                 f"{self.path}: only pickled .bin weights; lorex reads safetensors only "
@@ -85,8 +86,7 @@ class ModelSource:
     def sha256(self) -> str:
         """Content hash of the weights (all shards, in name order), computed once."""
         if self._sha256 is None:
-            files = sorted(set(self._files.values()))
-            self._sha256 = "+".join(file_sha256(f) for f in files)
+            self._sha256 = "+".join(file_sha256(f) for f in self._files)
         return self._sha256
 
     # --- LoRA experts -------------------------------------------------------------------------

@@ -233,7 +233,7 @@ class LoraConv2d(LoraLayer):
         base = self.base_layer
         if weight is None:
             return base(x)
-        return base._conv_forward(x, weight, base.bias)
+        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
 
     def _low_rank(self, x: torch.Tensor, y: torch.Tensor, name: str, w: float) -> torch.Tensor:
         h = self.lora_A[name](self._dropout(x, name))
