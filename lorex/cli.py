@@ -136,6 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out,
         _train_config(args, False, default_lr=METHODS[args.method].default_lr),
         resolve_device(args.device),
+        head_from=args.head_from,
+        freeze_head=args.freeze_head,
     )
     print(
         f"trained {args.out} ({args.method}): "
@@ -276,7 +278,10 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from lorex.training.run import resolve_device, run_record
 
     settings = replace(
-        QUICK if args.quick else FULL, merge_kinds=("full", "lora"), merge_methods=None
+        QUICK if args.quick else FULL,
+        merge_kinds=("full", "frozen-head", "lora"),
+        merge_methods=None,
+        frozen_head_experts=True,
     )
     demo = args.out / "demo"
     run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)
@@ -359,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     _add_training_options(p, epochs=5, lr=None)
+    p.add_argument(
+        "--head-from", type=Path, help="start the task head from this model's (a linear probe)"
+    )
+    p.add_argument(
+        "--freeze-head",
+        action="store_true",
+        help="keep that head fixed while the rest trains (experts that merge better)",
+    )
     for method in METHODS.values():
         method.add_arguments(p)
     p.set_defaults(func=cmd_train)

@@ -49,6 +49,9 @@ class DemoSettings:
     batch_size: int = 64
     merge_kinds: tuple[str, ...] = ("full",)  # which experts the merge table merges
     merge_methods: tuple[str, ...] | None = None  # labels from METHOD_ORDER; None: all of them
+    # Also fine-tune each domain's backbone under its linear probe's frozen head ("frozen-head"
+    # experts, the way Task Arithmetic's experts are made): they merge better (docs/merging.md).
+    frozen_head_experts: bool = False
     domains: tuple[str, ...] = tuple(DIGIT_DOMAINS)
 
 
@@ -208,6 +211,35 @@ def run_demo(
             adapter = target / "adapter" / "adapter_model.safetensors"
             if adapter.is_file():
                 experts[domain][method]["adapter_bytes"] = adapter.stat().st_size
+
+    if s.frozen_head_experts:
+        cfg = TrainConfig(
+            epochs=s.expert_epochs,
+            batch_size=s.batch_size,
+            lr=s.full_lr,
+            seed=seed,
+            max_samples=s.expert_samples,
+        )
+        for domain in s.domains:
+            probe = out / "experts" / short(domain) / "linear"
+            target = out / "experts" / short(domain) / "frozen-head"
+            stamp = {
+                "stage": "train",
+                "domain": domain,
+                "method": "full, frozen probe head",
+                "config": cfg.to_dict(),
+                "base": read_json(base / "stage.json"),
+                "probe": read_json(probe / "stage.json"),
+            }
+            _stage(
+                target,
+                stamp,
+                lambda d=domain, p=probe, t=target: train_expert(
+                    base, d, METHODS["full"](), t, cfg, device, head_from=p, freeze_head=True
+                ),
+                f"full expert under the probe's frozen head on {domain}",
+            )
+            experts[domain]["frozen-head"] = read_json(target / "metrics.json")
 
     _say("evaluating every expert on every domain ...")
     tests = {d: load_dataset(d, "test", s.test_samples, seed) for d in s.domains}

@@ -190,6 +190,8 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         linear_epochs=2,
         test_samples=40,
         domains=("digits/mnist", "digits/optdigits"),
+        frozen_head_experts=True,
+        merge_kinds=("full", "frozen-head"),
     )
     report = run_demo(tmp_path / "demo", settings=tiny)
     text = report.read_text()
@@ -205,6 +207,13 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     )
     assert "LoRA r8 %" in text
     assert "merging the experts without data" in text and "`dare-ties`" in text
+    from lorex.models import load_model
+
+    frozen = load_model(tmp_path / "demo" / "experts" / "mnist" / "frozen-head")
+    probe = load_model(tmp_path / "demo" / "experts" / "mnist" / "linear")
+    key = probe.active_head
+    assert torch.equal(frozen.heads[key].weight, probe.heads[key].weight)
+    assert "frozen-head experts" in text and set(metrics["merge"]) == {"full", "frozen-head"}
     merged = metrics["merge"]["full"]
     assert list(merged) == ["experts", "average", "task-arithmetic", "ties", "dare", "dare-ties"]
     for result in list(merged.values())[1:]:

@@ -105,3 +105,31 @@ def test_diverging_loss_stops_with_a_clear_error(tiny_base):
         model.heads["x"].weight.fill_(float("inf"))
     with pytest.raises(LorexError, match="diverged"):
         fit(model, METHODS["full"](), data, TrainConfig(epochs=1, batch_size=4), progress=False)
+
+
+def test_frozen_head_from_a_probe(tiny_base, tmp_path):
+    """--head-from copies the probe's head; --freeze-head keeps it while the backbone trains."""
+    from lorex.cli import main
+
+    common = ["--data", "digits/optdigits", "--epochs", "1", "--max-samples", "60"]
+    probe, expert = tmp_path / "probe", tmp_path / "expert"
+    assert (
+        main(
+            ["train", "--base", str(tiny_base), "--method", "linear", "--out", str(probe)] + common
+        )
+        == 0
+    )
+    args = ["train", "--base", str(tiny_base), "--method", "full", "--out", str(expert)]
+    assert main(args + common + ["--head-from", str(probe), "--freeze-head"]) == 0
+    p, e, b = load_model(probe), load_model(expert), load_model(tiny_base)
+    key = p.active_head
+    assert torch.equal(e.heads[key].weight, p.heads[key].weight)
+    assert torch.equal(e.heads[key].bias, p.heads[key].bias)
+    moved = [
+        k
+        for k, v in b.backbone.state_dict().items()
+        if not torch.equal(v, e.backbone.state_dict()[k])
+    ]
+    assert moved  # the backbone trained
+    code = main(args + common + ["--freeze-head"])
+    assert code == 2  # a frozen zero head is refused

@@ -147,13 +147,20 @@ def fit(
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    freeze_head: bool = False,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` with ``method``; returns the loss curve and resource figures."""
+    """Train ``model`` on ``data`` with ``method``; returns the loss curve and resource figures.
+
+    ``freeze_head`` keeps the task heads as they are (fine-tuning under a fixed head, as Task
+    Arithmetic's experts do: their task vectors merge better, docs/merging.md).
+    """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
     method.prepare(model)
+    if freeze_head:
+        model.heads.requires_grad_(False)
     params = trainable_parameters(model)
     if not params:
         raise LorexError(f"method '{method.name}' left no trainable parameters")

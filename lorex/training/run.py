@@ -135,6 +135,16 @@ def pretrain(
     return metrics
 
 
+def _copy_head(model: LorexModel, key: str, source: LorexModel, path: Path) -> None:
+    task = model.head_info[key]["task"]
+    if key not in source.heads:
+        raise LorexError(f"{path}: no head for task '{task}' (heads: {', '.join(source.tasks)})")
+    if source.head_info[key]["classes"] != model.head_info[key]["classes"]:
+        raise LorexError(f"{path}: the head for '{task}' has other classes than the data")
+    with torch.no_grad():
+        model.heads[key].load_state_dict(source.heads[key].state_dict())
+
+
 def train_expert(
     base: str | Path,
     data: str,
@@ -143,8 +153,16 @@ def train_expert(
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    head_from: str | Path | None = None,
+    freeze_head: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune ``base`` on one dataset with ``method`` and save the expert with its metrics."""
+    """Fine-tune ``base`` on one dataset with ``method`` and save the expert with its metrics.
+
+    ``head_from`` starts the task head from another model's head for the same task (a linear
+    probe); ``freeze_head`` keeps it fixed while the rest trains (it needs ``head_from``).
+    """
+    if freeze_head and head_from is None:
+        raise LorexError("--freeze-head needs --head-from: a fixed zero head cannot learn a task")
     device = torch.device(device)
     train = load_dataset(data, "train", cfg.max_samples, cfg.seed)
     test = load_dataset(data, "test")
@@ -154,14 +172,18 @@ def train_expert(
             f"{data}: images are {train.image_size[0]}x{train.image_size[1]}, the model needs "
             f"{model.image_size}x{model.image_size}"
         )
-    model.add_head(train.name or data, train.classes)
+    key = model.add_head(train.name or data, train.classes)
+    if head_from is not None:
+        _copy_head(model, key, load_model(head_from, device), Path(head_from))
     torch.manual_seed(cfg.seed)
-    result = fit(model, method, train, cfg, device, progress)
+    result = fit(model, method, train, cfg, device, progress, freeze_head=freeze_head)
     acc = evaluate(model, test, device)
     metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device)
     made_by = run_record(
         "train", cfg, method=method.name, method_options=method.options(), data=data, base=str(base)
     )
+    if head_from is not None:
+        made_by.update(head_from=str(head_from), freeze_head=freeze_head)
     # A delta model keeps only the new head: drop the base's heads so they are not saved twice.
     for key in [k for k in model.heads if k != model.active_head]:
         del model.heads[key]
