@@ -65,6 +65,13 @@ def _add_training_options(
         default=None,
         help="random 2-pixel shifts",
     )
+    p.add_argument(
+        "--feature-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with a frozen backbone (linear, losa) and no augmentation, run the backbone once "
+        "and cache its outputs (default: on)",
+    )
     _add_device(p)
 
 
@@ -83,6 +90,7 @@ def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: f
         seed=args.seed,
         max_samples=args.max_samples,
         augment=augment_default if args.augment is None else args.augment,
+        feature_cache=args.feature_cache,
     )
 
 
@@ -143,7 +151,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained {args.out} ({args.method}): "
         f"test accuracy {metrics['accuracy']:.4f} on {args.data}"
     )
+    print(efficiency_line(metrics))
     return 0
+
+
+def efficiency_line(metrics: dict) -> str:
+    """The four-axis summary LoSA's paper compares methods on, for any training run."""
+    share = 100 * metrics["trainable_params"] / max(1, metrics["total_params"])
+    cache = ", feature cache on" if metrics.get("feature_cache") else ""
+    return (
+        f"efficiency: {metrics['trainable_params']:,} trainable parameters ({share:.2f}%), "
+        f"peak training memory {metrics['peak_train_mb']:.0f} MB, "
+        f"training {metrics['train_seconds']:.1f} s{cache}, "
+        f"inference {metrics['infer_ms_per_image']:.3f} ms/image"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -360,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         choices=sorted(METHODS),
         help="what trains: "
-        + "; ".join(f"{n}: {m.__doc__.strip().rstrip('.').lower()}" for n, m in METHODS.items()),
+        + "; ".join(
+            f"{n}: {m.__doc__.strip().splitlines()[0].rstrip('.').lower()}"
+            for n, m in METHODS.items()
+        ),
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     _add_training_options(p, epochs=5, lr=None)

@@ -105,6 +105,26 @@ def test_forward_tokens(saved):
     torch.testing.assert_close(again, pooled, atol=1e-5, rtol=1e-5)
 
 
+def test_pool_and_losa_side_network(saved):
+    """``pool`` of the last tokens is ``forward``; so a fresh LoSA side network changes nothing."""
+    from lorex.adapters.losa import LosaConfig, attach_losa
+    from lorex.models import LorexModel
+
+    _, _, path = saved
+    backbone = HFBackbone.from_pretrained(path)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.pool(backbone.forward_tokens(x)[-1]), backbone(x))
+    model = LorexModel(backbone, backbone.to_config())
+    model.add_head("t", ["a", "b", "c"])
+    torch.nn.init.normal_(model.heads["t"].weight)
+    with torch.no_grad():
+        probe = model(x)
+        attach_losa(model, LosaConfig(rank_channel=4, rank_token=2))
+        assert model.side.depth == TINY["num_hidden_layers"] and model.side.tokens == TOKENS
+        torch.testing.assert_close(model(x), probe, atol=0, rtol=0)
+
+
 def test_config_round_trip(saved):
     _, _, path = saved
     backbone = HFBackbone.from_pretrained(path)

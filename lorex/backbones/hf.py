@@ -188,6 +188,13 @@ class HFBackbone(nn.Module):
         # ViTModel's last_hidden_state is already layer-normed; the others pool for us.
         return out.last_hidden_state[:, 0] if self.model_type == "vit" else out.pooler_output
 
+    def pool(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """``forward``'s features from the last layer's tokens (a side network refines those)."""
+        if self.model_type == "clip_vision_model":
+            tower = getattr(self.model, "vision_model", self.model)  # nested in transformers 4
+            return tower.post_layernorm(last_tokens[:, 0])
+        return self.model.layernorm(last_tokens)[:, 0]  # ViT and DINOv2: final norm, class token
+
     def forward_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Tokens ``(B, 1 + N, D)`` after each transformer layer, for side networks."""
         out = self.model(pixel_values=self._normalise(x), output_hidden_states=True)

@@ -1,4 +1,5 @@
-"""In-memory image datasets: uint8 ``(N, H, W, 3)`` arrays with integer labels and class names."""
+"""In-memory image datasets: uint8 ``(N, H, W, 3)`` arrays (or clips ``(N, T, H, W, 3)``) with
+integer labels and class names."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import torch
 
 @dataclass
 class ImageDataset:
-    images: np.ndarray  # uint8, (N, H, W, 3)
+    images: np.ndarray  # uint8, (N, H, W, 3), or (N, T, H, W, 3) for clips of T frames
     labels: np.ndarray  # int64, (N,)
     classes: list[str]
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+        if (
+            self.images.ndim not in (4, 5)
+            or self.images.shape[-1] != 3
+            or self.images.dtype != np.uint8
+        ):
             raise ValueError(
-                f"{self.name}: images must be uint8 (N, H, W, 3), got "
+                f"{self.name}: images must be uint8 (N, H, W, 3) or clips (N, T, H, W, 3), got "
                 f"{self.images.dtype} {self.images.shape}"
             )
         if len(self.images) != len(self.labels):
@@ -32,7 +37,12 @@ class ImageDataset:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return int(self.images.shape[1]), int(self.images.shape[2])
+        return int(self.images.shape[-3]), int(self.images.shape[-2])
+
+    @property
+    def frames(self) -> int:
+        """Frames per sample: 1 for images, T for clips."""
+        return int(self.images.shape[1]) if self.images.ndim == 5 else 1
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.classes))
@@ -60,8 +70,8 @@ class ImageDataset:
         return ImageDataset(self.images[keep], self.labels[keep], self.classes, self.name)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images as float ``(N, 3, H, W)`` in [0, 1] and labels as int64."""
-        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div_(255.0)
+        """Images as float ``(N, 3, H, W)`` (clips ``(N, T, 3, H, W)``) in [0, 1], int64 labels."""
+        x = torch.from_numpy(self.images).movedim(-1, -3).float().div_(255.0)
         return x.contiguous(), torch.from_numpy(self.labels)
 
 

@@ -69,6 +69,10 @@ def read_imagefolder(root: str | Path, split: str = "train") -> ImageDataset:
 def write_imagefolder(dataset: ImageDataset, folder: str | Path) -> None:
     """Write ``folder/<class>/<n>.png``; class folders keep the dataset's class names."""
     folder = Path(folder)
+    if dataset.frames > 1:
+        raise LorexError(
+            f"{dataset.name}: clips have no ImageFolder layout; use the built-in name directly"
+        )
     for c in dataset.classes:
         (folder / c).mkdir(parents=True, exist_ok=True)
     for n, (img, label) in enumerate(zip(dataset.images, dataset.labels, strict=True)):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorex.data import digits, pretrain
+from lorex.data import digits, moving_digits, pretrain
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder
 from lorex.errors import LorexError
@@ -45,6 +45,11 @@ BUILTINS: dict[str, BuiltinDataset] = {
         ),
         BuiltinDataset(
             "pretrain/chars", pretrain.make_chars, "0-9 and A-Z in varied fonts (pretraining)"
+        ),
+        BuiltinDataset(
+            "video/moving-digits",
+            moving_digits.make_moving_digits,
+            "4-frame clips of an MNIST digit moving; the label is the direction",
         ),
     ]
 }

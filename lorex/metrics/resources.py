@@ -7,7 +7,9 @@ work needed (activations, gradients, optimiser state).
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 
 import psutil
 import torch
@@ -52,3 +54,23 @@ class PeakMemory:
     @property
     def peak_delta_mb(self) -> float:
         return max(0.0, (self.peak_rss - self.start_rss) / MB)
+
+
+@torch.no_grad()
+def inference_ms_per_image(
+    model: torch.nn.Module, batch: torch.Tensor, repeats: int = 5, warmup: int = 1
+) -> float:
+    """Median wall time of ``model(batch)`` per sample, in milliseconds (eval mode)."""
+    model.eval()
+    for _ in range(warmup):
+        model(batch)
+    times = []
+    for _ in range(repeats):
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        start = time.perf_counter()
+        model(batch)
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times) / len(batch)

@@ -2,6 +2,8 @@
 
 The backbone maps ``[0, 1]`` images ``(B, 3, H, W)`` to features ``(B, D)``; each head maps
 features to one task's logits. Heads are named by task so one backbone can serve several.
+Clips ``(B, T, 3, H, W)`` run frame by frame and their features are averaged over time. An
+optional side network (LoSA) computes the features from the frozen backbone's block tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LorexModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.head_info: dict[str, dict] = {}  # key -> {"task": name, "classes": [...]}
         self.active_head: str | None = None
+        self.side: nn.Module | None = None  # a LoSA side network, when one is attached
 
     @property
     def num_features(self) -> int:
@@ -66,11 +69,27 @@ class LorexModel(nn.Module):
             raise LorexError("this model has no classification head (it is a bare backbone)")
         return self.head_info[self.active_head]["classes"]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, D)`` of images ``(B, 3, H, W)`` or clips ``(B, T, 3, H, W)``."""
+        if self.side is not None:
+            return self.side(self.backbone, x)
+        if x.ndim == 5:
+            return self.backbone(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1)).mean(1)
+        return self.backbone(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active_head is None:
             raise LorexError("this model has no classification head (it is a bare backbone)")
-        return self.heads[self.active_head](self.backbone(x))
+        return self.heads[self.active_head](self.features(x))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from precomputed backbone features (the linear probe trains on cached ones)."""
-        return self.heads[self.active_head](features)
+    @torch.no_grad()
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What a frozen backbone gives for ``x``, which a feature cache may store: the pooled
+        features, or the stacked block tokens a side network reads."""
+        return self.side.taps(self.backbone, x) if self.side is not None else self.features(x)
+
+    def forward_cached(self, cached: torch.Tensor) -> torch.Tensor:
+        """Logits from ``frozen_features`` output: only the trainable part runs."""
+        if self.side is not None:
+            cached = self.side.features_from_taps(self.backbone, cached)
+        return self.heads[self.active_head](cached)

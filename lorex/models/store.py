@@ -31,7 +31,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"lorex_version", "format_version", "backbone", "heads", "active_head", "weights"}
-OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics", "adapters"}
+OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics", "adapters", "side"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -98,6 +98,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
     if config["active_head"] is not None and config["active_head"] not in model.heads:
         raise LorexError(f"{path / CONFIG}: active_head '{config['active_head']}' is not a head")
     model.active_head = config["active_head"]
+    if config.get("side") is not None:
+        from lorex.adapters.losa import LosaSideNetwork
+
+        model.side = LosaSideNetwork.from_description(config["side"], str(path / CONFIG))
     own = load_tensors(path / WEIGHTS)
     state: dict[str, torch.Tensor] = {}
     if config["weights"] == "delta":
@@ -238,6 +242,8 @@ def save_model(
         if is_model_dir(base_dir):
             base["sha256"] = file_sha256(base_dir / WEIGHTS)
         config["base"] = base
+    if model.side is not None:
+        config["side"] = model.side.describe()
     if made_by is not None:
         config["made_by"] = made_by
     if seed is not None:

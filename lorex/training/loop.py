@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +20,8 @@ from lorex.models import LorexModel
 from lorex.training.methods import TrainingMethod, count_parameters, trainable_parameters
 
 log = logging.getLogger("lorex")
+#: Above this size (MB) cached features go to a memory-mapped file instead of memory.
+CACHE_MEMORY_MB = 2048.0
 
 
 @dataclass
@@ -30,6 +33,8 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     label_smoothing: float = 0.1
     augment: bool = False  # random shifts of up to 2 pixels
+    # With a frozen backbone and no augmentation, compute its features once (off: every epoch).
+    feature_cache: bool = True
     seed: int = 0
     max_samples: int | None = None
 
@@ -64,8 +69,9 @@ class TrainResult:
 
 
 def images_to_tensor(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(N, 3, H, W)`` images (4x smaller than float) and int64 labels."""
-    x = torch.from_numpy(np.ascontiguousarray(data.images.transpose(0, 3, 1, 2)))
+    """uint8 ``(N, 3, H, W)`` images (clips ``(N, T, 3, H, W)``), 4x smaller than float, and
+    int64 labels."""
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.images, -1, -3)))
     return x, torch.from_numpy(data.labels)
 
 
@@ -74,7 +80,10 @@ def as_float(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels, filling with the edge pixels."""
+    """Translate each image by up to ``max_shift`` pixels, filling with the edge pixels.
+    A clip ``(T, 3, H, W)`` moves as a whole, so the motion within it is kept."""
+    if x.ndim == 5:
+        return random_shift(x.flatten(1, 2), max_shift, generator).unflatten(1, x.shape[1:3])
     n, _, h, w = x.shape
     shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).tolist()
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
@@ -86,17 +95,32 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_features(
-    backbone: torch.nn.Module, x_u8: torch.Tensor, batch_size: int, device: torch.device
+    model: LorexModel,
+    x_u8: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    memory_limit_mb: float = CACHE_MEMORY_MB,
 ) -> torch.Tensor:
-    backbone.eval()
-    return torch.cat(
-        [
-            backbone(as_float(x_u8[i : i + batch_size], device))
-            for i in range(0, len(x_u8), batch_size)
-        ]
-    )
+    """``model.frozen_features`` of every sample, computed once: in memory, or in a memory-mapped
+    temporary file when they would take more than ``memory_limit_mb`` (on the CPU)."""
+    model.eval()
+    first = model.frozen_features(as_float(x_u8[:1], device))
+    shape = (len(x_u8), *first.shape[1:])
+    size_mb = first.element_size() * first[0].numel() * len(x_u8) / 2**20
+    if device.type == "cpu" and size_mb > memory_limit_mb:
+        handle = tempfile.NamedTemporaryFile(prefix="lorex-features-", suffix=".f32")
+        log.info("feature cache: %.0f MB in a memory-mapped file %s", size_mb, handle.name)
+        store = torch.from_numpy(np.memmap(handle, np.float32, "w+", shape=shape))
+        store._lorex_file = handle  # closed (and deleted) with the tensor
+    else:
+        store = torch.empty(shape, dtype=first.dtype, device=first.device)
+    for i in range(0, len(x_u8), batch_size):
+        store[i : i + batch_size] = model.frozen_features(
+            as_float(x_u8[i : i + batch_size], device)
+        )
+    return store
 
 
 @torch.inference_mode()
@@ -158,6 +182,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
+    method.fit_to_data(data)
     method.prepare(model)
     if freeze_head:
         model.heads.requires_grad_(False)
@@ -169,7 +194,7 @@ def fit(
         total_params=count_parameters(model),
     )
     x, y = images_to_tensor(data)
-    use_cache = method.frozen_backbone and not cfg.augment
+    use_cache = method.frozen_backbone and not cfg.augment and cfg.feature_cache
     result.feature_cache = use_cache
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -186,7 +211,10 @@ def fit(
         start = time.perf_counter()
         if use_cache:
             log.info("feature cache: on (frozen backbone, no augmentation): the backbone runs once")
-            features = extract_features(model.backbone, x, max(cfg.batch_size, 256), device)
+            features = extract_features(model, x, max(cfg.batch_size, 64), device)
+        elif method.frozen_backbone:
+            reason = "augmentation changes the inputs" if cfg.augment else "turned off"
+            log.info("feature cache: off (%s): the frozen backbone runs every step", reason)
         model.train(not method.frozen_backbone)
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(x), generator=generator)
@@ -195,7 +223,7 @@ def fit(
                 idx = order[i : i + cfg.batch_size]
                 target = y[idx].to(device)
                 if use_cache:
-                    logits = model.forward_head(features[idx.to(device)])
+                    logits = model.forward_cached(features[idx.to(features.device)].to(device))
                 else:
                     batch = as_float(x[idx], device)
                     if cfg.augment:

@@ -20,6 +20,8 @@ from lorex.adapters.lora import (
     default_targets,
     mark_trainable,
 )
+from lorex.adapters.losa import LosaConfig, attach_losa
+from lorex.data import ImageDataset
 from lorex.models import LorexModel
 
 METHODS: dict[str, type[TrainingMethod]] = {}
@@ -51,6 +53,10 @@ class TrainingMethod(abc.ABC):
     def options(self) -> dict[str, Any]:
         """The method's settings, recorded in the model's provenance."""
         return {}
+
+    def fit_to_data(self, data: ImageDataset) -> None:
+        """Adjust to the training data before ``prepare`` (LoSA reads the frames per clip)."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, model: LorexModel) -> None:
@@ -157,6 +163,74 @@ class Lora(TrainingMethod):
         mark_trainable(model.backbone, "default")
         for key, head in model.heads.items():
             head.requires_grad_(key == model.active_head)
+
+
+@register_method
+class Losa(TrainingMethod):
+    """Train a low-rank side network on the frozen backbone's block tokens, and the head.
+
+    No gradient flows through the backbone (it runs under ``no_grad``), so training keeps none of
+    its activations; with no augmentation its outputs are cached and each epoch costs only the
+    side network (docs/losa.md).
+    """
+
+    name = "losa"
+    frozen_backbone = True
+    saves = "delta"  # the side network and the head; the backbone stays the base's
+    # Like LoRA, zero-initialised up-projections take large steps (docs/losa.md).
+    default_lr = 5e-3
+
+    def __init__(self, config: LosaConfig | None = None):
+        self.config = config or LosaConfig()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("LoSA (--method losa)")
+        group.add_argument(
+            "--rank-channel", type=int, default=16, help="rank of the channel mixing (16)"
+        )
+        group.add_argument("--rank-token", type=int, default=8, help="rank of the token mixing (8)")
+        group.add_argument(
+            "--rank-temporal", type=int, default=2, help="rank of the temporal mixing, clips (2)"
+        )
+        group.add_argument(
+            "--losa-layers",
+            type=int,
+            nargs="+",
+            default=None,
+            help="tapped block indices, 0-based (default: every block)",
+        )
+        group.add_argument(
+            "--losa-pool",
+            choices=("backbone", "token", "avg"),
+            default="backbone",
+            help="pooling of the refined tokens (backbone: the backbone's own)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
+        return cls(
+            LosaConfig(
+                rank_channel=args.rank_channel,
+                rank_token=args.rank_token,
+                rank_temporal=args.rank_temporal,
+                layers=list(args.losa_layers or []),
+                pool=args.losa_pool,
+            )
+        )
+
+    def options(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def fit_to_data(self, data: ImageDataset) -> None:
+        self.config = replace(self.config, frames=data.frames)
+
+    def prepare(self, model: LorexModel) -> None:
+        if model.side is None:
+            attach_losa(model, self.config)
+        model.requires_grad_(False)
+        model.side.requires_grad_(True)
+        model.heads[model.active_head].requires_grad_(True)
 
 
 def _is_regex(text: str) -> bool:

@@ -14,9 +14,10 @@ from lorex.backbones import build_backbone, preset_config
 from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
 from lorex.metrics import accuracy
+from lorex.metrics.resources import inference_ms_per_image
 from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
-from lorex.training.loop import TrainConfig, TrainResult, fit, predict
+from lorex.training.loop import TrainConfig, TrainResult, as_float, fit, images_to_tensor, predict
 from lorex.training.methods import METHODS, TrainingMethod
 
 log = logging.getLogger("lorex")
@@ -65,6 +66,11 @@ def run_record(command: str, cfg: TrainConfig | None = None, **extra: Any) -> di
     return record
 
 
+def _latency(model: LorexModel, data: ImageDataset, device: torch.device, batch: int = 64) -> float:
+    x, _ = images_to_tensor(data)
+    return inference_ms_per_image(model, as_float(x[:batch], device))
+
+
 def _metrics(
     acc: float,
     result: TrainResult,
@@ -74,9 +80,11 @@ def _metrics(
     n_train: int,
     n_test: int,
     device: torch.device,
+    infer_ms: float,
 ) -> dict[str, Any]:
     return {
         "accuracy": acc,
+        "infer_ms_per_image": infer_ms,
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "train_seconds": result.train_seconds,
@@ -117,7 +125,8 @@ def pretrain(
     model.add_head(train.name or data, train.classes)
     result = fit(model, METHODS["full"](), train, cfg, device, progress)
     acc = evaluate(model, test, device)
-    metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device)
+    infer_ms = _latency(model, test, device)
+    metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device, infer_ms)
     made_by = run_record(
         "pretrain", cfg, preset=preset if isinstance(preset, str) else None, data=data
     )
@@ -178,7 +187,21 @@ def train_expert(
     torch.manual_seed(cfg.seed)
     result = fit(model, method, train, cfg, device, progress, freeze_head=freeze_head)
     acc = evaluate(model, test, device)
-    metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device)
+    infer_ms = _latency(model, test, device)
+    metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device, infer_ms)
+    log.info(
+        "efficiency (%s): %s trainable parameters (%.2f%% of %s), peak training memory %.0f MB, "
+        "training %.1f s (feature cache %s), inference %.3f ms/image, accuracy %.4f",
+        method.name,
+        f"{result.trainable_params:,}",
+        100 * result.trainable_params / max(1, result.total_params),
+        f"{result.total_params:,}",
+        result.peak_train_mb,
+        result.train_seconds,
+        "on" if result.feature_cache else "off",
+        infer_ms,
+        acc,
+    )
     made_by = run_record(
         "train", cfg, method=method.name, method_options=method.options(), data=data, base=str(base)
     )
