@@ -315,6 +315,16 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_losa(args: argparse.Namespace) -> int:
+    from lorex.adapters.losa.bench import run_bench, write_report
+    from lorex.training.run import run_record
+
+    results = run_bench(args.out, quick=args.quick, seed=args.seed)
+    results["run"] = run_record("bench losa", None, quick=args.quick, seed=args.seed)
+    print(f"wrote {write_report(results, args.out)}")
+    return 0
+
+
 def cmd_import_timm(args: argparse.Namespace) -> int:
     from lorex.backbones import preset_config
     from lorex.backbones.timm_checkpoint import import_timm
@@ -446,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_bench_merge)
+    p = bench_sub.add_parser(
+        "losa",
+        help="LoSA against LoRA and full fine-tuning: accuracy, parameters, memory, time, "
+        "latency, and the deepest backbone under a memory cap (CPU)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
+    p.add_argument("--quick", action="store_true", help="a few steps at both sizes (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_losa)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

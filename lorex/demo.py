@@ -46,6 +46,7 @@ class DemoSettings:
     lora_epochs: int | None = None  # default: expert_epochs
     lora_alpha: float | None = None  # default: the rank (scaling 1)
     lora_targets: str | None = None  # default: the backbone's own (default_targets)
+    losa_lr: float = 5e-3  # the side network's zero up-projections take large steps (docs/losa.md)
     batch_size: int = 64
     merge_kinds: tuple[str, ...] = ("full",)  # which experts the merge table merges
     merge_methods: tuple[str, ...] | None = None  # labels from METHOD_ORDER; None: all of them
@@ -182,6 +183,7 @@ def run_demo(
             ("linear", s.linear_epochs, s.linear_lr),
             ("full", s.expert_epochs, s.full_lr),
             ("lora", s.lora_epochs or s.expert_epochs, s.lora_lr),
+            ("losa", s.expert_epochs, s.losa_lr),
         ):
             trainer = _method(method, s)
             cfg = TrainConfig(
@@ -327,10 +329,9 @@ def _write_report(
 
 Base: `{s.preset}` pretrained on `pretrain/chars` ({base_metrics["train_samples"]} images,
 {s.pretrain_epochs} epochs; {100 * base_metrics["accuracy"]:.1f}% on its own test split).
-Each domain gets a linear probe of the frozen base, a fully fine-tuned expert and a LoRA expert
-(rank 8 on every block's qkv, proj, fc1, fc2, saved as a PEFT adapter; both {
-        s.expert_epochs
-    } epochs,
+Each domain gets a linear probe of the frozen base, a fully fine-tuned expert, a LoRA expert
+(rank 8 on every block's qkv, proj, fc1, fc2, saved as a PEFT adapter) and a LoSA side network
+(docs/losa.md; all three {s.expert_epochs} epochs,
 {_samples(s.expert_samples)} training images).
 Test sets: {_samples(s.test_samples)} images per domain. Seed {seed}, lorex {__version__}.
 
@@ -364,6 +365,10 @@ The diagonal is the expert's own domain; off-diagonal cells show the domain shif
 
 ![accuracy matrix](accuracy_matrix.png)
 
+## Efficiency of each way to adapt (mean over the domains)
+
+{_efficiency_table(experts, s.domains)}
+
 {_merge_section(merges or {})}
 Per-run details (loss curves, parameters, memory, time) are in `experts/<domain>/<method>/`.
 Memory figures there compare only between runs in separate processes (`lorex train`):
@@ -371,6 +376,34 @@ within one demo process, later stages reuse memory that earlier ones already too
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"
+
+
+def _efficiency_table(experts: dict, domains: tuple[str, ...]) -> str:
+    """Accuracy against the four costs LoSA's paper compares (docs/losa.md), per method."""
+    rows = []
+    for method in ("linear", "full", "lora", "losa"):
+        runs = [experts[d][method] for d in domains if method in experts[d]]
+        if not runs:
+            continue
+
+        def mean(key: str, runs: list = runs) -> float:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return sum(values) / max(1, len(values))
+
+        rows.append(
+            [
+                method,
+                f"{100 * mean('accuracy'):.1f}",
+                f"{int(mean('trainable_params')):,}",
+                f"{mean('peak_train_mb'):.0f}",
+                f"{mean('train_seconds'):.1f}",
+                "on" if all(r.get("feature_cache") for r in runs) else "off",
+                f"{mean('infer_ms_per_image'):.3f}",
+            ]
+        )
+    header = ["method", "accuracy %", "trainable params", "peak train MB", "train s"]
+    header += ["feature cache", "infer ms/img"]
+    return markdown_table(header, rows)
 
 
 def _method(name: str, s: DemoSettings):

@@ -206,6 +206,11 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         < metrics["experts"]["digits/mnist"]["full"]["trainable_params"]
     )
     assert "LoRA r8 %" in text
+    losa = metrics["experts"]["digits/mnist"]["losa"]
+    assert losa["feature_cache"] and losa["infer_ms_per_image"] > 0
+    assert losa["trainable_params"] < lora_expert["trainable_params"]
+    efficiency = text.split("## Efficiency")[1].split("##")[0]
+    assert all(f"| {m} |" in efficiency for m in ("linear", "full", "lora", "losa"))
     assert "merging the experts without data" in text and "`dare-ties`" in text
     from lorex.models import load_model
 

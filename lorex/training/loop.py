@@ -66,6 +66,7 @@ class TrainResult:
     trainable_params: int = 0
     total_params: int = 0
     feature_cache: bool = False
+    cache_seconds: float = 0.0  # of train_seconds, the time spent filling the feature cache
 
 
 def images_to_tensor(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +213,7 @@ def fit(
         if use_cache:
             log.info("feature cache: on (frozen backbone, no augmentation): the backbone runs once")
             features = extract_features(model, x, max(cfg.batch_size, 64), device)
+            result.cache_seconds = time.perf_counter() - start
         elif method.frozen_backbone:
             reason = "augmentation changes the inputs" if cfg.augment else "turned off"
             log.info("feature cache: off (%s): the frozen backbone runs every step", reason)

@@ -92,6 +92,7 @@ def _metrics(
         "peak_train_mb": result.peak_train_mb,
         "peak_device_mb": result.peak_device_mb,
         "feature_cache": result.feature_cache,
+        "cache_seconds": result.cache_seconds,
         "data": data,
         "method": method,
         "train_samples": n_train,

@@ -6,16 +6,21 @@ through a rank-r bottleneck. The up-projection starts at zero, so a fresh mixer 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class LowRankMlp(nn.Module):
-    """``x -> up(gelu(down(norm(x))))`` along the last axis, with ``up`` zero-initialised."""
+    """``x -> up(gelu(down(norm(x))))`` along one axis (``axis``; -1 is channels), with ``up``
+    zero-initialised. Other axes are mixed as matrix products in place, without transposing
+    the tensor: the side network's cost is mostly memory traffic on a CPU."""
 
-    def __init__(self, dim: int, rank: int, norm: bool = True):
+    def __init__(self, dim: int, rank: int, norm: bool = True, axis: int = -1):
         super().__init__()
+        self.axis = axis
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
@@ -23,7 +28,17 @@ class LowRankMlp(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(F.gelu(self.down(self.norm(x))))
+        if self.axis == -1:
+            return self.up(F.gelu(self.down(self.norm(x))))
+        # Mix along `axis` (tokens: -2, frames: -3) with batched products of the weight and each
+        # (axis, rest) slice: no transposed copy of the activations, forward or backward.
+        shape = x.shape
+        cols = x.reshape(-1, shape[self.axis], math.prod(shape[self.axis + 1 :]))
+        down = self.down.weight.expand(len(cols), -1, -1)
+        hidden = F.gelu(torch.baddbmm(self.down.bias.unsqueeze(-1), down, cols))
+        up = self.up.weight.expand(len(cols), -1, -1)
+        out = torch.baddbmm(self.up.bias.unsqueeze(-1), up, hidden)
+        return out.view(shape)
 
 
 class LowRankMixer(nn.Module):
@@ -47,15 +62,16 @@ class LowRankMixer(nn.Module):
         self.channel = LowRankMlp(dim, rank_channel)
         # Token mixing normalises over channels first (as MLP-Mixer does), then mixes positions.
         self.token_norm = nn.LayerNorm(dim)
-        self.token = LowRankMlp(tokens, min(rank_token, tokens), norm=False)
+        self.token = LowRankMlp(tokens, min(rank_token, tokens), norm=False, axis=-2)
         if frames > 1:
             self.temporal_norm = nn.LayerNorm(dim)
-            self.temporal = LowRankMlp(frames, min(rank_temporal, frames), norm=False)
+            self.temporal = LowRankMlp(frames, min(rank_temporal, frames), norm=False, axis=-3)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h + self.channel(h)
-        # (..., N, D) -> mix over N: move N last, mix, move back.
-        x = x + self.token(self.token_norm(x).transpose(-1, -2)).transpose(-1, -2)
+        change = self.channel(h)
+        x = h + change
+        token = self.token(self.token_norm(x))
+        change = change + token
         if self.frames > 1:  # (B, T, N, D): mix each token position across the T frames
-            x = x + self.temporal(self.temporal_norm(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return x - h
+            change = change + self.temporal(self.temporal_norm(x + token))
+        return change

@@ -1,0 +1,475 @@
+"""``lorex bench losa``: full fine-tuning, LoRA and LoSA on one backbone, data and schedule.
+
+Every measurement runs in its own fresh Python process (``python -m lorex.adapters.losa.bench``
+with a JSON job), so one method's allocations never count against another's peak memory.
+
+* ``tiny``: the vit-tiny preset, pretrained here on ``pretrain/chars``, trained on digit tasks;
+  its accuracies are the comparison that counts.
+* ``base``: a vit-base-patch16-224-shaped backbone (random weights: nothing can be downloaded)
+  on digits resized to 224 px, at a small batch. Its costs are real; its accuracies are not
+  meaningful and the report says so.
+* ``memory cap``: the deepest vit-base-width backbone each method trains one step of within a
+  memory cap: the CPU stand-in for the paper's "4B parameters on one GPU".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METHODS = ("full", "lora", "losa")
+
+
+@dataclass(frozen=True)
+class Size:
+    preset: str
+    image: int
+    batch: int
+    train_samples: int
+    test_samples: int
+    epochs: int
+    pretrained: bool
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    sizes: dict[str, Size]
+    tasks: tuple[str, ...]
+    pretrain_epochs: int
+    pretrain_samples: int | None
+    memory_cap_gb: float
+    memory_depths: tuple[int, ...]
+    memory_image: int = 224
+    memory_batch: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: {"full": 1e-3, "lora": 5e-3, "losa": 5e-3})
+
+
+FULL = BenchSettings(
+    sizes={
+        "tiny": Size("vit-tiny", 32, 64, 4000, 1000, 4, True),
+        "base": Size("vit-base-patch16-224", 224, 8, 48, 32, 3, False),
+    },
+    tasks=("digits/mnistm", "digits/syn"),
+    pretrain_epochs=3,
+    pretrain_samples=None,
+    memory_cap_gb=8.0,
+    memory_depths=(12, 24, 48, 96, 192),
+)
+QUICK = BenchSettings(
+    sizes={
+        "tiny": Size("vit-tiny", 32, 64, 640, 500, 2, True),
+        "base": Size("vit-base-patch16-224", 224, 4, 8, 8, 2, False),
+    },
+    tasks=("digits/mnistm",),
+    pretrain_epochs=1,
+    pretrain_samples=2000,
+    memory_cap_gb=2.0,
+    memory_depths=(4, 8, 16, 32),
+    memory_batch=4,
+)
+
+
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in a fresh process and return its JSON answer."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorex.adapters.losa.bench", json.dumps(job)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0], "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _resized(data, size: int):
+    """Digits upsampled to ``size`` px (bilinear), for backbones made for 224-px images."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lorex.data import ImageDataset
+
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ImageDataset(np.ascontiguousarray(images), data.labels, data.classes, data.name)
+
+
+def _make_method(name: str):
+    from lorex.adapters.lora import LoraConfig
+    from lorex.training.methods import METHODS as TRAINERS
+
+    if name == "lora":  # r = 8 on qkv, proj, fc1, fc2 of every block, scaling alpha / r = 2
+        return TRAINERS["lora"](LoraConfig(r=8, lora_alpha=16.0))
+    return TRAINERS[name]()
+
+
+def run_train_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one method on one task and measure it (inside a worker process)."""
+    import torch
+
+    from lorex.backbones import build_backbone, preset_config
+    from lorex.data import load_dataset
+    from lorex.metrics.resources import inference_ms_per_image
+    from lorex.models import LorexModel, load_model
+    from lorex.training.loop import TrainConfig, as_float, fit, images_to_tensor
+    from lorex.training.run import evaluate
+
+    torch.manual_seed(job["seed"])
+    train = load_dataset(job["task"], "train", job["train_samples"], job["seed"])
+    test = load_dataset(job["task"], "test", job["test_samples"], job["seed"])
+    if job["image"] != train.image_size[0]:
+        train, test = _resized(train, job["image"]), _resized(test, job["image"])
+    if job.get("base"):
+        model = load_model(job["base"])
+    else:
+        cfg = preset_config(job["preset"])
+        model = LorexModel(build_backbone(cfg), cfg)
+    model.add_head(train.name, train.classes)
+    cfg = TrainConfig(
+        epochs=job["epochs"],
+        batch_size=job["batch"],
+        lr=job["lr"],
+        seed=job["seed"],
+        feature_cache=job.get("cache", False),
+    )
+    result = fit(model, _make_method(job["method"]), train, cfg, progress=False)
+    x, _ = images_to_tensor(test)
+    latency = inference_ms_per_image(model, as_float(x[: job["batch"]], torch.device("cpu")))
+    return {
+        "accuracy": evaluate(model, test),
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "peak_train_mb": result.peak_train_mb,
+        "peak_rss_mb": result.peak_rss_mb,
+        "train_seconds": result.train_seconds,
+        "infer_ms_per_image": latency,
+        "feature_cache": result.feature_cache,
+        "cache_seconds": result.cache_seconds,
+        "epochs": job["epochs"],
+    }
+
+
+def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Peak resident memory of building a backbone and two training steps (worker process)."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from lorex.backbones import build_backbone, preset_config
+    from lorex.models import LorexModel
+
+    torch.manual_seed(0)
+    cfg = {**preset_config("vit-base-patch16-224"), "depth": job["depth"], "img_size": job["image"]}
+    with torch.no_grad():
+        model = LorexModel(build_backbone(cfg), cfg)
+    model.add_head("t", [str(i) for i in range(10)])
+    method = _make_method(job["method"])
+
+    class _Frames:
+        frames = 1
+
+    method.fit_to_data(_Frames())
+    method.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.rand(job["batch"], 3, job["image"], job["image"])
+    y = torch.randint(0, 10, (job["batch"],))
+    model.train(job["method"] != "losa")
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "peak_mb": peak_kb / 1024,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _pretrain_tiny(out: Path, s: BenchSettings, seed: int) -> Path:
+    from lorex.models import is_model_dir
+    from lorex.training.loop import TrainConfig
+    from lorex.training.run import pretrain
+
+    base = out / "base-vit-tiny"
+    stamp = {"epochs": s.pretrain_epochs, "samples": s.pretrain_samples, "seed": seed}
+    stamp_file = base / "bench-stamp.json"
+    if is_model_dir(base) and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return base
+    cfg = TrainConfig(
+        epochs=s.pretrain_epochs,
+        batch_size=64,
+        lr=5e-4,
+        seed=seed,
+        augment=True,
+        max_samples=s.pretrain_samples,
+    )
+    pretrain("vit-tiny", base, cfg, data="pretrain/chars")
+    stamp_file.write_text(json.dumps(stamp))
+    return base
+
+
+def run_bench(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Every size, task and method; then the memory-cap sweep. Returns ``results.json``'s dict."""
+    s = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    jobs = []
+    for size_name, size in s.sizes.items():
+        base = str(_pretrain_tiny(out, s, seed)) if size.pretrained else None
+        for task in s.tasks:
+            for method in METHODS:
+                for cache in (False, True) if method == "losa" else (False,):
+                    jobs.append((size_name, task, method, cache, size, base))
+    for size_name, task, method, cache, size, base in tqdm(jobs, desc="bench losa", unit="run"):
+        job = {
+            "kind": "train",
+            "task": task,
+            "method": method,
+            "cache": cache,
+            "preset": size.preset,
+            "base": base,
+            "image": size.image,
+            "batch": size.batch,
+            "epochs": size.epochs,
+            "train_samples": size.train_samples,
+            "test_samples": size.test_samples,
+            "lr": s.lr[method],
+            "seed": seed,
+        }
+        answer = _worker(job)
+        per_task = results.setdefault(size_name, {}).setdefault("tasks", {}).setdefault(task, {})
+        if cache:
+            per_task[method]["train_seconds_cached"] = answer.get("train_seconds")
+            per_task[method]["peak_train_mb_cached"] = answer.get("peak_train_mb")
+            per_task[method]["accuracy_cached"] = answer.get("accuracy")
+            per_task[method]["cache_seconds"] = answer.get("cache_seconds")
+        else:
+            per_task[method] = answer
+    for size_name, size in s.sizes.items():
+        block = results[size_name]
+        block["settings"] = asdict(size)
+        for method in METHODS:  # the task mean, under the method's name, as the issue specifies
+            runs = [block["tasks"][t][method] for t in s.tasks]
+            keys = [
+                k
+                for k, v in runs[0].items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
+            block[method] = {
+                k: sum(r[k] for r in runs) / len(runs)
+                for k in keys
+                if all(isinstance(r.get(k), (int, float)) for r in runs)
+            }
+    results["memory_cap"] = _memory_sweep(s)
+    results["settings"] = {
+        "quick": quick,
+        "tasks": list(s.tasks),
+        "pretrain_epochs": s.pretrain_epochs,
+        "pretrain_samples": s.pretrain_samples,
+        "lr": s.lr,
+    }
+    return results
+
+
+def _memory_sweep(s: BenchSettings) -> dict[str, Any]:
+    cap_mb = s.memory_cap_gb * 1024
+    sweep: dict[str, Any] = {
+        "cap_gb": s.memory_cap_gb,
+        "image": s.memory_image,
+        "batch": s.memory_batch,
+        "width": 768,
+        "runs": {m: [] for m in METHODS},
+        "largest_depth": {},
+    }
+    for method in tqdm(METHODS, desc="memory cap", unit="method"):
+        largest = None
+        for depth in s.memory_depths:
+            job = {
+                "kind": "memory",
+                "method": method,
+                "depth": depth,
+                "image": s.memory_image,
+                "batch": s.memory_batch,
+            }
+            answer = _worker(job)
+            answer["depth"] = depth
+            sweep["runs"][method].append(answer)
+            if "error" in answer or answer["peak_mb"] > cap_mb:
+                break
+            largest = depth
+        sweep["largest_depth"][method] = largest
+    return sweep
+
+
+def projected_cached_ratio(
+    losa: dict[str, Any], lora: dict[str, Any], epochs: int, target_epochs: int
+) -> dict[str, float] | None:
+    """Cached LoSA against LoRA per epoch, and projected to ``target_epochs`` epochs: the cache
+    is filled once, so its share shrinks as training gets longer."""
+    if not losa.get("train_seconds_cached") or not lora.get("train_seconds"):
+        return None
+    losa_epoch = (losa["train_seconds_cached"] - losa["cache_seconds"]) / epochs
+    lora_epoch = lora["train_seconds"] / epochs
+    total = losa["cache_seconds"] + target_epochs * losa_epoch
+    return {
+        "losa_epoch": losa_epoch,
+        "lora_epoch": lora_epoch,
+        "per_epoch": losa_epoch / lora_epoch,
+        "ratio": total / (target_epochs * lora_epoch),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """``results.md`` (tables, goals, ratios) and ``losa_costs.png`` beside ``results.json``."""
+    from lorex.io import write_json
+    from lorex.report import markdown_table
+
+    write_json(out / "results.json", results)
+    lines = ["# LoSA against LoRA and full fine-tuning", ""]
+    for size_name in ("tiny", "base"):
+        block = results[size_name]
+        size = block["settings"]
+        lines += [
+            f"## {size_name}: `{size['preset']}`, {size['image']} px, batch {size['batch']}, "
+            f"{size['epochs']} epochs on {size['train_samples']} images per task "
+            f"({'pretrained here' if size['pretrained'] else 'random weights'})",
+            "",
+        ]
+        rows = []
+        for method in METHODS:
+            m = block[method]
+            cached = m.get("train_seconds_cached")
+            rows.append(
+                [
+                    method,
+                    f"{100 * m['accuracy']:.1f}",
+                    f"{int(m['trainable_params']):,}",
+                    f"{m['peak_train_mb']:.0f}",
+                    f"{m['train_seconds']:.1f}",
+                    f"{cached:.1f}" if cached is not None else "",
+                    f"{m['infer_ms_per_image']:.2f}",
+                ]
+            )
+        header = ["method", "accuracy %", "trainable", "peak train MB", "train s"]
+        header += ["train s (cache)", "infer ms/img"]
+        lines += [markdown_table(header, rows), ""]
+        lora, losa = block["lora"], block["losa"]
+        lines += [
+            f"- LoSA / LoRA peak training memory: "
+            f"**{ratio(losa['peak_train_mb'], lora['peak_train_mb']):.2f}** (goal <= 0.5)",
+            f"- LoSA / LoRA training time: "
+            f"**{ratio(losa['train_seconds'], lora['train_seconds']):.2f}** without the cache "
+            f"(goal <= 0.5), **{ratio(losa['train_seconds_cached'], lora['train_seconds']):.2f}** "
+            "with it (goal <= 0.1)",
+            f"- LoSA - LoRA accuracy: **{100 * (losa['accuracy'] - lora['accuracy']):+.1f}** "
+            "points (goal >= -2)"
+            + ("" if size["pretrained"] else " (not meaningful here: random weights)"),
+        ]
+        projected = projected_cached_ratio(losa, lora, size["epochs"], 100)
+        if projected is not None:
+            lines.append(
+                f"- With the cache, filling it took {losa['cache_seconds']:.1f} s and each epoch "
+                f"{projected['losa_epoch']:.2f} s against LoRA's {projected['lora_epoch']:.2f} s "
+                f"({projected['per_epoch']:.3f}x); at the VTAB-1k protocol's 100 epochs that "
+                f"projects to **{projected['ratio']:.3f}x** LoRA's training time"
+            )
+        lines.append("")
+        if len(block["tasks"]) > 1:
+            per = [
+                [task] + [f"{100 * block['tasks'][task][m]['accuracy']:.1f}" for m in METHODS]
+                for task in block["tasks"]
+            ]
+            lines += ["Accuracy per task (%):", "", markdown_table(["task", *METHODS], per), ""]
+    sweep = results["memory_cap"]
+    lines += [
+        f"## Deepest backbone under a {sweep['cap_gb']:g} GiB cap",
+        "",
+        f"Width 768 (vit-base), {sweep['image']} px, batch {sweep['batch']}: peak resident "
+        "memory of a fresh process that builds the backbone and takes two training steps.",
+        "",
+    ]
+    rows = []
+    for method in METHODS:
+        for run in sweep["runs"][method]:
+            peak = "failed: " + run["error"] if "error" in run else f"{run['peak_mb']:.0f}"
+            params = f"{run['params'] / 1e6:.0f}M" if "params" in run else ""
+            rows.append([method, str(run["depth"]), params, peak])
+    lines += [markdown_table(["method", "depth", "parameters", "peak MB"], rows), ""]
+    lines += [
+        "Largest depth that fits: "
+        + ", ".join(f"{m} {sweep['largest_depth'][m]}" for m in METHODS),
+        "",
+        "![accuracy against each cost](losa_costs.png)",
+        "",
+    ]
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "losa_costs.png").write_bytes(_costs_png(results))
+    return out / "results.md"
+
+
+def _costs_png(results: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    block = results["tiny"]
+    axes_keys = [
+        ("trainable_params", "trainable parameters"),
+        ("peak_train_mb", "peak training memory (MB)"),
+        ("train_seconds", "training time (s)"),
+        ("infer_ms_per_image", "inference (ms/image)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, label) in zip(axes, axes_keys, strict=True):
+        for method, colour in zip(METHODS, ("tab:red", "tab:blue", "tab:green"), strict=True):
+            m = block[method]
+            ax.scatter(m[key], 100 * m["accuracy"], s=60, color=colour, label=method)
+            if method == "losa" and key == "train_seconds":
+                ax.scatter(
+                    m["train_seconds_cached"],
+                    100 * m["accuracy_cached"],
+                    s=60,
+                    marker="x",
+                    color=colour,
+                    label="losa (cache)",
+                )
+        ax.set_xlabel(label)
+        ax.set_xscale("log" if key == "trainable_params" else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"tiny ({block['settings']['preset']}): accuracy against each cost")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(argv[0])
+    answer = run_train_job(job) if job["kind"] == "train" else run_memory_job(job)
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
