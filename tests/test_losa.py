@@ -281,3 +281,77 @@ def test_cli_trains_losa_on_clips_and_reports_efficiency(tmp_path, tiny_base, ca
     assert main(["data", "make", "video/moving-digits", "--out", str(tmp_path / "clips")]) == 2
     assert "no ImageFolder layout" in capsys.readouterr().err
     assert not (tmp_path / "clips").exists()
+
+
+def test_benchmark_pieces(tmp_path):
+    """One in-process training job, the cached-time projection and the report on fixed numbers."""
+    from lorex.adapters.losa import bench
+
+    job = {
+        "kind": "train",
+        "task": "digits/optdigits",
+        "method": "losa",
+        "cache": True,
+        "preset": "vit-micro",
+        "base": None,
+        "image": 48,  # resized, as the vit-base-sized runs are
+        "batch": 16,
+        "epochs": 1,
+        "train_samples": 32,
+        "test_samples": 16,
+        "lr": 5e-3,
+        "seed": 0,
+    }
+    with pytest.raises(LorexError, match="does not fit"):  # vit-micro takes 32 px
+        bench.run_train_job(job)
+    answer = bench.run_train_job({**job, "image": 32})
+    assert answer["feature_cache"] and 0 < answer["cache_seconds"] <= answer["train_seconds"]
+    assert answer["trainable_params"] < answer["total_params"]
+    resized = bench._resized(load_dataset("digits/optdigits", "test", 4), 48)
+    assert resized.images.shape == (4, 48, 48, 3) and resized.images.dtype == np.uint8
+
+    losa = {"train_seconds_cached": 12.0, "cache_seconds": 2.0}
+    projected = bench.projected_cached_ratio(losa, {"train_seconds": 100.0}, 5, 100)
+    assert projected["losa_epoch"] == pytest.approx(2.0) and projected["lora_epoch"] == 20.0
+    assert projected["ratio"] == pytest.approx((2.0 + 100 * 2.0) / (100 * 20.0))
+
+    def method(acc, params, mb, s, **extra):
+        keys = ("accuracy", "trainable_params", "peak_train_mb", "train_seconds")
+        return {
+            **dict(zip(keys, (acc, params, mb, s), strict=True)),
+            "infer_ms_per_image": 1.0,
+            **extra,
+        }
+
+    cached = {"train_seconds_cached": 3.0, "accuracy_cached": 0.5, "cache_seconds": 1.0}
+    block = {
+        "full": method(0.6, 1000, 300.0, 30.0),
+        "lora": method(0.55, 100, 200.0, 20.0),
+        "losa": method(0.54, 50, 80.0, 8.0, **cached),
+        "tasks": {"t": {}},
+        "settings": {
+            "preset": "p",
+            "image": 32,
+            "batch": 8,
+            "epochs": 2,
+            "train_samples": 10,
+            "pretrained": True,
+        },
+    }
+    runs = {m: [{"depth": 4, "params": 1e6, "peak_mb": 100.0}] for m in bench.METHODS}
+    sweep = {
+        "cap_gb": 1,
+        "image": 32,
+        "batch": 2,
+        "runs": runs,
+        "largest_depth": dict.fromkeys(bench.METHODS, 4),
+    }
+    report = bench.write_report({"tiny": block, "base": block, "memory_cap": sweep}, tmp_path)
+    text = report.read_text()
+    assert "**0.40** (goal <= 0.5)" in text  # memory 80 / 200
+    assert "**0.40** without the cache" in text and "**0.15** with it" in text
+    assert "**-1.0** points" in text
+    assert (tmp_path / "losa_costs.png").stat().st_size > 1000
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["tiny"]["losa"]["train_seconds"] == 8.0
+    )
