@@ -218,6 +218,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"alpha={cfg.get('lora_alpha')} targets={cfg.get('target_modules')} "
             f"sha256={str(entry.get('sha256'))[:12]} ({entry['path']}/)"
         )
+    if model.side is not None:
+        c = model.side.config
+        print(
+            f"side       losa: {count_parameters(model.side):,} parameters, taps "
+            f"{c.tapped(model.side.depth)}, ranks channel {c.rank_channel} token {c.rank_token}"
+            + (f" temporal {c.rank_temporal}, {c.frames}-frame clips" if c.frames > 1 else "")
+        )
     made_by = config.get("made_by", {})
     if made_by:
         print(f"made by    {json.dumps(made_by, sort_keys=True)}")

@@ -278,6 +278,14 @@ def test_cli_trains_losa_on_clips_and_reports_efficiency(tmp_path, tiny_base, ca
         model.side.config.frames == FRAMES and model.side.mixers[0].temporal.down.out_features == 3
     )
     assert main(["eval", "--model", str(out), "--data", "video/moving-digits"]) == 0
+    assert main(["info", str(out)]) == 0
+    assert "side       losa" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    code = main(
+        ["merge", "--method", "average", "--base", str(tiny_base), "--experts", str(out)]
+        + ["--out", str(merged)]
+    )
+    assert code == 2 and "LoSA side network" in capsys.readouterr().err and not merged.exists()
     assert main(["data", "make", "video/moving-digits", "--out", str(tmp_path / "clips")]) == 2
     assert "no ImageFolder layout" in capsys.readouterr().err
     assert not (tmp_path / "clips").exists()

@@ -44,6 +44,11 @@ def check_experts(base: ModelSource, experts: list[ModelSource]) -> list[str]:
             raise LorexError(f"{where}: its backbone config differs from the base's")
         if base.kind == "hf" and expert.config.get("model_type") != base.config.get("model_type"):
             raise LorexError(f"{where}: model_type differs from the base's")
+        if expert.kind == "lorex" and expert.config.get("side"):
+            raise LorexError(
+                f"{where}: a LoSA side network is not a change of the backbone's weights, so "
+                "there is nothing to merge; use it on its own"
+            )
         if expert.base is not None and expert.base.sha256() != base.sha256():
             raise LorexError(f"{where}: fine-tuned from {expert.base.path}, not from this base")
         theirs = _backbone_keys(expert)
