@@ -258,6 +258,12 @@ def test_clip_order_matters_only_with_temporal_mixing():
         side = attach_losa(model, LosaConfig(frames=FRAMES))
         _randomise(side)
         assert not torch.allclose(model(clip), model(reverse), atol=1e-4)
+        # Without temporal mixing (rank 0) every mixing step is per frame: order is invisible.
+        model.side = None
+        side = attach_losa(model, LosaConfig(frames=FRAMES, rank_temporal=0))
+        _randomise(side)
+        assert not hasattr(side.mixers[0], "temporal")
+        torch.testing.assert_close(model(clip), model(reverse))
 
 
 def test_cli_trains_losa_on_clips_and_reports_efficiency(tmp_path, tiny_base, capsys):

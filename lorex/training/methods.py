@@ -191,7 +191,10 @@ class Losa(TrainingMethod):
         )
         group.add_argument("--rank-token", type=int, default=8, help="rank of the token mixing (8)")
         group.add_argument(
-            "--rank-temporal", type=int, default=2, help="rank of the temporal mixing, clips (2)"
+            "--rank-temporal",
+            type=int,
+            default=2,
+            help="rank of the temporal mixing of clips (2; 0: none)",
         )
         group.add_argument(
             "--losa-layers",

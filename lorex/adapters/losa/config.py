@@ -18,6 +18,7 @@ class LosaConfig:
     #: Rank of the token-mixing MLP over the tokens of one image or frame (N -> r -> N).
     rank_token: int = 8
     #: Rank of the temporal mixing over the frames of a clip (T -> r -> T); capped at T.
+    #: 0 leaves clips without temporal mixing (the ablation in docs/losa.md).
     rank_temporal: int = 2
     #: Backbone blocks whose outputs feed the side network (0-based); empty means every block.
     layers: list[int] = field(default_factory=list)
@@ -30,8 +31,11 @@ class LosaConfig:
     def __post_init__(self) -> None:
         for name in ("rank_channel", "rank_token", "rank_temporal", "frames"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LorexError(f"{name}: must be a whole number of at least 1, got {value!r}")
+            least = 0 if name == "rank_temporal" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise LorexError(
+                    f"{name}: must be a whole number of at least {least}, got {value!r}"
+                )
         if not isinstance(self.layers, list) or not all(
             isinstance(i, int) and i >= 0 for i in self.layers
         ):

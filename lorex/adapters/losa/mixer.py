@@ -58,12 +58,12 @@ class LowRankMixer(nn.Module):
         frames: int = 1,
     ):
         super().__init__()
-        self.frames = frames
+        self.temporal_mixing = frames > 1 and rank_temporal > 0
         self.channel = LowRankMlp(dim, rank_channel)
         # Token mixing normalises over channels first (as MLP-Mixer does), then mixes positions.
         self.token_norm = nn.LayerNorm(dim)
         self.token = LowRankMlp(tokens, min(rank_token, tokens), norm=False, axis=-2)
-        if frames > 1:
+        if self.temporal_mixing:
             self.temporal_norm = nn.LayerNorm(dim)
             self.temporal = LowRankMlp(frames, min(rank_temporal, frames), norm=False, axis=-3)
 
@@ -72,6 +72,6 @@ class LowRankMixer(nn.Module):
         x = h + change
         token = self.token(self.token_norm(x))
         change = change + token
-        if self.frames > 1:  # (B, T, N, D): mix each token position across the T frames
+        if self.temporal_mixing:  # (B, T, N, D): mix each token position across the T frames
             change = change + self.temporal(self.temporal_norm(x + token))
         return change
