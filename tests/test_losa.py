@@ -196,13 +196,15 @@ def test_cached_and_uncached_training_agree():
         assert ha["loss"] == pytest.approx(hb["loss"], rel=1e-5)
 
 
-def test_memory_mapped_cache_agrees(monkeypatch):
+def test_memory_mapped_cache_agrees(monkeypatch, caplog):
     from lorex.training import loop
 
     data = load_dataset("digits/optdigits", "train", 64)
     in_memory, _, _ = _train(data, cache=True, epochs=1)
     monkeypatch.setattr(loop, "CACHE_MEMORY_MB", 0.0)  # every cache goes to a file
-    mapped, _, _ = _train(data, cache=True, epochs=1)
+    with caplog.at_level("INFO", logger="lorex"):
+        mapped, _, _ = _train(data, cache=True, epochs=1)
+    assert "memory-mapped file" in caplog.text
     for a, b in zip(in_memory.state_dict().values(), mapped.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 

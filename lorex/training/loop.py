@@ -102,15 +102,17 @@ def extract_features(
     x_u8: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    memory_limit_mb: float = CACHE_MEMORY_MB,
+    memory_limit_mb: float | None = None,
 ) -> torch.Tensor:
     """``model.frozen_features`` of every sample, computed once: in memory, or in a memory-mapped
-    temporary file when they would take more than ``memory_limit_mb`` (on the CPU)."""
+    temporary file when they would take more than ``memory_limit_mb`` (default
+    ``CACHE_MEMORY_MB``; on the CPU)."""
+    limit = CACHE_MEMORY_MB if memory_limit_mb is None else memory_limit_mb
     model.eval()
     first = model.frozen_features(as_float(x_u8[:1], device))
     shape = (len(x_u8), *first.shape[1:])
     size_mb = first.element_size() * first[0].numel() * len(x_u8) / 2**20
-    if device.type == "cpu" and size_mb > memory_limit_mb:
+    if device.type == "cpu" and size_mb > limit:
         handle = tempfile.NamedTemporaryFile(prefix="lorex-features-", suffix=".f32")
         log.info("feature cache: %.0f MB in a memory-mapped file %s", size_mb, handle.name)
         store = torch.from_numpy(np.memmap(handle, np.float32, "w+", shape=shape))
