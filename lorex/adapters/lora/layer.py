@@ -9,6 +9,7 @@ map one to one onto PEFT's files.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from lorex.errors import LorexError
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(nn.Module, abc.ABC):
     """Adapter bookkeeping shared by every wrapped layer type: add, delete, merge, activate."""
 
     base_type: type[nn.Module] = nn.Module
@@ -45,18 +46,21 @@ class LoraLayer(nn.Module):
             return getattr(super().__getattr__("base_layer"), name)
 
     # Subclasses say how A and B are built, how B A becomes a weight, and how the base runs.
+    @abc.abstractmethod
     def _make_pair(self, r: int, **factory) -> tuple[nn.Module, nn.Module]:
-        raise NotImplementedError
+        """The (A, B) modules of a rank-``r`` update for this layer type."""
 
+    @abc.abstractmethod
     def _base(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The frozen layer's output, with ``weight`` in place of its own when given."""
 
+    @abc.abstractmethod
     def _low_rank(self, x: torch.Tensor, y: torch.Tensor, name: str, w: float) -> torch.Tensor:
-        raise NotImplementedError
+        """``y`` plus ``w`` times adapter ``name``'s scaled update of ``x``."""
 
+    @abc.abstractmethod
     def _rows(self, x: torch.Tensor) -> int:
         """How many times the weight is applied in one call (tokens, or output pixels)."""
-        raise NotImplementedError
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0) -> None:
         """A new update with A Kaiming-uniform (a = sqrt 5, as PEFT and nn.Linear) and B zero."""
