@@ -1,4 +1,5 @@
-"""Metrics as plain functions on arrays, and resource measurement for training runs."""
+"""Metrics as plain functions on arrays (re-ID retrieval in ``lorex.metrics.reid``), and resource
+measurement for training runs."""
 
 from lorex.metrics.classification import accuracy, confusion_matrix
 
