@@ -222,7 +222,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         c = model.side.config
         print(
             f"side       losa: {count_parameters(model.side):,} parameters, taps "
-            f"{c.tapped(model.side.depth)}, ranks channel {c.rank_channel} token {c.rank_token}"
+            f"{c.tapped(model.side.depth)}, width {model.side.width}, ranks channel "
+            f"{c.rank_channel} token {c.rank_token}"
             + (f" temporal {c.rank_temporal}, {c.frames}-frame clips" if c.frames > 1 else "")
         )
     made_by = config.get("made_by", {})

@@ -98,29 +98,36 @@ def test_mixer_matches_loops(frames):
         torch.testing.assert_close(mixer(h), _mixer_by_loops(mixer, h), atol=1e-5, rtol=1e-5)
 
 
-def test_recurrence_matches_its_definition():
-    """a_0 = 0, a_i = a_{i-1} + g_i(a_{i-1} + b_i), features = pool(b_L + a_L)."""
+@pytest.mark.parametrize("width", [0, 24])
+def test_recurrence_matches_its_definition(width):
+    """a_0 = 0, a_i = a_{i-1} + g_i(a_{i-1} + P b_i), features = pool(b_L + U a_L), with P and U
+    the identity at full width and learned projections D -> w -> D in a narrow stream."""
     model = _model()
-    side = attach_losa(model, LosaConfig(layers=[0, 2], rank_channel=4, rank_token=3))
+    cfg = LosaConfig(layers=[0, 2], rank_channel=4, rank_token=3, width=width)
+    side = attach_losa(model, cfg)
     _randomise(side)
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         blocks = model.backbone.forward_tokens(x)
-        a = torch.zeros_like(blocks[-1])
+        down = side.project_down.weight if width else torch.eye(128)
+        up = side.project_up.weight if width else torch.eye(128)
+        a = torch.zeros(3, blocks[-1].shape[1], width or 128)
         for mixer, i in zip(side.mixers, [0, 2], strict=True):
-            a = a + mixer(a + blocks[i])
-        expected = model.heads["t"](model.backbone.pool(blocks[-1] + a))
+            a = a + mixer(a + blocks[i] @ down.T)
+        expected = model.heads["t"](model.backbone.pool(blocks[-1] + a @ up.T))
         torch.testing.assert_close(model(x), expected)
     assert side.sources == [0, 2, 3]  # the last block is always read
+    assert side.width == (width or 128) and hasattr(side, "project_up") == bool(width)
 
 
 @pytest.mark.parametrize("frames", [1, FRAMES])
-def test_zero_initialised_side_network_is_the_linear_probe(frames):
+@pytest.mark.parametrize("width", [0, 32])
+def test_zero_initialised_side_network_is_the_linear_probe(frames, width):
     model = _model()
     x = torch.rand(2, frames, 3, 32, 32) if frames > 1 else torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         probe = model(x)
-        attach_losa(model, LosaConfig(frames=frames))
+        attach_losa(model, LosaConfig(frames=frames, width=width))
         torch.testing.assert_close(model(x), probe, atol=0, rtol=0)
 
 
@@ -151,6 +158,10 @@ def test_wrong_input_is_refused():
         LosaConfig(rank_token=0)
     with pytest.raises(LorexError, match="block 9 does not exist"):
         LosaConfig(layers=[9]).tapped(4)
+    with pytest.raises(LorexError, match="width: must be a whole number"):
+        LosaConfig(width=-1)
+    with pytest.raises(LorexError, match="wider than the backbone's 128"):
+        attach_losa(_model(), LosaConfig(width=256))
     with pytest.raises(LorexError, match="did you mean 'rank_token'"):
         LosaConfig.from_dict({"rank_tokens": 4})
 

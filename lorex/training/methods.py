@@ -197,6 +197,12 @@ class Losa(TrainingMethod):
             help="rank of the temporal mixing of clips (2; 0: none)",
         )
         group.add_argument(
+            "--losa-width",
+            type=int,
+            default=0,
+            help="width of the side stream (0: the backbone's; smaller: projected, cheaper)",
+        )
+        group.add_argument(
             "--losa-layers",
             type=int,
             nargs="+",
@@ -217,6 +223,7 @@ class Losa(TrainingMethod):
                 rank_channel=args.rank_channel,
                 rank_token=args.rank_token,
                 rank_temporal=args.rank_temporal,
+                width=args.losa_width,
                 layers=list(args.losa_layers or []),
                 pool=args.losa_pool,
             )

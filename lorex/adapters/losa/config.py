@@ -20,6 +20,10 @@ class LosaConfig:
     #: Rank of the temporal mixing over the frames of a clip (T -> r -> T); capped at T.
     #: 0 leaves clips without temporal mixing (the ablation in docs/losa.md).
     rank_temporal: int = 2
+    #: Width of the side stream. 0 keeps the backbone's width D (the paper's reconstruction);
+    #: 0 < width < D projects every tap down to ``width`` with one shared learned map and the
+    #: refinement back up with another (LST-style), so each mixer moves D/width times less data.
+    width: int = 0
     #: Backbone blocks whose outputs feed the side network (0-based); empty means every block.
     layers: list[int] = field(default_factory=list)
     #: How the refined last tokens become features: the backbone's own pooling ("backbone":
@@ -29,9 +33,9 @@ class LosaConfig:
     frames: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rank_channel", "rank_token", "rank_temporal", "frames"):
+        for name in ("rank_channel", "rank_token", "rank_temporal", "width", "frames"):
             value = getattr(self, name)
-            least = 0 if name == "rank_temporal" else 1
+            least = 0 if name in ("rank_temporal", "width") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise LorexError(
                     f"{name}: must be a whole number of at least {least}, got {value!r}"

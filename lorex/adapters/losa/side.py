@@ -6,7 +6,9 @@ reads, so with no augmentation they can be computed once and cached (``taps``, t
 
 Recurrence (docs/losa.md): ``a_0 = 0``, ``a_i = a_{i-1} + g_i(a_{i-1} + b_i)`` over the tapped
 blocks, features ``= pool(b_L + a_L)``. Zero up-projections make ``a_L = 0`` at the start, so the
-model starts exactly at the linear probe of the frozen backbone.
+model starts exactly at the linear probe of the frozen backbone. With a narrow side stream
+(``width`` w < D) the mixers see ``P b_i`` and the features are ``pool(b_L + U a_L)``, with one
+learned ``P: D -> w`` and ``U: w -> D`` shared by all taps; ``a_L`` is still zero at the start.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ class LosaSideNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.depth, self.tokens, self.dim = depth, tokens, dim
+        if config.width > dim:
+            raise LorexError(f"width: {config.width} is wider than the backbone's {dim} channels")
+        self.width = config.width if 0 < config.width < dim else dim
         layers = config.tapped(depth)
         # The stacked taps hold the tapped blocks plus the last block, whose tokens are refined.
         self.sources = sorted(set(layers) | {depth - 1})
         self.mix_at = [self.sources.index(i) for i in layers]
         self.mixers = nn.ModuleList(
             LowRankMixer(
-                dim,
+                self.width,
                 tokens,
                 config.rank_channel,
                 config.rank_token,
@@ -51,6 +56,9 @@ class LosaSideNetwork(nn.Module):
             )
             for _ in layers
         )
+        if self.width < dim:
+            self.project_down = nn.Linear(dim, self.width, bias=False)
+            self.project_up = nn.Linear(self.width, dim, bias=False)
 
     @classmethod
     def for_backbone(cls, backbone: nn.Module, config: LosaConfig, image_size: int):
@@ -105,10 +113,18 @@ class LosaSideNetwork(nn.Module):
         if self.config.frames > 1:
             taps = taps.transpose(1, 2)  # (B, T, S, N, D) -> (B, S, T, N, D)
         last = taps[:, -1]
-        state = torch.zeros_like(last)
-        for index, mixer in zip(self.mix_at, self.mixers, strict=True):
-            state = state + mixer(state + taps[:, index])
-        return last + state
+        if self.width < self.dim:
+            # One product projects every tap; unbind's backward is one stack, not S zero-filled
+            # full-size gradients as indexing would give.
+            picked = taps if len(self.mix_at) == taps.shape[1] else taps[:, self.mix_at]
+            sources = self.project_down(picked).unbind(1)
+        else:
+            sources = [taps[:, index] for index in self.mix_at]
+        # a_1 = g_1(b_1) since a_0 = 0: skipping the zero state saves two full-size passes.
+        state = self.mixers[0](sources[0])
+        for source, mixer in zip(sources[1:], self.mixers[1:], strict=True):
+            state = state + mixer(state + source)
+        return last + (self.project_up(state) if self.width < self.dim else state)
 
     def pool(self, backbone: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """Features ``(B, D)``; clips are pooled per frame and then averaged over time."""
