@@ -327,7 +327,7 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
     from lorex.adapters.losa.bench import run_bench, write_report
     from lorex.training.run import run_record
 
-    results = run_bench(args.out, quick=args.quick, seed=args.seed)
+    results = run_bench(args.out, quick=args.quick, seed=args.seed, resume=not args.fresh)
     results["run"] = run_record("bench losa", None, quick=args.quick, seed=args.seed)
     print(f"wrote {write_report(results, args.out)}")
     return 0
@@ -472,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="a few steps at both sizes (minutes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="rerun every job (default: reuse the answers a stopped run saved in OUT/jobs/)",
+    )
     p.set_defaults(func=cmd_bench_losa)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")

@@ -382,3 +382,22 @@ def test_benchmark_pieces(tmp_path):
     assert (
         json.loads((tmp_path / "results.json").read_text())["tiny"]["losa"]["train_seconds"] == 8.0
     )
+
+
+def test_benchmark_jobs_resume(tmp_path, monkeypatch):
+    """A stopped benchmark resumes: saved answers are reused, failed jobs run again."""
+    from lorex.adapters.losa import bench
+
+    calls = []
+
+    def worker(job):
+        calls.append(job["n"])
+        return {"error": "boom"} if job["n"] == 2 else {"value": job["n"] * 10}
+
+    monkeypatch.setattr(bench, "_worker", worker)
+    reused = [0]
+    for _ in range(2):
+        answers = [bench._saved_worker({"n": n}, tmp_path / "jobs", reused) for n in (1, 2)]
+    assert answers == [{"value": 10}, {"error": "boom"}]
+    assert calls == [1, 2, 2] and reused == [1]
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 1

@@ -14,7 +14,9 @@ with a JSON job), so one method's allocations never count against another's peak
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -52,8 +54,9 @@ class BenchSettings:
 
 FULL = BenchSettings(
     sizes={
-        "tiny": Size("vit-tiny", 32, 64, 4000, 1000, 4, True),
-        "base": Size("vit-base-patch16-224", 224, 8, 48, 32, 3, False),
+        # 10 epochs: the cache is filled once, so very short runs would mostly time the fill.
+        "tiny": Size("vit-tiny", 32, 64, 2000, 1000, 10, True),
+        "base": Size("vit-base-patch16-224", 224, 8, 32, 32, 10, False),
     },
     tasks=("digits/mnistm", "digits/syn"),
     pretrain_epochs=3,
@@ -73,6 +76,30 @@ QUICK = BenchSettings(
     memory_depths=(4, 8, 16, 32),
     memory_batch=4,
 )
+
+
+def _job_file(jobs_dir: Path, job: dict[str, Any]) -> Path:
+    from lorex import __version__
+
+    key = json.dumps({"job": job, "lorex": __version__}, sort_keys=True)
+    return jobs_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _saved_worker(job: dict[str, Any], jobs_dir: Path | None, reused: list[int]) -> dict[str, Any]:
+    """``_worker``, with each answer saved under ``jobs_dir`` as it lands: a stopped benchmark
+    resumes where it stopped (failed jobs are not saved, so they run again)."""
+    from lorex.io import write_json
+
+    if jobs_dir is None:
+        return _worker(job)
+    path = _job_file(jobs_dir, job)
+    if path.is_file():
+        reused[0] += 1
+        return json.loads(path.read_text())["answer"]
+    answer = _worker(job)
+    if "error" not in answer:
+        write_json(path, {"job": job, "answer": answer})
+    return answer
 
 
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -219,10 +246,18 @@ def _pretrain_tiny(out: Path, s: BenchSettings, seed: int) -> Path:
     return base
 
 
-def run_bench(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Every size, task and method; then the memory-cap sweep. Returns ``results.json``'s dict."""
+def run_bench(out: Path, quick: bool = False, seed: int = 0, resume: bool = True) -> dict[str, Any]:
+    """Every size, task and method; then the memory-cap sweep. Returns ``results.json``'s dict.
+
+    Each job's answer is kept in ``out/jobs/``; with ``resume`` a rerun reuses the answers of
+    identical jobs (same settings and lorex version) and runs only the rest.
+    """
     s = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
+    jobs_dir = out / "jobs"
+    if not resume and jobs_dir.is_dir():
+        shutil.rmtree(jobs_dir)
+    reused = [0]
     results: dict[str, Any] = {}
     jobs = []
     for size_name, size in s.sizes.items():
@@ -247,7 +282,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             "lr": s.lr[method],
             "seed": seed,
         }
-        answer = _worker(job)
+        answer = _saved_worker(job, jobs_dir, reused)
         per_task = results.setdefault(size_name, {}).setdefault("tasks", {}).setdefault(task, {})
         if cache:
             per_task[method]["train_seconds_cached"] = answer.get("train_seconds")
@@ -271,8 +306,9 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                 for k in keys
                 if all(isinstance(r.get(k), (int, float)) for r in runs)
             }
-    results["memory_cap"] = _memory_sweep(s)
+    results["memory_cap"] = _memory_sweep(s, jobs_dir, reused)
     results["settings"] = {
+        "reused_jobs": reused[0],
         "quick": quick,
         "tasks": list(s.tasks),
         "pretrain_epochs": s.pretrain_epochs,
@@ -282,7 +318,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     return results
 
 
-def _memory_sweep(s: BenchSettings) -> dict[str, Any]:
+def _memory_sweep(s: BenchSettings, jobs_dir: Path | None, reused: list[int]) -> dict[str, Any]:
     cap_mb = s.memory_cap_gb * 1024
     sweep: dict[str, Any] = {
         "cap_gb": s.memory_cap_gb,
@@ -302,7 +338,7 @@ def _memory_sweep(s: BenchSettings) -> dict[str, Any]:
                 "image": s.memory_image,
                 "batch": s.memory_batch,
             }
-            answer = _worker(job)
+            answer = _saved_worker(job, jobs_dir, reused)
             answer["depth"] = depth
             sweep["runs"][method].append(answer)
             if "error" in answer or answer["peak_mb"] > cap_mb:
@@ -417,6 +453,13 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "![accuracy against each cost](losa_costs.png)",
         "",
     ]
+    reused = results.get("settings", {}).get("reused_jobs", 0)
+    if reused:
+        lines += [
+            f"{reused} job answers were reused from a stopped run (OUT/jobs/); their times were "
+            "measured then, not side by side with the rest. Rerun with --fresh for one sitting.",
+            "",
+        ]
     (out / "results.md").write_text("\n".join(lines))
     (out / "losa_costs.png").write_bytes(_costs_png(results))
     return out / "results.md"
