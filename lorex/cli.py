@@ -96,6 +96,7 @@ def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: f
 
 def cmd_data_list(args: argparse.Namespace) -> int:
     from lorex.data import BUILTINS, load_dataset
+    from lorex.data.reid_synth import DOMAINS, split_sizes
 
     print(f"{'name':<20} {'train':>7} {'test':>6} {'classes':>7}  description")
     for name, spec in BUILTINS.items():
@@ -103,13 +104,31 @@ def cmd_data_list(args: argparse.Namespace) -> int:
         print(
             f"{name:<20} {len(train):>7} {len(test):>6} {len(train.classes):>7}  {spec.description}"
         )
+    print(f"\n{'re-ID':<9} {'ids':>4} {'cams':>4} {'train':>6} {'query':>6} {'gallery':>7}  style")
+    for name, d in DOMAINS.items():
+        n = split_sizes(name)
+        print(
+            f"{name:<9} {d.num_ids:>4} {d.cameras:>4} {n['train']:>6} {n['query']:>6} "
+            f"{n['gallery']:>7}  {d.description}"
+        )
     return 0
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
     from lorex.data import load_dataset, write_imagefolder
+    from lorex.data.market1501 import write_market1501
+    from lorex.data.reid_synth import load_reid
     from lorex.io import atomic_directory
 
+    if args.name.startswith("reid/") and not Path(args.name).exists():  # Market-1501 layout
+        if args.max_samples is not None:
+            raise LorexError("--max-samples does not apply to re-ID domains")
+        data = load_reid(args.name)
+        with atomic_directory(args.out) as tmp:
+            write_market1501(tmp, data)
+        sizes = {s: len(getattr(data, s)) for s in ("train", "query", "gallery")}
+        print(f"wrote {args.out}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
+        return 0
     splits = {s: load_dataset(args.name, s, args.max_samples, args.seed) for s in ("train", "test")}
     with atomic_directory(args.out) as tmp:
         for split, data in splits.items():

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -110,13 +111,18 @@ def _done(out: Path, stamp: dict) -> bool:
     )
 
 
-def _stage(out: Path, stamp: dict, make, label: str) -> None:
+def _stage(out: Path, stamp: dict, make, label: str, timings: dict[str, float]) -> None:
+    """Make one stage's model unless a reusable one exists; ``timings[label]`` gets its seconds
+    (data generation included, 0 when reused): metrics.json shows where a run's time went."""
     if _done(out, stamp):
         _say(f"{label}: reusing {out}")
+        timings[label] = 0.0
         return
     _say(f"{label} ...")
+    start = time.perf_counter()
     make()
     write_json(out / "stage.json", stamp)
+    timings[label] = round(time.perf_counter() - start, 2)
 
 
 def _say(message: str) -> None:
@@ -124,7 +130,9 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> Path:
+def ensure_base(
+    s: DemoSettings, seed: int, out: Path, device: torch.device, timings: dict[str, float]
+) -> Path:
     """Pretrain the base once per settings (cached under the cache dir) and copy it into ``out``."""
     stamp = {
         "stage": "pretrain",
@@ -147,7 +155,7 @@ def ensure_base(s: DemoSettings, seed: int, out: Path, device: torch.device) -> 
         augment=s.pretrain_augment,
     )
     label = f"pretrain {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs)"
-    _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device), label)
+    _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device), label, timings)
     target = out / "base"
     if not _done(target, stamp):
         if target.exists():
@@ -174,7 +182,8 @@ def run_demo(
     write_json(
         out / "run.json", run_record("demo", None, quick=quick, seed=seed, settings=asdict(s))
     )
-    base = ensure_base(s, seed, out, device)
+    timings: dict[str, float] = {}
+    base = ensure_base(s, seed, out, device, timings)
 
     experts: dict[str, dict[str, dict]] = {}
     for domain in s.domains:
@@ -208,6 +217,7 @@ def run_demo(
                 stamp,
                 lambda c=cfg, d=domain, m=trainer, t=target: train_expert(base, d, m, t, c, device),
                 f"{method} expert on {domain} ({epochs} epochs)",
+                timings,
             )
             experts[domain][method] = read_json(target / "metrics.json")
             adapter = target / "adapter" / "adapter_model.safetensors"
@@ -240,10 +250,12 @@ def run_demo(
                     base, d, METHODS["full"](), t, cfg, device, head_from=p, freeze_head=True
                 ),
                 f"full expert under the probe's frozen head on {domain}",
+                timings,
             )
             experts[domain]["frozen-head"] = read_json(target / "metrics.json")
 
     _say("evaluating every expert on every domain ...")
+    start = time.perf_counter()
     tests = {d: load_dataset(d, "test", s.test_samples, seed) for d in s.domains}
     matrix = np.zeros((len(s.domains), len(s.domains)))
     for i, trained in enumerate(s.domains):
@@ -256,8 +268,10 @@ def run_demo(
             for d in s.domains
         ]
     )
+    timings["evaluation"] = round(time.perf_counter() - start, 2)
     merges = {}
     for kind in s.merge_kinds:
+        start = time.perf_counter()
         _say(f"merging the {kind} experts with every method ...")
         methods = tuple(
             m for m in METHOD_ORDER if s.merge_methods is None or m[0] in s.merge_methods
@@ -271,7 +285,8 @@ def run_demo(
             device=device,
             test_samples=s.test_samples,
         )
-    return _write_report(out, s, seed, base, experts, matrix, probe, merges)
+        timings[f"merge the {kind} experts"] = round(time.perf_counter() - start, 2)
+    return _write_report(out, s, seed, base, experts, matrix, probe, merges, timings)
 
 
 def _write_report(
@@ -283,6 +298,7 @@ def _write_report(
     matrix: np.ndarray,
     probe: np.ndarray,
     merges: dict[str, dict] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Path:
     names = [short(d) for d in s.domains]
     heatmap_png(
@@ -307,6 +323,7 @@ def _write_report(
         "base_pretrain_accuracy": base_metrics["accuracy"],
         "experts": experts,
         "merge": merges or {},
+        "stage_seconds": timings or {},
     }
     write_json(out / "metrics.json", metrics)
     rows = [

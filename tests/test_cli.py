@@ -212,6 +212,10 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     efficiency = text.split("## Efficiency")[1].split("##")[0]
     assert all(f"| {m} |" in efficiency for m in ("linear", "full", "lora", "losa"))
     assert "merging the experts without data" in text and "`dare-ties`" in text
+    stages = metrics["stage_seconds"]  # where the time went: every stage, timed
+    assert any(k.startswith("losa expert on digits/mnist") for k in stages)
+    assert {"evaluation", "merge the full experts"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) > 0
     from lorex.models import load_model
 
     frozen = load_model(tmp_path / "demo" / "experts" / "mnist" / "frozen-head")

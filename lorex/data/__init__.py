@@ -3,13 +3,17 @@
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder, write_imagefolder
 from lorex.data.registry import BUILTINS, DIGIT_DOMAINS, cache_dir, load_dataset
+from lorex.data.reid_synth import REID_DOMAINS, load_reid, make_reid_domain
 
 __all__ = [
     "BUILTINS",
     "DIGIT_DOMAINS",
     "ImageDataset",
+    "REID_DOMAINS",
     "cache_dir",
     "load_dataset",
+    "load_reid",
+    "make_reid_domain",
     "read_imagefolder",
     "write_imagefolder",
 ]
