@@ -8,6 +8,7 @@ against the ViT maths rather than against themselves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -206,6 +207,50 @@ def test_reference_pools_differ():
     assert not torch.allclose(
         reference_forward(state, x, 3, "token"), reference_forward(state, x, 3, "avg")
     )
+
+
+RECT = dataclasses.replace(SMALL, img_size=(64, 32))  # re-ID crops: height x width
+
+
+def test_rectangular_image_size_matches_reference():
+    """``img_size=(H, W)``: an 8x4 token grid, row-major, same timm keys as the square ViT."""
+    shapes = {**small_shapes(), "pos_embed": (1, 1 + 8 * 4, 48)}
+    state = random_state(shapes, seed=14)
+    model = model_with(state, RECT)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    assert model.patch_embed.grid_size == (8, 4) and model.num_patches == 32
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 64, 32, generator=g)
+    with torch.no_grad():
+        out = model(x)
+    assert_close(out, reference_forward(state, x, num_heads=3))
+    _assert_one_line_error(model, torch.rand(2, 3, 32, 64))
+    with pytest.raises(LorexError, match=r"\(B, 3, 64, 32\)"):
+        model(torch.rand(2, 3, 32, 32))
+
+
+def test_rectangular_config_round_trips_through_json():
+    d = json.loads(json.dumps(RECT.to_dict()))
+    assert d["img_size"] == [64, 32]
+    assert ViTConfig.from_dict(d) == RECT
+    assert ViTConfig.from_dict(json.loads(json.dumps(SMALL.to_dict()))) == SMALL  # square: int
+    assert SMALL.to_dict()["img_size"] == 32
+    with pytest.raises(LorexError, match="multiple of patch_size"):
+        VisionTransformer(dataclasses.replace(SMALL, img_size=(64, 30)))
+
+
+def test_resample_pos_embed_to_rectangular_grid():
+    pe = torch.full((1, 1 + 16, 8), 0.5)
+    pe[:, 0] = 3.0
+    out = resample_pos_embed(pe, (8, 4))
+    assert out.shape == (1, 1 + 32, 8)
+    torch.testing.assert_close(out[:, 1:], torch.full_like(out[:, 1:], 0.5))
+    assert torch.equal(out[:, 0], pe[:, 0])
+    back = torch.randn(1, 1 + 32, 8)
+    assert torch.equal(resample_pos_embed(back, (8, 4), old_grid=(8, 4)), back)
+    assert resample_pos_embed(back, 4, old_grid=(8, 4)).shape == (1, 17, 8)
+    with pytest.raises(LorexError, match="not a 4x4 grid"):
+        resample_pos_embed(back, 4, old_grid=4)
 
 
 # --------------------------------------------------------------------------------------------

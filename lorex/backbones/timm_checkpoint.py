@@ -41,7 +41,7 @@ def split_timm_state(
     head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     body = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "pos_embed" in body:
-        body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid)
+        body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid_size)
     check_tensors_match(model.state_dict(), body, source)
     return body, head
 

@@ -16,9 +16,19 @@ from torch import nn
 from lorex.errors import LorexError
 
 
+def image_hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``(height, width)`` of an ``img_size``: one number (square) or a ``(height, width)`` pair."""
+    if isinstance(img_size, int | float) and not isinstance(img_size, bool):
+        return int(img_size), int(img_size)
+    if isinstance(img_size, tuple | list) and len(img_size) == 2:
+        return int(img_size[0]), int(img_size[1])
+    raise LorexError(f"img_size: expected a number or (height, width), got {img_size!r}")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
-    img_size: int = 32
+    # One number for square images, or (height, width): re-ID crops are 64x32 (docs/reid.md).
+    img_size: int | tuple[int, int] = 32
     patch_size: int = 4
     in_chans: int = 3
     embed_dim: int = 192
@@ -35,6 +45,8 @@ class ViTConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if isinstance(self.img_size, tuple | list):
+            d["img_size"] = list(self.img_size)
         return {"type": "vit", **d}
 
     @classmethod
@@ -47,6 +59,8 @@ class ViTConfig:
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
+        if isinstance(d.get("img_size"), list | tuple):  # JSON gives a list; keep it hashable
+            d["img_size"] = image_hw(d["img_size"])
         return cls(**d)
 
 
@@ -71,15 +85,20 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.img_size = cfg.img_size
+        self.img_hw = image_hw(cfg.img_size)
         self.in_chans = cfg.in_chans  # kept here: an adapter may wrap `proj` (PEFT's hides it)
-        self.grid = cfg.img_size // cfg.patch_size
+        self.grid_size = (self.img_hw[0] // cfg.patch_size, self.img_hw[1] // cfg.patch_size)
+        # Square images: the side of the token grid (as before); otherwise (rows, columns).
+        gh, gw = self.grid_size
+        self.grid: int | tuple[int, int] = gh if gh == gw else self.grid_size
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.img_size, self.img_size):
+        h, w = self.img_hw
+        if x.ndim != 4 or x.shape[1:] != (self.in_chans, h, w):
             raise LorexError(
                 f"input of shape {tuple(x.shape)} does not fit this backbone: expected "
-                f"(B, {self.in_chans}, {self.img_size}, {self.img_size})"
+                f"(B, {self.in_chans}, {h}, {w})"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +151,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        if cfg.img_size % cfg.patch_size:
+        if any(side % cfg.patch_size for side in image_hw(cfg.img_size)):
             raise LorexError(
                 f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}"
             )
@@ -145,7 +164,7 @@ class VisionTransformer(nn.Module):
         self.config = cfg
         self.num_features = self.embed_dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg)
-        self.num_patches = self.patch_embed.grid**2
+        self.num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, cfg.embed_dim))
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
@@ -192,15 +211,30 @@ class VisionTransformer(nn.Module):
         return self.pool(self.blocks(self.embed(x)))
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resize a ``(1, 1 + g*g, D)`` position table to a new grid; class slot kept."""
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: int | tuple[int, int],
+    old_grid: int | tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Bicubically resize a ``(1, 1 + gh*gw, D)`` position table to a new grid; class slot kept.
+
+    A grid is one number (square) or ``(rows, columns)``; ``old_grid`` defaults to the square
+    grid the table's length implies (e.g. a 4x4 table of a 32x32 base to 8x4 for 64x32 re-ID
+    crops with patch 8)."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(round(math.sqrt(grid.shape[1])))
-    if old * old != grid.shape[1]:
-        raise LorexError(f"pos_embed has {grid.shape[1]} patch positions, not a square grid")
-    if old == new_grid:
+    if old_grid is None:
+        side = int(round(math.sqrt(grid.shape[1])))
+        if side * side != grid.shape[1]:
+            raise LorexError(f"pos_embed has {grid.shape[1]} patch positions, not a square grid")
+        old_grid = side
+    old, new = image_hw(old_grid), image_hw(new_grid)
+    if old[0] * old[1] != grid.shape[1]:
+        raise LorexError(
+            f"pos_embed has {grid.shape[1]} patch positions, not a {old[0]}x{old[1]} grid"
+        )
+    if old == new:
         return pos_embed
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
+    grid = grid.reshape(1, *old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1).to(pos_embed.dtype)
     return torch.cat([cls, grid], dim=1)
