@@ -156,6 +156,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorex.training.run import resolve_device, train_expert
 
     method = METHODS[args.method].from_args(args)
+    if args.objective == "reid":
+        return _train_reid(args, method)
+    if args.num_instances is not None:
+        raise LorexError("--num-instances applies to --objective reid only")
     metrics = train_expert(
         args.base,
         args.data,
@@ -170,6 +174,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained {args.out} ({args.method}): "
         f"test accuracy {metrics['accuracy']:.4f} on {args.data}"
     )
+    print(efficiency_line(metrics))
+    return 0
+
+
+def _train_reid(args: argparse.Namespace, method) -> int:
+    from lorex.training.reid_objective import DEFAULT_INSTANCES, reid_line, train_reid_expert
+    from lorex.training.run import resolve_device
+
+    for flag, given in (("--head-from", args.head_from), ("--freeze-head", args.freeze_head)):
+        if given:
+            raise LorexError(f"{flag} does not apply to --objective reid")
+    metrics = train_reid_expert(
+        args.base,
+        args.data,
+        method,
+        args.out,
+        _train_config(args, False, default_lr=type(method).default_lr),
+        resolve_device(args.device),
+        num_instances=args.num_instances or DEFAULT_INSTANCES,
+    )
+    print(f"trained {args.out} ({args.method}, re-ID): {reid_line(metrics)} on {args.data}")
     print(efficiency_line(metrics))
     return 0
 
@@ -190,9 +215,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorex.data import load_dataset
     from lorex.io import write_json
     from lorex.models import load_model
+    from lorex.training.reid_objective import is_reid_data
     from lorex.training.run import evaluate, resolve_device
 
     device = resolve_device(args.device)
+    if is_reid_data(args.data):
+        return _eval_reid(args, device)
     model = load_model(args.model, device)
     if args.head:
         model.set_head(args.head)
@@ -213,6 +241,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_reid(args: argparse.Namespace, device) -> int:
+    """Query-vs-gallery retrieval of a re-ID dataset (a built-in domain or a Market folder)."""
+    from lorex.io import write_json
+    from lorex.models import load_model
+    from lorex.training.reid_objective import (
+        evaluate_reid,
+        fit_image_size,
+        load_reid_data,
+        reid_line,
+    )
+
+    if args.split != "test":
+        raise LorexError("--split does not apply to re-ID data: queries rank the gallery")
+    if args.max_samples is not None:
+        raise LorexError("--max-samples does not apply to re-ID evaluation")
+    model = load_model(args.model, device)
+    if args.head:
+        model.set_head(args.head)
+    data = load_reid_data(args.data)
+    fit_image_size(model, data.query.images.shape[1:3])  # a square base: positions resampled
+    scores = evaluate_reid(model, data, device)
+    head = model.head_info[model.active_head]["task"] if model.active_head else None
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "query_samples": len(data.query),
+        "gallery_samples": len(data.gallery),
+        "head": head,
+        **scores,
+        "lorex_version": __version__,
+    }
+    print(
+        f"{reid_line(scores)} on {args.data} "
+        f"(query {len(data.query)}, gallery {len(data.gallery)} images)"
+    )
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from lorex.io import read_json
     from lorex.models import load_model
@@ -227,7 +295,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     for key, info in model.head_info.items():
         mark = "*" if key == model.active_head else " "
-        print(f"head     {mark} {info['task']} ({len(info['classes'])} classes)")
+        kind = f", {info['kind']}" if info.get("kind") else ""
+        print(f"head     {mark} {info['task']} ({len(info['classes'])} classes{kind})")
     if "base" in config:
         print(f"base       {config['base']['path']}")
     for entry in config.get("adapters") or []:
@@ -433,11 +502,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep that head fixed while the rest trains (experts that merge better)",
     )
+    p.add_argument(
+        "--objective",
+        choices=("classification", "reid"),
+        default="classification",
+        help="classification (default): cross-entropy on a labelled dataset; reid: a person "
+        "re-ID expert on reid/a..reid/d or a Market-1501 folder (BN-neck, label-smoothed CE + "
+        "batch-hard soft triplet, P x K batches; metrics mAP, rank-k, mINP)",
+    )
+    p.add_argument(
+        "--num-instances",
+        type=_positive_int,
+        default=None,
+        help="reid: K images per identity in a batch; P = batch size / K (4: 64 = 16 x 4)",
+    )
     for method in METHODS.values():
         method.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="accuracy of a model on a dataset's test split")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a model on a dataset's test split (re-ID data: mAP, rank-k, mINP of "
+        "query vs gallery)",
+    )
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--data", required=True, help="dataset name or ImageFolder path")
     p.add_argument("--split", default="test", choices=["train", "test"])

@@ -91,7 +91,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
     _check_fields(config, path / CONFIG)
     model = LorexModel(build_backbone(config["backbone"]), config["backbone"])
     for key, info in config["heads"].items():
-        if model.add_head(info["task"], info["classes"], activate=False) != key:
+        kind = info.get("kind", "linear")  # configs before re-ID heads have no "kind"
+        if model.add_head(info["task"], info["classes"], activate=False, kind=kind) != key:
             raise LorexError(
                 f"{path / CONFIG}: head key '{key}' does not match task '{info['task']}'"
             )

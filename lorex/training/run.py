@@ -173,7 +173,11 @@ def train_expert(
     """
     if freeze_head and head_from is None:
         raise LorexError("--freeze-head needs --head-from: a fixed zero head cannot learn a task")
+    from lorex.training.reid_objective import is_reid_data
+
     device = torch.device(device)
+    if is_reid_data(data):
+        raise LorexError(f"{data} is a re-ID dataset: train on it with --objective reid")
     train = load_dataset(data, "train", cfg.max_samples, cfg.seed)
     test = load_dataset(data, "test")
     model = load_model(base, device)
