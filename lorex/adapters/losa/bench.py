@@ -461,8 +461,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     reused = results.get("settings", {}).get("reused_jobs", 0)
     if reused:
         lines += [
-            f"{reused} job answers were reused from a stopped run (OUT/jobs/); their times were "
-            "measured then, not side by side with the rest. Rerun with --fresh for one sitting.",
+            f"Reused from an earlier, stopped run (OUT/jobs/): {reused} of the job answers; their "
+            "times were measured then, not side by side with the rest. --fresh reruns everything.",
             "",
         ]
     (out / "results.md").write_text("\n".join(lines))
