@@ -36,7 +36,7 @@ from lorex.data.market1501 import FOLDERS, Market1501, ReidSplit, relabel
 from lorex.errors import LorexError
 from lorex.metrics.reid import evaluate
 from lorex.metrics.resources import PeakMemory, inference_ms_per_image
-from lorex.models import BNNeckHead, LorexModel, load_model, save_model
+from lorex.models import BNNeckHead, LorexModel, load_model
 from lorex.training.loop import (
     TrainConfig,
     TrainResult,
@@ -463,8 +463,7 @@ def train_reid_expert(
 ) -> dict[str, Any]:
     """Train a re-ID expert from ``base`` on ``data``'s train split; save it with its metrics
     (query-vs-gallery on the same dataset) and provenance, like ``train_expert``."""
-    from lorex.report import curve_png
-    from lorex.training.run import run_record
+    from lorex.training.run import run_record, save_expert
 
     device = torch.device(device)
     splits = load_reid_data(data)
@@ -527,20 +526,8 @@ def train_reid_expert(
         data=str(data),
         base=str(base),
     )
-    for key in [k for k in model.heads if k != model.active_head]:
-        del model.heads[key]
-        del model.head_info[key]
-    save_model(
-        model,
-        out,
-        weights=method.saves,
-        base_dir=base if method.saves == "delta" else None,
-        made_by=made_by,
-        seed=cfg.seed,
-        extra_files={
-            "metrics.json": metrics,
-            "train_curve.png": curve_png(result.history, f"{method.name} re-ID on {data}"),
-        },
+    save_expert(
+        model, out, method, base, cfg, made_by, metrics, result, f"{method.name} re-ID on {data}"
     )
     log.info(
         "trained %s re-ID expert %s: mAP %.4f rank-1 %.4f mINP %.4f on %s",

@@ -212,7 +212,24 @@ def train_expert(
     )
     if head_from is not None:
         made_by.update(head_from=str(head_from), freeze_head=freeze_head)
-    # A delta model keeps only the new head: drop the base's heads so they are not saved twice.
+    save_expert(model, out, method, base, cfg, made_by, metrics, result, f"{method.name} on {data}")
+    log.info("trained %s expert %s: test accuracy %.4f on %s", method.name, out, acc, data)
+    return metrics
+
+
+def save_expert(
+    model: LorexModel,
+    out: str | Path,
+    method: TrainingMethod,
+    base: str | Path,
+    cfg: TrainConfig,
+    made_by: dict[str, Any],
+    metrics: dict[str, Any],
+    result: TrainResult,
+    title: str,
+) -> None:
+    """Write a trained expert atomically with its metrics and loss curve. Only the active head is
+    kept: a delta model must not save the base's heads a second time."""
     for key in [k for k in model.heads if k != model.active_head]:
         del model.heads[key]
         del model.head_info[key]
@@ -223,10 +240,5 @@ def train_expert(
         base_dir=base if method.saves == "delta" else None,
         made_by=made_by,
         seed=cfg.seed,
-        extra_files={
-            "metrics.json": metrics,
-            "train_curve.png": curve_png(result.history, f"{method.name} on {data}"),
-        },
+        extra_files={"metrics.json": metrics, "train_curve.png": curve_png(result.history, title)},
     )
-    log.info("trained %s expert %s: test accuracy %.4f on %s", method.name, out, acc, data)
-    return metrics
