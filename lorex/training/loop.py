@@ -167,6 +167,43 @@ def _schedule(total_steps: int, warmup_fraction: float):
     return factor
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters with the warmup + cosine schedule every loop uses."""
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total_steps, cfg.warmup_fraction)
+    )
+    return optimizer, scheduler
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    epoch: int,
+) -> None:
+    """One step (gradients clipped to norm 1.0); a non-finite loss stops training in one line."""
+    if not torch.isfinite(loss):
+        raise LorexError(
+            f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; try a lower --lr"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
+def finish_training(model: torch.nn.Module, result: TrainResult, mem: PeakMemory) -> TrainResult:
+    """Back to eval mode and frozen weights; record the peak memory figures."""
+    model.eval()
+    model.requires_grad_(False)
+    result.peak_rss_mb, result.peak_train_mb = mem.peak_rss_mb, mem.peak_delta_mb
+    result.peak_device_mb = mem.peak_device_mb
+    return result
+
+
 def fit(
     model: LorexModel,
     method: TrainingMethod,
@@ -201,8 +238,7 @@ def fit(
     result.feature_cache = use_cache
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_fraction))
+    optimizer, scheduler = make_optimizer(model, cfg, total)
     bar = tqdm(
         total=total,
         desc=f"{method.name} on {data.name or 'data'}",
@@ -234,16 +270,7 @@ def fit(
                         batch = random_shift(batch, 2, generator)
                     logits = model(batch)
                 loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise LorexError(
-                        f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; "
-                        "try a lower --lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, scheduler, params, epoch)
                 loss_sum += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.update(1)
@@ -253,8 +280,4 @@ def fit(
             )
         result.train_seconds = time.perf_counter() - start
     bar.close()
-    model.eval()
-    model.requires_grad_(False)
-    result.peak_rss_mb, result.peak_train_mb = mem.peak_rss_mb, mem.peak_delta_mb
-    result.peak_device_mb = mem.peak_device_mb
-    return result
+    return finish_training(model, result, mem)

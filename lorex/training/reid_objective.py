@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorex import __version__
 from lorex.data import ImageDataset
 from lorex.data.market1501 import FOLDERS, Market1501, ReidSplit, relabel
 from lorex.errors import LorexError
@@ -40,10 +39,11 @@ from lorex.models import BNNeckHead, LorexModel, load_model
 from lorex.training.loop import (
     TrainConfig,
     TrainResult,
-    _param_groups,
-    _schedule,
     as_float,
     extract_features,
+    finish_training,
+    make_optimizer,
+    optimizer_step,
     random_shift,
 )
 from lorex.training.methods import TrainingMethod, count_parameters, trainable_parameters
@@ -329,8 +329,7 @@ def fit_reid(
     y = torch.from_numpy(train.ids)
     use_cache = method.frozen_backbone and not cfg.augment and cfg.feature_cache
     result.feature_cache = use_cache
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup_fraction))
+    optimizer, scheduler = make_optimizer(model, cfg, total)
     bar = tqdm(
         total=total,
         desc=f"{method.name} (re-ID)",
@@ -362,16 +361,7 @@ def fit_reid(
                 ce = label_smoothed_cross_entropy(logits, target, cfg.label_smoothing)
                 triplet = batch_hard_soft_triplet(feats, target)
                 loss = ce + triplet
-                if not torch.isfinite(loss):
-                    raise LorexError(
-                        f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; "
-                        "try a lower --lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, optimizer, scheduler, params, epoch)
                 for name, value in (("loss", loss), ("ce", ce), ("triplet", triplet)):
                     sums[name] += value.item()
                 correct += int((logits.argmax(1) == target).sum())
@@ -389,11 +379,7 @@ def fit_reid(
             )
         result.train_seconds = time.perf_counter() - start
     bar.close()
-    model.eval()
-    model.requires_grad_(False)
-    result.peak_rss_mb, result.peak_train_mb = mem.peak_rss_mb, mem.peak_delta_mb
-    result.peak_device_mb = mem.peak_device_mb
-    return result
+    return finish_training(model, result, mem)
 
 
 @torch.inference_mode()
@@ -463,7 +449,7 @@ def train_reid_expert(
 ) -> dict[str, Any]:
     """Train a re-ID expert from ``base`` on ``data``'s train split; save it with its metrics
     (query-vs-gallery on the same dataset) and provenance, like ``train_expert``."""
-    from lorex.training.run import run_record, save_expert
+    from lorex.training.run import efficiency_metrics, run_record, run_stamp, save_expert
 
     device = torch.device(device)
     splits = load_reid_data(data)
@@ -485,15 +471,7 @@ def train_reid_expert(
     p = min(cfg.batch_size // num_instances, len(np.unique(train.ids)))
     metrics = {
         **scores,
-        "infer_ms_per_image": infer_ms,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "train_seconds": result.train_seconds,
-        "peak_rss_mb": result.peak_rss_mb,
-        "peak_train_mb": result.peak_train_mb,
-        "peak_device_mb": result.peak_device_mb,
-        "feature_cache": result.feature_cache,
-        "cache_seconds": result.cache_seconds,
+        **efficiency_metrics(result, infer_ms),
         "data": str(data),
         "method": method.name,
         "objective": "reid",
@@ -502,10 +480,7 @@ def train_reid_expert(
         "query_samples": len(splits.query),
         "gallery_samples": len(splits.gallery),
         "image_size": list(hw),
-        "device": str(device),
-        "seed": cfg.seed,
-        "lorex_version": __version__,
-        "history": result.history,
+        **run_stamp(result, cfg, device),
     }
     objective = {
         "name": "reid",

@@ -84,6 +84,18 @@ def _metrics(
 ) -> dict[str, Any]:
     return {
         "accuracy": acc,
+        **efficiency_metrics(result, infer_ms),
+        "data": data,
+        "method": method,
+        "train_samples": n_train,
+        "test_samples": n_test,
+        **run_stamp(result, cfg, device),
+    }
+
+
+def efficiency_metrics(result: TrainResult, infer_ms: float) -> dict[str, Any]:
+    """The four-axis cost figures every training run reports (any method, any objective)."""
+    return {
         "infer_ms_per_image": infer_ms,
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
@@ -93,10 +105,12 @@ def _metrics(
         "peak_device_mb": result.peak_device_mb,
         "feature_cache": result.feature_cache,
         "cache_seconds": result.cache_seconds,
-        "data": data,
-        "method": method,
-        "train_samples": n_train,
-        "test_samples": n_test,
+    }
+
+
+def run_stamp(result: TrainResult, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Where, with which seed and lorex version a run trained, and its loss curve."""
+    return {
         "device": str(device),
         "seed": cfg.seed,
         "lorex_version": __version__,
