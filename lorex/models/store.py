@@ -31,7 +31,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = {"lorex_version", "format_version", "backbone", "heads", "active_head", "weights"}
-OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics", "adapters", "side"}
+OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics", "adapters", "side", "gate"}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -103,6 +103,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
         from lorex.adapters.losa import LosaSideNetwork
 
         model.side = LosaSideNetwork.from_description(config["side"], str(path / CONFIG))
+    if config.get("gate") is not None:
+        from lorex.adapters.gated import GateConfig, attach_gate
+
+        attach_gate(model.backbone, GateConfig.from_description(config["gate"], str(path / CONFIG)))
     own = load_tensors(path / WEIGHTS)
     state: dict[str, torch.Tensor] = {}
     if config["weights"] == "delta":
@@ -245,6 +249,8 @@ def save_model(
         config["base"] = base
     if model.side is not None:
         config["side"] = model.side.describe()
+    if getattr(model.backbone, "gate_config", None) is not None:
+        config["gate"] = model.backbone.gate_config.describe()
     if made_by is not None:
         config["made_by"] = made_by
     if seed is not None:
