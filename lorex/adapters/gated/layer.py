@@ -70,16 +70,25 @@ class GatedLoraLinear(nn.Module):
 
     def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``e`` ``(B, K)`` from ``h`` ``(B, N, K, r)``, in rank space (see the module doc)."""
-        if self.kind == "published" and h.shape[1] != self.gate.shape[0]:
+        b, n, k, r = h.shape
+        if self.kind == "published" and n != self.gate.shape[0]:
             raise LorexError(
-                f"the published gate is sized for {self.gate.shape[0]} tokens, got {h.shape[1]}"
+                f"the published gate is sized for {self.gate.shape[0]} tokens, got {n}"
             )
-        gram = torch.einsum("kor,kos->krs", self.lora_B, self.lora_B)
-        sq_norm = (torch.einsum("bnkr,krs->bnks", h, gram) * h).sum(-1)
-        if self.kind == "published":
-            dot = (h * torch.einsum("kor,no->nkr", self.lora_B, self.gate)).sum(-1)
+        # One product gives every token's B_k^T B_k h_k (block-diagonal Gram matrices) and, for
+        # the light gate, its <B_k h_k, g> (one column per expert).
+        gram = torch.block_diag(*(self.lora_B.transpose(1, 2) @ self.lora_B))  # (K r, K r)
+        flat = h.reshape(b * n, k * r)
+        if self.kind == "light":
+            bg = self.lora_B.transpose(1, 2) @ self.gate  # (K, r): B_k^T g
+            columns = torch.block_diag(*bg[:, :, None])  # (K r, K)
+            stats = flat @ torch.cat((gram, columns), 1)
+            dot = stats[:, k * r :].reshape(b, n, k)
         else:
-            dot = (h * torch.einsum("kor,o->kr", self.lora_B, self.gate)).sum(-1)
+            stats = flat @ gram
+            bg = torch.einsum("kor,no->nkr", self.lora_B, self.gate)  # (N, K, r): B_k^T g[n]
+            dot = (h * bg).sum(-1)
+        sq_norm = (stats[:, : k * r].reshape(b, n, k, r) * h).sum(-1)
         s = self.scaling
         score = s * dot / (s * sq_norm.clamp(min=1e-24).sqrt() + self.eps)  # <omega_k[n], g[n]>
         return score.sum(1) if self.kind == "published" else score.mean(1)
@@ -95,14 +104,17 @@ class GatedLoraLinear(nn.Module):
             x = x[:, None]
         if x.ndim != 3:
             raise LorexError(f"a gated layer takes (B, N, in) or (B, in), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        k, o, r = self.lora_B.shape
+        base = self.base_layer(x).reshape(b * n, o)
         h = self.low_rank(x)
         w = torch.softmax(self.gate_logits(h) / self.tau, dim=-1)
         if self.recorder is not None:
             self.recorder.append(w.detach().float().cpu())
-        k, o, r = self.lora_B.shape
-        mixed = (h * w[:, None, :, None]).flatten(-2)  # (B, N, K*r)
-        b_cat = self.lora_B.permute(1, 0, 2).reshape(o, k * r)
-        y = self.base_layer(x) + self.scaling * F.linear(mixed, b_cat)
+        mixed = (h * w[:, None, :, None]).reshape(b * n, k * r)
+        # (K r, out), row k r + j = s B_k[:, j]: contiguous, so the product runs at full speed.
+        b_stack = self.lora_B.transpose(1, 2).reshape(k * r, o) * self.scaling
+        y = base.addmm_(mixed, b_stack).reshape(b, n, o)  # in place: no second output-sized pass
         return y[:, 0] if squeeze else y
 
     def set_expert(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:

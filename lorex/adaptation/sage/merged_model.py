@@ -1,0 +1,180 @@
+"""Stages 3-4: the averaged backbone, the K adapted LoRA experts stacked on it, and the gate.
+
+Stage 3 follows the authors' code: the backbone is the uniform mean of the *source* (stage-1)
+experts' backbones, heads left out, and its biases are then replaced by the mean of the
+*adapted* (stage-2) experts' biases, which stage 2 trained. Our one departure: the BN-neck's
+BatchNorm is the mean of the adapted experts' (whose running statistics were gathered on the
+target) rather than of the source experts'. Each expert's A and B are stacked into a
+:class:`lorex.adapters.gated.GatedLoraLinear` per adapted layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorex.adaptation.pseudo_labels import PseudoLabeler
+from lorex.adaptation.sage.config import SageConfig
+from lorex.adaptation.sage.pseudo_label_training import reid_head, train_on_pseudo_labels
+from lorex.adaptation.sage.target_experts import TARGET_HEAD
+from lorex.adapters.gated import GateConfig, attach_gate, load_experts, mark_gate_trainable
+from lorex.adapters.lora import lora_layers
+from lorex.backbones import build_backbone
+from lorex.errors import LorexError
+from lorex.models import LorexModel, load_model
+from lorex.training.loop import TrainResult
+
+
+class _RunningMean:
+    """The uniform mean of state dicts seen one at a time (one model in memory, not K)."""
+
+    def __init__(self) -> None:
+        self.mean: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, state: dict[str, torch.Tensor], source: str) -> None:
+        if self.count and set(state) != set(self.mean):
+            key = sorted(set(state) ^ set(self.mean))[0]
+            raise LorexError(f"{source}: key '{key}' does not match the other experts")
+        self.count += 1
+        for key, value in state.items():
+            if self.count == 1:
+                self.mean[key] = value.detach().clone()
+            elif value.shape != self.mean[key].shape:
+                raise LorexError(
+                    f"{source}: '{key}' has shape {tuple(value.shape)}, the other experts "
+                    f"{tuple(self.mean[key].shape)}"
+                )
+            elif value.is_floating_point():
+                self.mean[key] += (value.to(self.mean[key]) - self.mean[key]) / self.count
+
+
+def averaged_sources(
+    sources: Sequence[str | Path], device: torch.device | str = "cpu"
+) -> LorexModel:
+    """The uniform mean of the source experts' backbones, with the mean of their BN-necks' BN
+    as a target head (no classifier rows yet): the "averaged" variant."""
+    if len(sources) < 2:
+        raise LorexError(f"averaging needs at least 2 source experts, got {len(sources)}")
+    backbone, bn = _RunningMean(), _RunningMean()
+    config = None
+    for source in sources:
+        expert = load_model(source)
+        if config is None:
+            config = expert.backbone_config
+        elif expert.backbone_config != config:
+            raise LorexError(f"{source}: its backbone differs from {sources[0]}'s")
+        backbone.add(expert.backbone.state_dict(), str(source))
+        bn.add(reid_head(expert).bn.state_dict(), str(source))
+    model = LorexModel(build_backbone(config), config)
+    model.backbone.load_state_dict(backbone.mean)
+    model.add_head(TARGET_HEAD, ["cluster-0"], kind="bnneck")
+    reid_head(model).bn.load_state_dict(bn.mean)
+    return model.to(device).eval()
+
+
+def gated_model(
+    sources: Sequence[str | Path],
+    experts: Sequence[str | Path],
+    names: Sequence[str],
+    kind: str = "light",
+    device: torch.device | str = "cpu",
+) -> LorexModel:
+    """The averaged backbone with the adapted experts' biases, BN and stacked LoRA weights, and
+    a gate of ``kind`` at its initial state (the uniform mix)."""
+    if not len(sources) == len(experts) == len(names):
+        raise LorexError("gated model: one adapted expert and one name per source")
+    model = averaged_sources(sources)
+    biases, bn = _RunningMean(), _RunningMean()
+    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    shapes = None
+    for name, path in zip(names, experts, strict=True):
+        expert = load_model(path)
+        layers = lora_layers(expert.backbone)
+        if not layers:
+            raise LorexError(f"{path}: not a LoRA expert (no LoRA layers)")
+        ranks = {
+            (layer.lora_A["default"].weight.shape[0], layer.scaling["default"])
+            for layer in layers.values()
+        }
+        if len(ranks) != 1 or (shapes is not None and ranks != shapes):
+            raise LorexError(f"{path}: every expert needs one LoRA rank and scaling, got {ranks}")
+        shapes = ranks
+        weights[name] = {
+            p: (layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach())
+            for p, layer in layers.items()
+        }
+        biases.add(
+            {
+                n.replace(".base_layer", ""): p.detach()
+                for n, p in expert.backbone.named_parameters()
+                if n.endswith("bias") and ".lora_" not in n
+            },
+            str(path),
+        )
+        bn.add(reid_head(expert).bn.state_dict(), str(path))
+    ((r, scaling),) = shapes
+    state = model.backbone.state_dict()
+    unknown = sorted(set(biases.mean) - set(state))
+    if unknown:
+        raise LorexError(f"{experts[0]}: bias '{unknown[0]}' is not in the averaged backbone")
+    state.update(biases.mean)
+    model.backbone.load_state_dict(state)
+    reid_head(model).bn.load_state_dict(bn.mean)
+    tokens = None
+    if kind == "published":
+        if not hasattr(model.backbone, "pos_embed"):
+            raise LorexError("the published gate needs a ViT with a position table (token count)")
+        tokens = int(model.backbone.pos_embed.shape[1])
+    config = GateConfig(
+        experts=list(names),
+        r=int(r),
+        scaling=float(scaling),
+        target_modules=sorted(weights[names[0]]),
+        kind=kind,
+        tokens=tokens,
+    )
+    attach_gate(model.backbone, config)
+    load_experts(model.backbone, weights)
+    return model.to(device).eval()
+
+
+def train_gate(
+    model: LorexModel,
+    images: np.ndarray,
+    cfg: SageConfig,
+    device: torch.device,
+    progress: bool | None = None,
+    true_ids: np.ndarray | None = None,
+) -> TrainResult:
+    """Stage 4: one clustering by the initial (uniform) model, then ``gate_iters`` Adam steps on
+    the gate vectors and temperatures only (experts, backbone, BN-neck and classifier frozen;
+    the BN-neck's running statistics still update, as in the authors' code)."""
+    params = mark_gate_trainable(model.backbone)
+    model.heads.requires_grad_(False)
+
+    def make_optimizer(total: int):
+        optimizer = torch.optim.Adam(params, lr=cfg.gate_lr)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    return train_on_pseudo_labels(
+        model,
+        images,
+        PseudoLabeler(cfg.k1, cfg.k2, cfg.rho, cfg.min_samples),
+        params,
+        make_optimizer,
+        epochs=1,
+        iters=cfg.gate_iters,
+        batch_size=cfg.batch_size,
+        num_instances=cfg.num_instances,
+        label_smoothing=cfg.label_smoothing,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        device=device,
+        progress=progress,
+        desc=f"{model.backbone.gate_config.kind} gate",
+        true_ids=true_ids,
+    )
