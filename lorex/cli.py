@@ -421,6 +421,61 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt_reid(args: argparse.Namespace) -> int:
+    from lorex.adaptation.sage.config import SageConfig
+    from lorex.adaptation.sage.pipeline import adapt_reid
+    from lorex.adaptation.sage.report import ordered_variants
+    from lorex.training.run import resolve_device
+
+    cfg = SageConfig(
+        epochs=args.epochs,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        num_instances=args.num_instances,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        rank=args.rank,
+        alpha=args.alpha,
+        augment=args.augment,
+        k1=args.k1,
+        k2=args.k2,
+        rho=args.rho,
+        min_samples=args.min_samples,
+        gate_iters=args.gate_iters,
+        gate_lr=args.gate_lr,
+        gate=args.gate,
+        max_target_samples=args.max_target_samples,
+        seed=args.seed,
+    )
+    metrics = adapt_reid(
+        args.sources, args.target, args.out, cfg, resolve_device(args.device), work=args.work
+    )
+    for name in ordered_variants(metrics["variants"]):
+        v = metrics["variants"][name]
+        print(
+            f"{name:>16}: mAP {100 * v['mAP']:5.1f}  rank-1 {100 * v['rank1']:5.1f}  "
+            f"mINP {100 * v['mINP']:5.1f}  {v['infer_ms_per_image']:.3f} ms/image"
+        )
+    print(f"wrote {args.out} (the {cfg.gate} gate's model, metrics.json, report.md)")
+    return 0
+
+
+def cmd_bench_sage(args: argparse.Namespace) -> int:
+    from lorex.adaptation.sage.bench import run_sage_bench
+    from lorex.training.run import resolve_device
+
+    summary = run_sage_bench(
+        args.out, quick=args.quick, seed=args.seed, device=resolve_device(args.device)
+    )
+    g = summary["goals"]
+    print(
+        f"gated beats every LoRA expert and the uniform mix on {g['gated_wins']} of "
+        f"{g['targets']} targets (light gate: {g['gated_light_wins']})"
+    )
+    print(f"wrote {args.out / 'results.md'}")
+    return 0
+
+
 def cmd_import_timm(args: argparse.Namespace) -> int:
     from lorex.backbones import preset_config
     from lorex.backbones.timm_checkpoint import import_timm
@@ -443,6 +498,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"wrote {report}")
     return 0
+
+
+def _add_sage_options(p: argparse.ArgumentParser) -> None:
+    from lorex.adaptation.sage.config import SageConfig
+
+    d = SageConfig()
+    g = p.add_argument_group("stage 2: LoRA experts on pseudo-labels")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"({d.epochs})")
+    g.add_argument(
+        "--iters", type=_positive_int, help="steps per epoch (default: one pass over the target)"
+    )
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="P x K (64)")
+    g.add_argument("--num-instances", type=_positive_int, default=d.num_instances, help="K (4)")
+    g.add_argument("--lr", type=_positive_float, default=d.lr, help=f"AdamW peak lr ({d.lr})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(1e-4)")
+    g.add_argument("--rank", type=_positive_int, default=d.rank, help=f"LoRA rank ({d.rank})")
+    g.add_argument("--alpha", type=_positive_float, default=d.alpha, help="LoRA alpha (32)")
+    g.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="(on)"
+    )
+    g = p.add_argument_group("pseudo-labels")
+    g.add_argument("--k1", type=_positive_int, default=d.k1, help=f"k-reciprocal k1 ({d.k1})")
+    g.add_argument("--k2", type=_positive_int, default=d.k2, help=f"query expansion k2 ({d.k2})")
+    g.add_argument("--rho", type=_positive_float, default=d.rho, help="eps heuristic (1.6e-3)")
+    g.add_argument("--min-samples", type=_positive_int, default=d.min_samples, help="DBSCAN (4)")
+    g.add_argument(
+        "--max-target-samples", type=_positive_int, help="whole target identities, at most N"
+    )
+    g = p.add_argument_group("stage 4: the gate")
+    g.add_argument("--gate", choices=("light", "published"), default=d.gate, help="(light)")
+    g.add_argument("--gate-iters", type=_positive_int, default=d.gate_iters, help="(41)")
+    g.add_argument("--gate-lr", type=_positive_float, default=d.gate_lr, help="Adam lr (1e-2)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -584,6 +672,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun every job (default: reuse the answers a stopped run saved in OUT/jobs/)",
     )
     p.set_defaults(func=cmd_bench_losa)
+    p = bench_sub.add_parser(
+        "sage",
+        help="SAGE-reID leave-one-domain-out on reid/a..reid/d: every variant's mAP, rank-1, "
+        "mINP, gate weights and inference cost",
+    )
+    p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
+    p.add_argument("--quick", action="store_true", help="one target, small settings (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(func=cmd_bench_sage)
+
+    adapt = sub.add_parser("adapt", help="adapt experts to an unlabelled target domain")
+    adapt_sub = adapt.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    p = adapt_sub.add_parser(
+        "reid",
+        help="SAGE-reID: per-source LoRA experts on target pseudo-labels, mixed by a gate on "
+        "the averaged backbone (no source data, no target labels)",
+    )
+    p.add_argument(
+        "--sources", required=True, nargs="+", type=Path, help="re-ID source experts (>= 2)"
+    )
+    p.add_argument("--target", required=True, help="reid/a..reid/d or a Market-1501 folder")
+    p.add_argument("--out", required=True, type=Path, help="the gated model (written atomically)")
+    p.add_argument(
+        "--work", type=Path, help="stage outputs, reused on a rerun (default: OUT.parts)"
+    )
+    _add_sage_options(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_adapt_reid)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

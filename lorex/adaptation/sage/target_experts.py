@@ -61,6 +61,7 @@ def adapt_source_expert(
     """Adapt ``source`` (a re-ID expert directory) to ``target``'s unlabelled train images and
     save it as a LoRA delta on the source. Returns its metrics (query vs gallery, reporting
     only: nothing is selected on them)."""
+    torch.manual_seed(cfg.seed)  # LoRA's A initialisation
     images = target.train.images
     model = start_from_source(source, images.shape[1:3], device)
     lora = LoraConfig(

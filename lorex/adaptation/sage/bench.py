@@ -1,0 +1,399 @@
+"""``lorex bench sage``: leave-one-domain-out over the four synthetic re-ID domains.
+
+For each target, the other three domains' source experts are adapted and mixed (``adapt_reid``),
+and every variant is scored on the target's query vs gallery. Two cost measurements sit beside
+the accuracies: the bench model's own inference time, and the same gated layers at ViT-B size
+(768 wide, 12 blocks, 256x128 crops, 129 tokens; random weights, since timing does not depend on
+them), where the K = 3 rank-8 branches are ~4% of the linear-layer FLOPs as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorex import __version__
+from lorex.adaptation.sage.config import SageConfig
+from lorex.adaptation.sage.pipeline import (
+    GATE_VARIANTS,
+    _reusable,
+    _stamp,
+    adapt_reid,
+    interleaved_ms_per_image,
+)
+from lorex.adaptation.sage.report import ordered_variants
+from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
+from lorex.backbones import build_backbone
+from lorex.data import REID_DOMAINS
+from lorex.io import write_json
+from lorex.models import LorexModel
+from lorex.report import markdown_table
+from lorex.training.loop import TrainConfig
+from lorex.training.methods import METHODS
+from lorex.training.reid_objective import train_reid_expert
+from lorex.training.run import run_record
+
+log = logging.getLogger("lorex")
+
+VIT_B_REID = {
+    "type": "vit",
+    "img_size": [256, 128],
+    "patch_size": 16,
+    "embed_dim": 768,
+    "depth": 12,
+    "num_heads": 12,
+}
+
+
+@dataclass(frozen=True)
+class SageBenchSettings:
+    targets: tuple[str, ...]
+    source_epochs: int
+    source_samples: int | None
+    sage: SageConfig
+    timing_batch: int = 16
+    domains: tuple[str, ...] = field(default_factory=lambda: tuple(REID_DOMAINS))
+
+
+FULL = SageBenchSettings(
+    targets=tuple(REID_DOMAINS),
+    source_epochs=8,
+    source_samples=None,
+    sage=SageConfig(),
+)
+QUICK = SageBenchSettings(
+    targets=("reid/a",),
+    source_epochs=3,
+    source_samples=800,
+    sage=SageConfig(epochs=2, max_target_samples=600, gate_iters=15),
+    timing_batch=4,
+)
+
+
+def _short(domain: str) -> str:
+    return domain.split("/")[-1]
+
+
+def train_sources(
+    out: Path, base: Path, s: SageBenchSettings, seed: int, device, progress
+) -> dict[str, Path]:
+    """One full re-ID expert per domain (stage 1), reused when its settings match."""
+    sources = {}
+    cfg = TrainConfig(
+        epochs=s.source_epochs,
+        batch_size=64,
+        lr=METHODS["full"].default_lr,
+        augment=True,
+        seed=seed,
+        max_samples=s.source_samples,
+    )
+    needed = {d for d in s.domains if any(t != d for t in s.targets)}
+    for domain in s.domains:
+        if domain not in needed:
+            continue
+        path = out / "sources" / _short(domain)
+        stamp = _stamp(stage=1, domain=domain, cfg=cfg.to_dict(), version=__version__)
+        if not _reusable(path, stamp):
+            print(f"[bench sage] source expert on {domain} ...", flush=True)
+            train_reid_expert(base, domain, METHODS["full"](), path, cfg, device, progress)
+            write_json(path / "stage.json", {"stamp": stamp})
+        sources[domain] = path
+    return sources
+
+
+def gated_time_at_vit_b(
+    num_experts: int = 3, r: int = 8, batch: int = 16, device="cpu"
+) -> dict[str, Any]:
+    """Inference ms per image of a plain ViT-B (256x128) and of the same with K rank-r experts
+    under each gate, measured side by side; random weights."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    models: dict[str, LorexModel] = {}
+    single = LorexModel(build_backbone(VIT_B_REID), VIT_B_REID)
+    models["single"] = single
+    paths = [
+        n for n, m in single.backbone.named_modules() if n.endswith(("qkv", "proj", "fc1", "fc2"))
+    ]
+    paths = [p for p in paths if p.startswith("blocks.")]
+    params = {}
+    for kind, label in GATE_VARIANTS.items():
+        model = LorexModel(build_backbone(VIT_B_REID), VIT_B_REID)
+        model.backbone.load_state_dict(single.backbone.state_dict())
+        config = GateConfig(
+            experts=[f"e{i}" for i in range(num_experts)],
+            r=r,
+            scaling=4.0,
+            target_modules=paths,
+            kind=kind,
+            tokens=int(model.backbone.pos_embed.shape[1]),
+        )
+        attach_gate(model.backbone, config)
+        with torch.no_grad():
+            for p in model.backbone.parameters():
+                if p.ndim == 3 or (p.ndim == 2 and p.shape[0] == config.tokens):
+                    p.normal_(std=0.02)
+        models[label] = model
+        params[label] = sum(p.numel() for p in gate_parameters(model.backbone))
+    for m in models.values():
+        m.to(device)
+    images = (np.random.default_rng(0).random((batch, 256, 128, 3)) * 255).astype(np.uint8)
+    times = interleaved_ms_per_image(models, images, device, rounds=3)
+    backbone = sum(p.numel() for p in single.backbone.parameters())
+    return {
+        "config": VIT_B_REID,
+        "experts": num_experts,
+        "rank": r,
+        "batch": batch,
+        "ms_per_image": times,
+        "ratio_to_single": {k: times[k] / times["single"] for k in GATE_VARIANTS.values()},
+        "ensemble_ratio_to_single": float(num_experts),
+        "backbone_params": backbone,
+        "gate_params": params,
+        "gate_share_of_backbone": {k: v / backbone for k, v in params.items()},
+    }
+
+
+def run_sage_bench(
+    out: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+    settings: SageBenchSettings | None = None,
+) -> dict[str, Any]:
+    from lorex.demo import QUICK as BASE_SETTINGS
+    from lorex.demo import ensure_base
+
+    out = Path(out)
+    s = settings or (QUICK if quick else FULL)
+    s = replace(s, sage=replace(s.sage, seed=seed))
+    device = torch.device(device)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    base = ensure_base(BASE_SETTINGS, seed, out, device, timings)
+    sources = train_sources(out, base, s, seed, device, progress)
+    timings["sources"] = time.perf_counter() - start - sum(timings.values())
+    results: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for target in s.targets:
+        tick = time.perf_counter()
+        print(f"[bench sage] target {target} ...", flush=True)
+        srcs = [sources[d] for d in s.domains if d != target]
+        folder = out / "targets" / _short(target)
+        metrics = adapt_reid(
+            srcs, target, folder / "model", s.sage, device, progress, folder / "work", True
+        )
+        results[target] = {
+            name: {k: metrics["variants"][name][k] for k in ("mAP", "rank1", "mINP")}
+            for name in ordered_variants(metrics["variants"])
+        }
+        details[target] = {
+            "costs": metrics["costs"],
+            "gate_weights": metrics["gate_weights"],
+            "names": metrics["names"],
+            "pseudo_labels": {
+                k: [
+                    {x: h[x] for x in ("clusters", "outlier_fraction", "diagnostic_ari") if x in h}
+                    for h in v
+                ]
+                for k, v in metrics["histories"].items()
+            },
+        }
+        timings[f"target {target}"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    vit_b = gated_time_at_vit_b(3, s.sage.rank, s.timing_batch, device)
+    timings["timing at ViT-B size"] = time.perf_counter() - tick
+    summary = {
+        **results,
+        "details": details,
+        "vit_b_timing": vit_b,
+        "goals": goals(results, details, vit_b),
+        "settings": {**asdict(s), "sage": s.sage.to_dict()},
+        "stage_seconds": timings,
+        "run": run_record("bench sage", None, quick=quick, seed=seed),
+    }
+    write_json(out / "results.json", summary)
+    (out / "gate_weights.png").write_bytes(_gate_png(details))
+    (out / "results.md").write_text(sage_bench_report(summary, quick))
+    return summary
+
+
+def goals(results: dict, details: dict, vit_b: dict) -> dict[str, Any]:
+    """The issue's goals, checked on the measured numbers."""
+    per_target = {}
+    for target, variants in results.items():
+        gated = variants["gated"]["mAP"]
+        others = [v["mAP"] for n, v in variants.items() if n.startswith("lora/") or n == "uniform"]
+        best_direct = max(v["mAP"] for n, v in variants.items() if n.startswith("direct/"))
+        per_target[target] = {
+            "gated_beats_every_lora_and_uniform": gated > max(others),
+            "gated_light_beats_every_lora_and_uniform": variants["gated-light"]["mAP"]
+            > max(others),
+            "gated_minus_best_direct": gated - best_direct,
+            "gated_light_minus_best_direct": variants["gated-light"]["mAP"] - best_direct,
+            "light_minus_published": variants["gated-light"]["mAP"] - gated,
+        }
+    wins = sum(t["gated_beats_every_lora_and_uniform"] for t in per_target.values())
+    light_wins = sum(t["gated_light_beats_every_lora_and_uniform"] for t in per_target.values())
+    return {
+        "per_target": per_target,
+        "gated_wins": wins,
+        "gated_light_wins": light_wins,
+        "targets": len(per_target),
+        "bench_model_time_ratio": {
+            t: d["costs"]["time_ratio_to_single"] for t, d in details.items()
+        },
+        "vit_b_time_ratio": vit_b["ratio_to_single"],
+        "light_gate_share_of_backbone": {
+            "bench model": next(iter(details.values()))["costs"]["gate_share_of_backbone"][
+                "gated-light"
+            ]
+            if details
+            else None,
+            "vit-b": vit_b["gate_share_of_backbone"]["gated-light"],
+        },
+    }
+
+
+def _gate_png(details: dict[str, Any]) -> bytes:
+    weights = {
+        f"{t} {label}": d["gate_weights"][label]
+        for t, d in details.items()
+        for label in GATE_VARIANTS.values()
+    }
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(weights)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.5 * len(panels) + 1), dpi=90)
+    axes = np.atleast_1d(axes)
+    for ax, panel in zip(axes, panels, strict=True):
+        target = panel.split(" ")[0]
+        names = details[target]["names"]
+        layers = list(weights[panel])
+        matrix = np.array([weights[panel][layer] for layer in layers]).T
+        im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(names)), [f"from {n}" for n in names], fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(f"target {panel}: mean gate weight per source expert, per layer", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.02)
+    axes[-1].set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
+    targets = [t for t in summary if t in REID_DOMAINS]
+    rows = []
+    for target in targets:
+        for name, v in summary[target].items():
+            rows.append(
+                [
+                    target
+                    if name.startswith("direct/") and rows_for(summary, target, name)
+                    else "",
+                    name,
+                    f"{100 * v['mAP']:.1f}",
+                    f"{100 * v['rank1']:.1f}",
+                    f"{100 * v['mINP']:.1f}",
+                ]
+            )
+    table = markdown_table(["target", "variant", "mAP", "rank-1", "mINP"], rows)
+    g = summary["goals"]
+    vit_b = summary["vit_b_timing"]
+    goal_rows = [
+        [
+            t,
+            "yes" if p["gated_beats_every_lora_and_uniform"] else "no",
+            "yes" if p["gated_light_beats_every_lora_and_uniform"] else "no",
+            f"{100 * p['gated_minus_best_direct']:+.1f}",
+            f"{100 * p['gated_light_minus_best_direct']:+.1f}",
+            f"{100 * p['light_minus_published']:+.1f}",
+        ]
+        for t, p in g["per_target"].items()
+    ]
+    goal_table = markdown_table(
+        [
+            "target",
+            "published gate beats every LoRA expert and the uniform mix",
+            "light gate beats them",
+            "published - best direct (mAP)",
+            "light - best direct",
+            "light - published",
+        ],
+        goal_rows,
+    )
+    cost_rows = [
+        [
+            t,
+            f"{r['uniform']:.2f}",
+            f"{r['gated']:.2f}",
+            f"{r['gated-light']:.2f}",
+            f"{summary['details'][t]['costs']['ensemble_time_ratio_to_single']:.2f}",
+        ]
+        for t, r in g["bench_model_time_ratio"].items()
+    ]
+    cost_table = markdown_table(
+        ["target", "uniform", "published gate", "light gate", "ensemble of the LoRA experts"],
+        cost_rows,
+    )
+    first = summary["details"][targets[0]]["costs"] if targets else {}
+    return f"""# SAGE-reID on the synthetic re-ID domains ({"quick" if quick else "full"})
+
+Leave one domain out: each target's three other domains give the source experts. Scores in %,
+on the target's query vs gallery; they are reported, never used to select anything.
+`direct/X`: X's source expert as it is; `averaged`: the mean of the source backbones;
+`lora/X`: X's expert adapted to the target with LoRA on pseudo-labels; `uniform`: the LoRA
+experts mixed with equal weights on the averaged backbone (the gate at initialisation);
+`gated`: the published gate trained; `gated-light`: the token-pooled gate trained.
+
+{table}
+
+## Goals
+
+{goal_table}
+
+The published gate beats every LoRA expert and the uniform mix on {g["gated_wins"]} of
+{g["targets"]} targets; the light gate on {g["gated_light_wins"]}.
+
+## Inference cost against one plain model, measured side by side
+
+Bench model ({first.get("backbone_params", 0):,} backbone parameters; times relative to the
+averaged backbone alone):
+
+{cost_table}
+
+At ViT-B size (768 wide, 12 blocks, 256x128, {vit_b["experts"]} experts of rank
+{vit_b["rank"]}, batch {vit_b["batch"]}, random weights): one model
+{vit_b["ms_per_image"]["single"]:.1f} ms/image, published gate
+{vit_b["ratio_to_single"]["gated"]:.2f}x, light gate {vit_b["ratio_to_single"]["gated-light"]:.2f}x;
+an ensemble runs {vit_b["experts"]} models ({vit_b["ensemble_ratio_to_single"]:.0f}x).
+
+Gate parameters: published {first.get("gate_params", {}).get("gated", 0):,}
+({100 * first.get("gate_share_of_backbone", {}).get("gated", 0):.2f}% of the bench backbone;
+{vit_b["gate_params"]["gated"]:,}, {100 * vit_b["gate_share_of_backbone"]["gated"]:.1f}% at
+ViT-B size), light {first.get("gate_params", {}).get("gated-light", 0):,}
+({100 * first.get("gate_share_of_backbone", {}).get("gated-light", 0):.2f}%;
+{vit_b["gate_params"]["gated-light"]:,}, {100 * vit_b["gate_share_of_backbone"]["gated-light"]:.3f}%
+at ViT-B size).
+
+Gate weights per target and layer: `gate_weights.png`. Seconds per stage:
+{", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items())}.
+"""
+
+
+def rows_for(summary: dict, target: str, name: str) -> bool:
+    return name == next(iter(summary[target]))

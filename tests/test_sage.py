@@ -1,0 +1,241 @@
+"""SAGE-reID stages 2-4 and ``lorex adapt reid`` on tiny re-ID domains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorex.adaptation.sage.config import SageConfig
+from lorex.adaptation.sage.merged_model import averaged_sources, gated_model, train_gate
+from lorex.adaptation.sage.pipeline import adapt_reid, source_names
+from lorex.adaptation.sage.target_experts import adapt_source_expert
+from lorex.adapters import lora
+from lorex.adapters.gated import gated_layers, reset_gate
+from lorex.cli import main
+from lorex.data import make_reid_domain
+from lorex.data.market1501 import write_market1501
+from lorex.errors import LorexError
+from lorex.io import load_tensors
+from lorex.models import load_model
+from lorex.training.loop import TrainConfig
+from lorex.training.methods import METHODS
+from lorex.training.reid_objective import load_reid_data, train_reid_expert
+
+# Tiny: 1 epoch of 2 steps, pseudo-labels with a larger rho (few identities: docs/reid.md).
+CFG = SageConfig(epochs=1, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reid-domains")
+    out = {}
+    for name in ("a", "b", "c", "d"):
+        write_market1501(root / name, make_reid_domain(f"reid/{name}", num_ids=16))
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def sources(domains, tiny_base, tmp_path_factory):
+    """Full re-ID experts on a, b and d (one short epoch each)."""
+    root = tmp_path_factory.mktemp("sources")
+    out = []
+    for name in ("a", "b", "d"):
+        train_reid_expert(
+            tiny_base,
+            str(domains[name]),
+            METHODS["full"](),
+            root / name,
+            TrainConfig(epochs=1, batch_size=16, seed=0),
+        )
+        out.append(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def experts(sources, domains, tmp_path_factory):
+    """Each source adapted to c with LoRA on pseudo-labels (stage 2)."""
+    root = tmp_path_factory.mktemp("lora-experts")
+    target = load_reid_data(str(domains["c"]))
+    out = []
+    for source in sources:
+        adapt_source_expert(source, target, root / source.name, CFG, torch.device("cpu"), False)
+        out.append(root / source.name)
+    return out
+
+
+def test_stage2_expert_is_a_lora_delta_on_its_source(experts, sources):
+    model = load_model(experts[0])
+    layers = lora.lora_layers(model.backbone)
+    assert len(layers) == 4 * 4  # qkv, proj, fc1, fc2 in each of vit-micro's 4 blocks
+    config = lora.adapter_configs(model.backbone)["default"]
+    assert (config.r, config.lora_alpha, config.bias) == (8, 32.0, "all")
+    metrics = json.loads((experts[0] / "metrics.json").read_text())
+    assert metrics["history"][0]["clusters"] >= 2
+    assert 0 <= metrics["mAP"] <= 1
+    # the classifier is the frozen centroids: unit rows
+    head = model.heads[model.active_head]
+    norms = head.classifier.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    # biases trained, weights not: the backbone's plain weights equal the source's
+    source = load_model(sources[0]).backbone.state_dict()
+    mine = dict(model.backbone.named_parameters())
+    w = "blocks.0.attn.qkv.base_layer.weight"
+    torch.testing.assert_close(mine[w], source["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        mine["blocks.0.attn.qkv.base_layer.bias"], source["blocks.0.attn.qkv.bias"]
+    )
+
+
+def test_stage2_is_deterministic(experts, sources, domains, tmp_path):
+    target = load_reid_data(str(domains["c"]))
+    adapt_source_expert(sources[0], target, tmp_path / "again", CFG, torch.device("cpu"), False)
+    first = load_tensors(experts[0] / "adapter" / "adapter_model.safetensors")
+    again = load_tensors(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_averaged_sources_is_the_mean_of_the_backbones(sources):
+    model = averaged_sources(sources)
+    states = [load_model(s).backbone.state_dict() for s in sources]
+    for key, value in model.backbone.state_dict().items():
+        want = sum(s[key].double() for s in states) / len(states)
+        torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_uniform_gated_model_equals_the_adapters_weighted_one_over_k(sources, experts, k):
+    """Stage 3 against lorex's own LoRA: the averaged backbone (with the adapted experts' mean
+    biases) carrying every expert's adapter, each active with weight 1/K."""
+    names = source_names(sources[:k])
+    gated = gated_model(sources[:k], experts[:k], names, "published")
+    reference = averaged_sources(sources[:k])
+    state = reference.backbone.state_dict()
+    adapted = [
+        {
+            n.replace(".base_layer", ""): p.detach()
+            for n, p in load_model(e).backbone.named_parameters()
+        }
+        for e in experts[:k]
+    ]
+    for key in [key for key in state if key.endswith("bias")]:
+        state[key] = sum(a[key] for a in adapted) / k
+    reference.backbone.load_state_dict(state)
+    for name, path in zip(names, experts[:k], strict=True):
+        lora.load_adapter(reference.backbone, path / "adapter", name)
+    # the adapter files carry biases too; put back the mean biases they overwrote
+    for pname, p in reference.backbone.named_parameters():
+        key = pname.replace(".base_layer", "")
+        if key in state and key.endswith("bias"):
+            with torch.no_grad():
+                p.copy_(state[key])
+    lora.set_weighted_adapters(reference.backbone, {n: 1.0 / k for n in names})
+    reference.heads = gated.heads
+    reference.head_info, reference.active_head = gated.head_info, gated.active_head
+    x = torch.rand(5, 3, 64, 32)
+    torch.testing.assert_close(gated.embedding(x), reference.embedding(x), rtol=1e-4, atol=1e-5)
+    assert len(gated_layers(gated.backbone)) == 16
+    assert gated.backbone.gate_config.num_experts == k
+
+
+def test_gate_training_moves_only_the_gate_and_is_deterministic(sources, experts, domains):
+    names = source_names(sources)
+    images = load_reid_data(str(domains["c"])).train.images
+    runs = []
+    for _ in range(2):
+        model = gated_model(sources, experts, names, "light")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_gate(model, images, CFG, torch.device("cpu"), False)
+        runs.append(model.state_dict())
+        changed = {
+            k
+            for k, v in model.state_dict().items()
+            if v.shape != before[k].shape or not torch.equal(v, before[k])
+        }
+        # besides the gate: the BN-neck's running statistics, and the classifier, which is reset
+        # to the cluster centroids
+        stats = ("running_mean", "running_var", "tracked", "classifier.weight")
+        params = {k for k in changed if not k.endswith(stats)}
+        assert params and all(k.endswith((".gate", ".tau")) for k in params), params
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    reset_gate(model.backbone)
+    assert all(
+        float(layer.gate.abs().sum()) == 0 for layer in gated_layers(model.backbone).values()
+    )
+
+
+def test_adapt_reid_writes_a_loadable_model_and_every_variant(sources, domains, tmp_path):
+    out = tmp_path / "adapted"
+    metrics = adapt_reid(sources[:2], str(domains["c"]), out, CFG, progress=False)
+    names = source_names(sources[:2])
+    expected = {f"direct/{n}" for n in names} | {f"lora/{n}" for n in names}
+    expected |= {"averaged", "uniform", "gated", "gated-light"}
+    assert set(metrics["variants"]) == expected
+    for v in metrics["variants"].values():
+        assert {"mAP", "rank1", "rank5", "rank10", "mINP", "params", "infer_ms_per_image"} <= set(v)
+        assert 0 <= v["mAP"] <= 1 and v["infer_ms_per_image"] > 0
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["variants"]["gated-light"]["mAP"] == metrics["variants"]["gated-light"]["mAP"]
+    assert (out / "report.md").is_file() and (out / "gate_weights.png").stat().st_size > 1000
+    model = load_model(out)
+    assert model.backbone.gate_config.kind == "light"
+    weights = metrics["gate_weights"]["gated-light"]
+    assert len(weights) == 16 and all(abs(sum(w) - 1) < 1e-5 for w in weights.values())
+    costs = metrics["costs"]
+    assert costs["gate_params"]["gated-light"] < costs["gate_params"]["gated"]
+    # a rerun reuses every stage
+    again = adapt_reid(sources[:2], str(domains["c"]), out, CFG, progress=False)
+    assert not any(k.startswith(("lora/", "gated")) for k in again["stage_seconds"])
+    assert again["variants"]["gated"]["mAP"] == metrics["variants"]["gated"]["mAP"]
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_adapt_reid(sources, domains, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["adapt", "reid", "--sources", *map(str, sources[:2]), "--target", str(domains["c"])]
+    argv += ["--out", str(out), "--epochs", "1", "--iters", "2", "--batch-size", "16"]
+    argv += ["--rho", "0.05", "--k1", "10", "--gate-iters", "2", "--gate", "published"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gated-light" in printed and "wrote" in printed
+    assert load_model(out).backbone.gate_config.kind == "published"
+
+
+def test_cli_adapt_reid_bad_input(sources, domains, tmp_path, capsys):
+    base = ["adapt", "reid", "--target", str(domains["c"]), "--out", str(tmp_path / "o")]
+    _one_line_error(
+        main([*base, "--sources", str(sources[0])]), capsys.readouterr().err, "at least 2"
+    )
+    missing = tmp_path / "nope"
+    code = main([*base, "--sources", str(sources[0]), str(missing)])
+    _one_line_error(code, capsys.readouterr().err, str(missing))
+    code = main(
+        [
+            "adapt",
+            "reid",
+            "--sources",
+            *map(str, sources[:2]),
+            "--target",
+            "digits/mnist",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    _one_line_error(code, capsys.readouterr().err, "classification dataset")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(LorexError, match="gate"):
+        SageConfig(gate="big")
+
+
+def test_source_names_are_unique(tmp_path):
+    assert source_names([tmp_path / "x", tmp_path / "y" / "x", tmp_path / "z"]) == ["x", "x-2", "z"]
