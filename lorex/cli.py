@@ -421,13 +421,10 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_adapt_reid(args: argparse.Namespace) -> int:
+def _sage_config(args: argparse.Namespace):
     from lorex.adaptation.sage.config import SageConfig
-    from lorex.adaptation.sage.pipeline import adapt_reid
-    from lorex.adaptation.sage.report import ordered_variants
-    from lorex.training.run import resolve_device
 
-    cfg = SageConfig(
+    return SageConfig(
         epochs=args.epochs,
         iters=args.iters,
         batch_size=args.batch_size,
@@ -447,6 +444,14 @@ def cmd_adapt_reid(args: argparse.Namespace) -> int:
         max_target_samples=args.max_target_samples,
         seed=args.seed,
     )
+
+
+def cmd_adapt_reid(args: argparse.Namespace) -> int:
+    from lorex.adaptation.sage.pipeline import adapt_reid
+    from lorex.adaptation.sage.report import ordered_variants
+    from lorex.training.run import resolve_device
+
+    cfg = _sage_config(args)
     metrics = adapt_reid(
         args.sources, args.target, args.out, cfg, resolve_device(args.device), work=args.work
     )
@@ -457,6 +462,22 @@ def cmd_adapt_reid(args: argparse.Namespace) -> int:
             f"mINP {100 * v['mINP']:5.1f}  {v['infer_ms_per_image']:.3f} ms/image"
         )
     print(f"wrote {args.out} (the {cfg.gate} gate's model, metrics.json, report.md)")
+    return 0
+
+
+def cmd_adapt_classify(args: argparse.Namespace) -> int:
+    from lorex.adaptation.sage.classification import adapt_classification
+    from lorex.adaptation.sage.report import ordered_variants
+    from lorex.training.run import resolve_device
+
+    cfg = _sage_config(args)
+    metrics = adapt_classification(
+        args.sources, args.target, args.out, cfg, resolve_device(args.device), work=args.work
+    )
+    for name in ordered_variants(metrics["variants"]):
+        v = metrics["variants"][name]
+        print(f"{name:>16}: accuracy {100 * v['accuracy']:5.1f}")
+    print(f"wrote {args.out} (the {cfg.gate} gate's model, metrics.json)")
     return 0
 
 
@@ -701,6 +722,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sage_options(p)
     _add_device(p)
     p.set_defaults(func=cmd_adapt_reid)
+    p = adapt_sub.add_parser(
+        "classify",
+        help="the same SAGE pipeline on a classification target (e.g. a digit domain): class "
+        "pseudo-labels from the experts' own heads (SHOT's centroids) instead of clusters",
+    )
+    p.add_argument(
+        "--sources", required=True, nargs="+", type=Path, help="classification experts (>= 2)"
+    )
+    p.add_argument("--target", required=True, help="dataset name or ImageFolder path")
+    p.add_argument("--out", required=True, type=Path, help="the gated model (written atomically)")
+    p.add_argument(
+        "--work", type=Path, help="stage outputs, reused on a rerun (default: OUT.parts)"
+    )
+    _add_sage_options(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_adapt_classify)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

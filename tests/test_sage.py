@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from lorex.adaptation.sage.classification import adapt_classification, class_pseudo_labels
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import averaged_sources, gated_model, train_gate
 from lorex.adaptation.sage.pipeline import adapt_reid, source_names
@@ -22,6 +24,7 @@ from lorex.models import load_model
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.reid_objective import load_reid_data, train_reid_expert
+from lorex.training.run import train_expert
 
 # Tiny: 1 epoch of 2 steps, pseudo-labels with a larger rho (few identities: docs/reid.md).
 CFG = SageConfig(epochs=1, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)
@@ -239,3 +242,53 @@ def test_cli_adapt_reid_bad_input(sources, domains, tmp_path, capsys):
 
 def test_source_names_are_unique(tmp_path):
     assert source_names([tmp_path / "x", tmp_path / "y" / "x", tmp_path / "z"]) == ["x", "x-2", "z"]
+
+
+# --------------------------------------------------------------------------------------------
+# the classification variant (digit domains)
+# --------------------------------------------------------------------------------------------
+
+
+def _shot_loop(features, probs, rounds):
+    """SHOT's labelling written out one class and one image at a time."""
+    x = [f / max(np.linalg.norm(f), 1e-12) for f in features]
+    weights = [list(p) for p in probs]
+    labels = []
+    for _ in range(rounds):
+        cents = []
+        for c in range(len(weights[0])):
+            total = sum(w[c] for w in weights)
+            cent = sum(w[c] * xi for w, xi in zip(weights, x, strict=True)) / max(total, 1e-12)
+            cents.append(cent / max(np.linalg.norm(cent), 1e-12))
+        labels = [int(np.argmax([xi @ c for c in cents])) for xi in x]
+        weights = [[1.0 if c == lab else 0.0 for c in range(len(cents))] for lab in labels]
+    return labels
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_class_pseudo_labels_match_a_loop(rounds):
+    rng = np.random.default_rng(rounds)
+    feats = rng.normal(size=(40, 6))
+    probs = rng.dirichlet(np.ones(4), size=40)
+    got = class_pseudo_labels(feats, probs, rounds)
+    assert got.tolist() == _shot_loop(feats, probs, rounds)
+
+
+def test_adapt_classification_scores_every_variant(tiny_base, tmp_path):
+    srcs = []
+    for name in ("digits/mnist", "digits/optdigits"):
+        out = tmp_path / name.split("/")[1]
+        train_expert(
+            tiny_base, name, METHODS["full"](), out, TrainConfig(epochs=1, max_samples=200)
+        )
+        srcs.append(out)
+    cfg = SageConfig(epochs=1, iters=2, batch_size=16, gate_iters=2, max_target_samples=200)
+    metrics = adapt_classification(srcs, "digits/syn", tmp_path / "adapted", cfg, progress=False)
+    assert set(metrics["variants"]) == {
+        "direct/mnist", "direct/optdigits", "averaged", "lora/mnist", "lora/optdigits",
+        "uniform", "gated", "gated-light",
+    }  # fmt: skip
+    assert all(0 <= v["accuracy"] <= 1 for v in metrics["variants"].values())
+    model = load_model(tmp_path / "adapted")
+    assert model.backbone.gate_config.experts == ["mnist", "optdigits"]
+    assert model.classes == [str(i) for i in range(10)]

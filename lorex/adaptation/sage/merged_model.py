@@ -18,13 +18,13 @@ import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
-from lorex.adaptation.sage.pseudo_label_training import reid_head, train_on_pseudo_labels
+from lorex.adaptation.sage.pseudo_label_training import train_on_pseudo_labels
 from lorex.adaptation.sage.target_experts import TARGET_HEAD
 from lorex.adapters.gated import GateConfig, attach_gate, load_experts, mark_gate_trainable
 from lorex.adapters.lora import lora_layers
 from lorex.backbones import build_backbone
 from lorex.errors import LorexError
-from lorex.models import LorexModel, load_model
+from lorex.models import BNNeckHead, LorexModel, load_model
 from lorex.training.loop import TrainResult
 
 
@@ -52,14 +52,45 @@ class _RunningMean:
                 self.mean[key] += (value.to(self.mean[key]) - self.mean[key]) / self.count
 
 
+def head_state(model: LorexModel, source: str | Path) -> tuple[str, dict, list[str] | None]:
+    """What the target head inherits from an expert's active head: a BN-neck's BatchNorm (its
+    classifier is per-domain identities, which the target replaces by cluster centroids), or a
+    whole linear head (the same classes in every domain)."""
+    if model.active_head is None:
+        raise LorexError(f"{source}: the expert has no head")
+    head = model.heads[model.active_head]
+    if isinstance(head, BNNeckHead):
+        return "bnneck", head.bn.state_dict(), None
+    return "linear", head.state_dict(), list(model.classes)
+
+
+def add_target_head(
+    model: LorexModel, kind: str, state: dict[str, torch.Tensor], classes: list[str] | None
+) -> None:
+    if kind == "bnneck":
+        model.add_head(TARGET_HEAD, ["cluster-0"], kind="bnneck")
+        model.heads[model.active_head].bn.load_state_dict(state)
+    else:
+        model.add_head(TARGET_HEAD, classes)
+        model.heads[model.active_head].load_state_dict(state)
+
+
+def _check_heads(kinds: set, classes: list, source: str | Path) -> None:
+    if len(kinds) > 1:
+        raise LorexError(f"{source}: its head is a {sorted(kinds)[-1]}, the others' are not")
+    if len({tuple(c) if c else None for c in classes}) > 1:
+        raise LorexError(f"{source}: its classes differ from the other experts'")
+
+
 def averaged_sources(
     sources: Sequence[str | Path], device: torch.device | str = "cpu"
 ) -> LorexModel:
-    """The uniform mean of the source experts' backbones, with the mean of their BN-necks' BN
-    as a target head (no classifier rows yet): the "averaged" variant."""
+    """The uniform mean of the source experts' backbones, with the mean of what their heads pass
+    on (:func:`head_state`) as the target head: the "averaged" variant."""
     if len(sources) < 2:
         raise LorexError(f"averaging needs at least 2 source experts, got {len(sources)}")
     backbone, bn = _RunningMean(), _RunningMean()
+    kinds, classes = set(), []
     config = None
     for source in sources:
         expert = load_model(source)
@@ -68,11 +99,14 @@ def averaged_sources(
         elif expert.backbone_config != config:
             raise LorexError(f"{source}: its backbone differs from {sources[0]}'s")
         backbone.add(expert.backbone.state_dict(), str(source))
-        bn.add(reid_head(expert).bn.state_dict(), str(source))
+        kind, state, names = head_state(expert, source)
+        kinds.add(kind)
+        classes.append(names)
+        _check_heads(kinds, classes, source)
+        bn.add(state, str(source))
     model = LorexModel(build_backbone(config), config)
     model.backbone.load_state_dict(backbone.mean)
-    model.add_head(TARGET_HEAD, ["cluster-0"], kind="bnneck")
-    reid_head(model).bn.load_state_dict(bn.mean)
+    add_target_head(model, kinds.pop(), bn.mean, classes[0])
     return model.to(device).eval()
 
 
@@ -115,7 +149,7 @@ def gated_model(
             },
             str(path),
         )
-        bn.add(reid_head(expert).bn.state_dict(), str(path))
+        bn.add(head_state(expert, path)[1], str(path))
     ((r, scaling),) = shapes
     state = model.backbone.state_dict()
     unknown = sorted(set(biases.mean) - set(state))
@@ -123,7 +157,7 @@ def gated_model(
         raise LorexError(f"{experts[0]}: bias '{unknown[0]}' is not in the averaged backbone")
     state.update(biases.mean)
     model.backbone.load_state_dict(state)
-    reid_head(model).bn.load_state_dict(bn.mean)
+    _load_head(model, bn.mean)
     tokens = None
     if kind == "published":
         if not hasattr(model.backbone, "pos_embed"):
@@ -140,6 +174,11 @@ def gated_model(
     attach_gate(model.backbone, config)
     load_experts(model.backbone, weights)
     return model.to(device).eval()
+
+
+def _load_head(model: LorexModel, state: dict[str, torch.Tensor]) -> None:
+    head = model.heads[model.active_head]
+    (head.bn if isinstance(head, BNNeckHead) else head).load_state_dict(state)
 
 
 def train_gate(
