@@ -55,6 +55,8 @@ class DemoSettings:
     # experts, the way Task Arithmetic's experts are made): they merge better (docs/merging.md).
     frozen_head_experts: bool = False
     domains: tuple[str, ...] = tuple(DIGIT_DOMAINS)
+    # A small SAGE-reID run (two re-ID source experts adapted to reid/a; docs/sage.md).
+    reid: bool = True
 
 
 # Sized so that the whole quick story, data generation included, runs in under 5 minutes on 2 cores.
@@ -286,7 +288,16 @@ def run_demo(
             test_samples=s.test_samples,
         )
         timings[f"merge the {kind} experts"] = round(time.perf_counter() - start, 2)
-    return _write_report(out, s, seed, base, experts, matrix, probe, merges, timings)
+    reid = None
+    if s.reid:
+        from lorex.adaptation.sage.bench import DEMO as SAGE_DEMO
+        from lorex.adaptation.sage.bench import run_sage_bench
+
+        start = time.perf_counter()
+        _say("re-ID: adapting two source experts to unlabelled reid/a (SAGE) ...")
+        reid = run_sage_bench(out / "reid", seed=seed, device=device, settings=SAGE_DEMO)
+        timings["re-ID adaptation (SAGE)"] = round(time.perf_counter() - start, 2)
+    return _write_report(out, s, seed, base, experts, matrix, probe, merges, timings, reid)
 
 
 def _write_report(
@@ -299,6 +310,7 @@ def _write_report(
     probe: np.ndarray,
     merges: dict[str, dict] | None = None,
     timings: dict[str, float] | None = None,
+    reid: dict | None = None,
 ) -> Path:
     names = [short(d) for d in s.domains]
     heatmap_png(
@@ -323,6 +335,7 @@ def _write_report(
         "base_pretrain_accuracy": base_metrics["accuracy"],
         "experts": experts,
         "merge": merges or {},
+        "reid": {t: v for t, v in (reid or {}).items() if t.startswith("reid/")},
         "stage_seconds": timings or {},
     }
     write_json(out / "metrics.json", metrics)
@@ -387,12 +400,37 @@ The diagonal is the expert's own domain; off-diagonal cells show the domain shif
 {_efficiency_table(experts, s.domains)}
 
 {_merge_section(merges or {})}
+{_reid_section(reid)}
 Per-run details (loss curves, parameters, memory, time) are in `experts/<domain>/<method>/`.
 Memory figures there compare only between runs in separate processes (`lorex train`):
 within one demo process, later stages reuse memory that earlier ones already took.
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"
+
+
+def _reid_section(reid: dict | None) -> str:
+    """The small SAGE-reID run: every variant on the target, details in reid/results.md."""
+    if not reid:
+        return ""
+    rows = [
+        [t, name, f"{100 * v['mAP']:.1f}", f"{100 * v['rank1']:.1f}", f"{100 * v['mINP']:.1f}"]
+        for t, variants in reid.items()
+        if t.startswith("reid/")
+        for name, v in variants.items()
+    ]
+    table = markdown_table(["target", "variant", "mAP %", "rank-1 %", "mINP %"], rows)
+    return f"""## Re-ID: source-free adaptation with gated LoRA experts (SAGE, small)
+
+Two re-ID source experts (reid/b, reid/d) adapted to unlabelled reid/a: each becomes a LoRA expert
+trained on the target's pseudo-labels, and a gate mixes them per sample on the averaged backbone
+(docs/sage.md; `lorex bench sage` runs the full leave-one-domain-out version). Scores on reid/a's
+query vs gallery; no target label is used to train or select anything.
+
+{table}
+
+Details, costs and gate weights: `reid/results.md`, `reid/gate_weights.png`.
+"""
 
 
 def _efficiency_table(experts: dict, domains: tuple[str, ...]) -> str:

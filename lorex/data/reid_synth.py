@@ -65,9 +65,17 @@ DOMAINS: dict[str, ReidDomain] = {
             0.625, 0.5, 0.6, (0.85, 1.12, 0.85), 1.3, 8.0, ("text", "page", "coins", "clock"),
             0.2, 0.35,
         ),
+        # Not a domain of the benchmark: a generic person set, to pretrain a base the way an
+        # ImageNet backbone is pretrained before any re-ID domain (docs/sage.md, "The base").
+        ReidDomain(
+            "reid/pretrain", 5505, 800, 6, "generic people for pretraining: neutral, mixed scenes",
+            1.0, 0.4, 1.0, (1.0, 1.0, 1.0), 1.0, 3.0, ("gravel", "grass", "camera", "page"), 0.4,
+            0.35,
+        ),
     ]
 }  # fmt: skip
-REID_DOMAINS = list(DOMAINS)
+PRETRAIN_DOMAIN = "reid/pretrain"
+REID_DOMAINS = [d for d in DOMAINS if d != PRETRAIN_DOMAIN]
 SPLITS = ("train", "query", "gallery")
 
 

@@ -210,9 +210,9 @@ def fit_image_size(model: LorexModel, hw: tuple[int, int]) -> bool:
 
 def is_reid_data(name: str | Path) -> bool:
     """A built-in re-ID domain name, or a folder in the Market-1501 layout."""
-    from lorex.data import REID_DOMAINS
+    from lorex.data.reid_synth import DOMAINS
 
-    if str(name) in REID_DOMAINS:
+    if str(name) in DOMAINS:
         return True
     root = Path(name)
     return root.is_dir() and all((root / f).is_dir() for f in FOLDERS.values())
@@ -228,7 +228,7 @@ def load_reid_data(name: str | Path) -> Market1501:
             f"({', '.join(REID_DOMAINS)} or a Market-1501 folder)"
         )
     root = Path(name)
-    if str(name) not in REID_DOMAINS and root.is_dir() and not is_reid_data(root):
+    if not is_reid_data(name) and root.is_dir():
         missing = [f for f in FOLDERS.values() if not (root / f).is_dir()]
         raise LorexError(
             f"{root}: not a Market-1501 folder (no {missing[0]}/); --objective reid needs a "

@@ -28,7 +28,12 @@ from tqdm.auto import tqdm
 
 from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
-from lorex.adaptation.sage.merged_model import add_target_head, averaged_sources, gated_model
+from lorex.adaptation.sage.merged_model import (
+    add_target_head,
+    averaged_sources,
+    gate_optimizer,
+    gated_model,
+)
 from lorex.adaptation.sage.pipeline import (
     GATE_VARIANTS,
     _reusable,
@@ -206,8 +211,7 @@ def train_gate_classification(
     model.heads.requires_grad_(False)
 
     def make_opt(total: int):
-        optimizer = torch.optim.Adam(params, lr=cfg.gate_lr)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return gate_optimizer(model, cfg.gate_lr)
 
     return train_on_class_pseudo_labels(
         model, target, params, make_opt, cfg, 1, cfg.gate_iters, device, progress, "gate"

@@ -20,7 +20,13 @@ from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.pseudo_label_training import train_on_pseudo_labels
 from lorex.adaptation.sage.target_experts import TARGET_HEAD
-from lorex.adapters.gated import GateConfig, attach_gate, load_experts, mark_gate_trainable
+from lorex.adapters.gated import (
+    GateConfig,
+    attach_gate,
+    gated_layers,
+    load_experts,
+    mark_gate_trainable,
+)
 from lorex.adapters.lora import lora_layers
 from lorex.backbones import build_backbone
 from lorex.errors import LorexError
@@ -181,6 +187,21 @@ def _load_head(model: LorexModel, state: dict[str, torch.Tensor]) -> None:
     (head.bn if isinstance(head, BNNeckHead) else head).load_state_dict(state)
 
 
+def gate_optimizer(model: LorexModel, lr: float):
+    """Adam on the gates at a constant ``lr``; a published gate's vectors take ``lr / tokens``.
+
+    Why: the published score sums over the N tokens where the light one averages, so with one
+    Adam step size its logits would move N times faster (in a trial they saturated to one-hot
+    weights within the 41 steps); dividing by N moves both gates' logits at the same rate.
+    """
+    groups = []
+    for layer in gated_layers(model.backbone).values():
+        scale = 1.0 / layer.gate.shape[0] if layer.kind == "published" else 1.0
+        groups += [{"params": [layer.gate], "lr": lr * scale}, {"params": [layer.tau], "lr": lr}]
+    optimizer = torch.optim.Adam(groups, lr=lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 def train_gate(
     model: LorexModel,
     images: np.ndarray,
@@ -196,8 +217,7 @@ def train_gate(
     model.heads.requires_grad_(False)
 
     def make_optimizer(total: int):
-        optimizer = torch.optim.Adam(params, lr=cfg.gate_lr)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return gate_optimizer(model, cfg.gate_lr)
 
     return train_on_pseudo_labels(
         model,
