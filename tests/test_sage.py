@@ -292,3 +292,34 @@ def test_adapt_classification_scores_every_variant(tiny_base, tmp_path):
     model = load_model(tmp_path / "adapted")
     assert model.backbone.gate_config.experts == ["mnist", "optdigits"]
     assert model.classes == [str(i) for i in range(10)]
+
+
+def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path):
+    """``lorex bench sage``'s whole chain (people base, sources, leave-one-out target, report)
+    at a toy size; the numbers mean nothing here, the structure does."""
+    from lorex.adaptation.sage.bench import SageBenchSettings, run_sage_bench
+
+    settings = SageBenchSettings(
+        targets=("reid/a",),
+        source_epochs=1,
+        source_samples=120,
+        sage=SageConfig(
+            epochs=1, iters=2, batch_size=16, rho=0.05, k1=10, gate_iters=2, max_target_samples=120
+        ),
+        pretrain_epochs=1,
+        pretrain_samples=120,
+        vit_b_timing=False,
+        domains=("reid/a", "reid/b", "reid/d"),
+    )
+    summary = run_sage_bench(tmp_path / "bench", settings=settings, base=tiny_base, progress=False)
+    on_disk = json.loads((tmp_path / "bench" / "results.json").read_text())
+    variants = on_disk["reid/a"]
+    assert set(variants) == {
+        "direct/b", "direct/d", "averaged", "lora/b", "lora/d", "uniform", "gated", "gated-light",
+    }  # fmt: skip
+    assert all(set(v) == {"mAP", "rank1", "mINP"} for v in variants.values())
+    assert summary["goals"]["targets"] == 1
+    assert "reid/a" in summary["goals"]["per_target"]
+    text = (tmp_path / "bench" / "results.md").read_text()
+    assert "gated-light" in text and "Goals" in text
+    assert (tmp_path / "bench" / "gate_weights.png").stat().st_size > 1000

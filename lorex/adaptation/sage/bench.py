@@ -30,10 +30,11 @@ from lorex.adaptation.sage.pipeline import (
 from lorex.adaptation.sage.report import ordered_variants
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
-from lorex.data import REID_DOMAINS
+from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
 from lorex.data.reid_synth import PRETRAIN_DOMAIN
 from lorex.io import read_json, write_json
 from lorex.models import LorexModel
+from lorex.models.store import file_sha256
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
@@ -66,6 +67,11 @@ class SageBenchSettings:
     timing_batch: int = 16
     vit_b_timing: bool = True
     domains: tuple[str, ...] = field(default_factory=lambda: tuple(REID_DOMAINS))
+    # Leave-one-out on the digit domains (classification accuracy); empty: skipped.
+    digit_targets: tuple[str, ...] = ()
+    digit_samples: int = 2000  # per expert and per target train split
+    digit_epochs: int = 5  # the digit experts (the quick demo's recipe)
+    digit_sage: SageConfig = field(default_factory=lambda: SageConfig(epochs=3, gate_iters=41))
 
 
 FULL = SageBenchSettings(
@@ -75,6 +81,7 @@ FULL = SageBenchSettings(
     sage=SageConfig(),
     pretrain_epochs=10,
     pretrain_samples=None,
+    digit_targets=tuple(DIGIT_DOMAINS),
 )
 QUICK = SageBenchSettings(
     targets=("reid/a",),
@@ -114,7 +121,12 @@ def people_base(out: Path, base: Path, s: SageBenchSettings, seed: int, device, 
         seed=seed,
         max_samples=s.pretrain_samples,
     )
-    stamp = _stamp(stage=0, cfg=cfg.to_dict(), version=__version__)
+    stamp = _stamp(
+        stage=0,
+        cfg=cfg.to_dict(),
+        base=file_sha256(base / "model.safetensors"),
+        version=__version__,
+    )
     if not _reusable(path, stamp):
         print(f"[bench sage] people base on {PRETRAIN_DOMAIN} ...", flush=True)
         train_reid_expert(base, PRETRAIN_DOMAIN, METHODS["full"](), path, cfg, device, progress)
@@ -153,6 +165,44 @@ def train_sources(
             write_json(path / "stage.json", {"stamp": stamp})
         sources[domain] = path
     return sources
+
+
+def digits_leave_one_out(
+    out: Path, base: Path, s: SageBenchSettings, seed: int, device, progress
+) -> dict[str, Any]:
+    """The same pipeline on the digit domains: full experts from the chars base, then each
+    target adapted from the other three (``adapt_classification``); test accuracy per variant."""
+    from lorex.adaptation.sage.classification import adapt_classification
+    from lorex.training.run import train_expert
+
+    cfg = TrainConfig(
+        epochs=s.digit_epochs, batch_size=64, lr=1e-3, seed=seed, max_samples=s.digit_samples
+    )
+    experts = {}
+    for domain in DIGIT_DOMAINS:
+        path = out / "digits" / "experts" / _short(domain)
+        stamp = _stamp(
+            stage=1, domain=domain, cfg=cfg.to_dict(), base=file_sha256(base / "model.safetensors")
+        )
+        if not _reusable(path, stamp):
+            print(f"[bench sage] digit expert on {domain} ...", flush=True)
+            train_expert(base, domain, METHODS["full"](), path, cfg, device)
+            write_json(path / "stage.json", {"stamp": stamp})
+        experts[domain] = path
+    sage = replace(s.digit_sage, seed=seed, max_target_samples=s.digit_samples)
+    results = {}
+    for target in s.digit_targets:
+        print(f"[bench sage] digit target {target} ...", flush=True)
+        folder = out / "digits" / "targets" / _short(target)
+        srcs = [experts[d] for d in DIGIT_DOMAINS if d != target]
+        metrics = adapt_classification(
+            srcs, target, folder / "model", sage, device, progress, folder / "work"
+        )
+        results[target] = {
+            name: {"accuracy": metrics["variants"][name]["accuracy"]}
+            for name in ordered_variants(metrics["variants"])
+        }
+    return results
 
 
 def gated_time_at_vit_b(
@@ -214,7 +264,10 @@ def run_sage_bench(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     settings: SageBenchSettings | None = None,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Run the benchmark into ``out`` (stages reused when their settings match). ``base``: a
+    pretrained base to start from instead of the demo's chars base."""
     from lorex.demo import QUICK as BASE_SETTINGS
     from lorex.demo import ensure_base
 
@@ -224,7 +277,9 @@ def run_sage_bench(
     device = torch.device(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    base = ensure_base(BASE_SETTINGS, seed, out, device, timings)
+    base_dir = base
+    if base is None:
+        base = ensure_base(BASE_SETTINGS, seed, out, device, timings)
     base = people_base(out, base, s, seed, device, progress)
     sources = train_sources(out, base, s, seed, device, progress)
     timings["sources"] = time.perf_counter() - start - sum(timings.values())
@@ -255,6 +310,12 @@ def run_sage_bench(
             },
         }
         timings[f"target {target}"] = time.perf_counter() - tick
+    digits = {}
+    if s.digit_targets:
+        tick = time.perf_counter()
+        chars_base = base_dir if base_dir is not None else out / "base"
+        digits = digits_leave_one_out(out, chars_base, s, seed, device, progress)
+        timings["digits leave-one-out"] = time.perf_counter() - tick
     vit_b = None
     if s.vit_b_timing:
         tick = time.perf_counter()
@@ -263,6 +324,7 @@ def run_sage_bench(
     summary = {
         **results,
         "details": details,
+        "digits": digits,
         "vit_b_timing": vit_b,
         "goals": goals(results, details, vit_b),
         "settings": {**asdict(s), "sage": s.sage.to_dict()},
@@ -429,6 +491,8 @@ averaged backbone alone):
 
 {_vit_b_text(vit_b, first)}
 
+{_digits_text(summary.get("digits") or {})}
+
 Gate weights per target and layer: `gate_weights.png`. Seconds per stage:
 {", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items())}.
 """
@@ -462,3 +526,21 @@ def _vit_b_text(vit_b: dict | None, first: dict) -> str:
         f"there: published {params['gated']:,} ({100 * vshare['gated']:.1f}% of the backbone), "
         f"light {params['gated-light']:,} ({100 * vshare['gated-light']:.3f}%)."
     )
+
+
+def _digits_text(digits: dict) -> str:
+    if not digits:
+        return ""
+    rows = [
+        [t if i == 0 else "", name, f"{100 * v['accuracy']:.1f}"]
+        for t, variants in digits.items()
+        for i, (name, v) in enumerate(variants.items())
+    ]
+    table = markdown_table(["digit target", "variant", "accuracy %"], rows)
+    return f"""## The same pipeline on the digit domains (classification)
+
+Leave one digit domain out; the other three domains' full experts (from the characters base) are
+adapted with class pseudo-labels (SHOT's centroids, `lorex adapt classify`, docs/sage.md).
+
+{table}
+"""

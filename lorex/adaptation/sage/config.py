@@ -19,7 +19,7 @@ class SageConfig:
     iters: int | None = None  # steps per epoch; None: one pass over the clustered images
     batch_size: int = 64  # P x K = 16 pseudo-identities x 4 images
     num_instances: int = 4
-    lr: float = 1e-3  # AdamW, warmup + cosine over all stage-2 steps
+    lr: float = 2e-4  # AdamW, warmup + cosine over all stage-2 steps (docs/sage.md: 1e-3 hurt)
     weight_decay: float = 1e-4  # the authors' value
     rank: int = 8  # r = 8, alpha = 32 (scaling 4), on qkv, proj, fc1, fc2, plus every bias
     alpha: float = 32.0
