@@ -422,28 +422,11 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
 
 
 def _sage_config(args: argparse.Namespace):
+    from dataclasses import fields
+
     from lorex.adaptation.sage.config import SageConfig
 
-    return SageConfig(
-        epochs=args.epochs,
-        iters=args.iters,
-        batch_size=args.batch_size,
-        num_instances=args.num_instances,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        rank=args.rank,
-        alpha=args.alpha,
-        augment=args.augment,
-        k1=args.k1,
-        k2=args.k2,
-        rho=args.rho,
-        min_samples=args.min_samples,
-        gate_iters=args.gate_iters,
-        gate_lr=args.gate_lr,
-        gate=args.gate,
-        max_target_samples=args.max_target_samples,
-        seed=args.seed,
-    )
+    return SageConfig(**{f.name: getattr(args, f.name) for f in fields(SageConfig)})
 
 
 def cmd_adapt_reid(args: argparse.Namespace) -> int:
@@ -538,6 +521,9 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=_positive_float, default=d.alpha, help="LoRA alpha (32)")
     g.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=d.augment, help="(on)"
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy (0.1)"
     )
     g = p.add_argument_group("pseudo-labels")
     g.add_argument("--k1", type=_positive_int, default=d.k1, help=f"k-reciprocal k1 ({d.k1})")
@@ -706,38 +692,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     adapt = sub.add_parser("adapt", help="adapt experts to an unlabelled target domain")
     adapt_sub = adapt.add_subparsers(dest="what", required=True, parser_class=_Parser)
-    p = adapt_sub.add_parser(
-        "reid",
-        help="SAGE-reID: per-source LoRA experts on target pseudo-labels, mixed by a gate on "
-        "the averaged backbone (no source data, no target labels)",
-    )
-    p.add_argument(
-        "--sources", required=True, nargs="+", type=Path, help="re-ID source experts (>= 2)"
-    )
-    p.add_argument("--target", required=True, help="reid/a..reid/d or a Market-1501 folder")
-    p.add_argument("--out", required=True, type=Path, help="the gated model (written atomically)")
-    p.add_argument(
-        "--work", type=Path, help="stage outputs, reused on a rerun (default: OUT.parts)"
-    )
-    _add_sage_options(p)
-    _add_device(p)
-    p.set_defaults(func=cmd_adapt_reid)
-    p = adapt_sub.add_parser(
-        "classify",
-        help="the same SAGE pipeline on a classification target (e.g. a digit domain): class "
-        "pseudo-labels from the experts' own heads (SHOT's centroids) instead of clusters",
-    )
-    p.add_argument(
-        "--sources", required=True, nargs="+", type=Path, help="classification experts (>= 2)"
-    )
-    p.add_argument("--target", required=True, help="dataset name or ImageFolder path")
-    p.add_argument("--out", required=True, type=Path, help="the gated model (written atomically)")
-    p.add_argument(
-        "--work", type=Path, help="stage outputs, reused on a rerun (default: OUT.parts)"
-    )
-    _add_sage_options(p)
-    _add_device(p)
-    p.set_defaults(func=cmd_adapt_classify)
+    for name, func, help_text, sources_help, target_help in (
+        (
+            "reid",
+            cmd_adapt_reid,
+            "SAGE-reID: per-source LoRA experts on target pseudo-labels, mixed by a gate on "
+            "the averaged backbone (no source data, no target labels)",
+            "re-ID source experts (>= 2)",
+            "reid/a..reid/d or a Market-1501 folder",
+        ),
+        (
+            "classify",
+            cmd_adapt_classify,
+            "the same SAGE pipeline on a classification target (e.g. a digit domain): class "
+            "pseudo-labels from the experts' own heads (SHOT's centroids) instead of clusters",
+            "classification experts (>= 2)",
+            "dataset name or ImageFolder path",
+        ),
+    ):
+        p = adapt_sub.add_parser(name, help=help_text)
+        p.add_argument("--sources", required=True, nargs="+", type=Path, help=sources_help)
+        p.add_argument("--target", required=True, help=target_help)
+        p.add_argument("--out", required=True, type=Path, help="the gated model (atomic)")
+        p.add_argument(
+            "--work", type=Path, help="stage outputs, reused on a rerun (default: OUT.parts)"
+        )
+        _add_sage_options(p)
+        _add_device(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

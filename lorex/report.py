@@ -60,6 +60,17 @@ def heatmap_png(
     plt.close(fig)
 
 
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (written later, e.g. inside an atomic directory); the
+    figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def curve_png(history: list[dict], title: str) -> bytes:
     """Training loss and accuracy per epoch, as PNG bytes."""
     import matplotlib
@@ -79,10 +90,7 @@ def curve_png(history: list[dict], title: str) -> bytes:
     ax2.set_ylabel("train accuracy")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def grouped_bars_png(

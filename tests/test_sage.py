@@ -11,7 +11,8 @@ import torch
 from lorex.adaptation.sage.classification import adapt_classification, class_pseudo_labels
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import averaged_sources, gated_model, train_gate
-from lorex.adaptation.sage.pipeline import adapt_reid, source_names
+from lorex.adaptation.sage.pipeline import adapt_reid
+from lorex.adaptation.sage.stages import source_names
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.adapters import lora
 from lorex.adapters.gated import gated_layers, reset_gate

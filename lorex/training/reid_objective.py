@@ -282,6 +282,44 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return random_shift(x, 2, generator)
 
 
+class EpochStats:
+    """One epoch's mean loss, its cross-entropy and triplet parts, and the classifier's accuracy."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0}
+        self.correct = self.seen = self.steps = 0
+
+    def summary(self) -> dict[str, float]:
+        steps = max(1, self.steps)
+        return {
+            **{k: v / steps for k, v in self.sums.items()},
+            "train_accuracy": self.correct / max(1, self.seen),
+        }
+
+
+def reid_step(
+    feats: torch.Tensor,
+    head: nn.Module,
+    target: torch.Tensor,
+    label_smoothing: float,
+    step: Any,
+    stats: EpochStats,
+) -> float:
+    """The re-ID loss on one batch (label-smoothed CE on the head's logits + batch-hard soft
+    triplet on ``feats``), one optimiser step (``step(loss)``); returns the loss."""
+    logits = head(feats)
+    ce = label_smoothed_cross_entropy(logits, target, label_smoothing)
+    triplet = batch_hard_soft_triplet(feats, target)
+    loss = ce + triplet
+    step(loss)
+    for name, value in (("loss", loss), ("ce", ce), ("triplet", triplet)):
+        stats.sums[name] += value.item()
+    stats.correct += int((logits.argmax(1) == target).sum())
+    stats.seen += len(target)
+    stats.steps += 1
+    return loss.item()
+
+
 def fit_reid(
     model: LorexModel,
     method: TrainingMethod,
@@ -345,8 +383,7 @@ def fit_reid(
         model.train(not method.frozen_backbone)
         model.heads.train()  # the BN-neck learns its batch statistics whatever the method
         for epoch, batches in enumerate(plan):
-            sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0}
-            correct = seen = 0
+            stats = EpochStats()
             for idx_np in batches:
                 idx = torch.from_numpy(idx_np)
                 target = y[idx].to(device)
@@ -357,26 +394,17 @@ def fit_reid(
                     if cfg.augment:
                         batch = augment_batch(batch, generator)
                     feats = model.features(batch)
-                logits = head(feats)
-                ce = label_smoothed_cross_entropy(logits, target, cfg.label_smoothing)
-                triplet = batch_hard_soft_triplet(feats, target)
-                loss = ce + triplet
-                optimizer_step(loss, optimizer, scheduler, params, epoch)
-                for name, value in (("loss", loss), ("ce", ce), ("triplet", triplet)):
-                    sums[name] += value.item()
-                correct += int((logits.argmax(1) == target).sum())
-                seen += len(idx)
+                loss = reid_step(
+                    feats,
+                    head,
+                    target,
+                    cfg.label_smoothing,
+                    lambda value, e=epoch: optimizer_step(value, optimizer, scheduler, params, e),
+                    stats,
+                )
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            steps = max(1, len(batches))
-            result.history.append(
-                {
-                    "epoch": epoch + 1,
-                    **{k: v / steps for k, v in sums.items()},
-                    "train_accuracy": correct / max(1, seen),
-                    "steps": len(batches),
-                }
-            )
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+            result.history.append({"epoch": epoch + 1, **stats.summary(), "steps": len(batches)})
         result.train_seconds = time.perf_counter() - start
     bar.close()
     return finish_training(model, result, mem)

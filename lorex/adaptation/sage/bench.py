@@ -20,14 +20,9 @@ import torch
 
 from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
-from lorex.adaptation.sage.pipeline import (
-    GATE_VARIANTS,
-    _reusable,
-    _stamp,
-    adapt_reid,
-    interleaved_ms_per_image,
-)
-from lorex.adaptation.sage.report import ordered_variants
+from lorex.adaptation.sage.pipeline import adapt_reid
+from lorex.adaptation.sage.report import gate_weights_png, ordered_variants
+from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image, reusable, stamp
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
 from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
@@ -121,16 +116,16 @@ def people_base(out: Path, base: Path, s: SageBenchSettings, seed: int, device, 
         seed=seed,
         max_samples=s.pretrain_samples,
     )
-    stamp = _stamp(
+    value = stamp(
         stage=0,
         cfg=cfg.to_dict(),
         base=file_sha256(base / "model.safetensors"),
         version=__version__,
     )
-    if not _reusable(path, stamp):
+    if not reusable(path, value):
         print(f"[bench sage] people base on {PRETRAIN_DOMAIN} ...", flush=True)
         train_reid_expert(base, PRETRAIN_DOMAIN, METHODS["full"](), path, cfg, device, progress)
-        write_json(path / "stage.json", {"stamp": stamp})
+        write_json(path / "stage.json", {"stamp": value})
     return path
 
 
@@ -152,17 +147,17 @@ def train_sources(
         if domain not in needed:
             continue
         path = out / "sources" / _short(domain)
-        stamp = _stamp(
+        value = stamp(
             stage=1,
             domain=domain,
             cfg=cfg.to_dict(),
             base=read_json(base / "stage.json")["stamp"],
             version=__version__,
         )
-        if not _reusable(path, stamp):
+        if not reusable(path, value):
             print(f"[bench sage] source expert on {domain} ...", flush=True)
             train_reid_expert(base, domain, METHODS["full"](), path, cfg, device, progress)
-            write_json(path / "stage.json", {"stamp": stamp})
+            write_json(path / "stage.json", {"stamp": value})
         sources[domain] = path
     return sources
 
@@ -181,13 +176,13 @@ def digits_leave_one_out(
     experts = {}
     for domain in DIGIT_DOMAINS:
         path = out / "digits" / "experts" / _short(domain)
-        stamp = _stamp(
+        value = stamp(
             stage=1, domain=domain, cfg=cfg.to_dict(), base=file_sha256(base / "model.safetensors")
         )
-        if not _reusable(path, stamp):
+        if not reusable(path, value):
             print(f"[bench sage] digit expert on {domain} ...", flush=True)
             train_expert(base, domain, METHODS["full"](), path, cfg, device)
-            write_json(path / "stage.json", {"stamp": stamp})
+            write_json(path / "stage.json", {"stamp": value})
         experts[domain] = path
     sage = replace(s.digit_sage, seed=seed, max_target_samples=s.digit_samples)
     results = {}
@@ -375,37 +370,13 @@ def goals(results: dict, details: dict, vit_b: dict | None) -> dict[str, Any]:
 
 
 def _gate_png(details: dict[str, Any]) -> bytes:
-    weights = {
-        f"{t} {label}": d["gate_weights"][label]
-        for t, d in details.items()
-        for label in GATE_VARIANTS.values()
-    }
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = list(weights)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.5 * len(panels) + 1), dpi=90)
-    axes = np.atleast_1d(axes)
-    for ax, panel in zip(axes, panels, strict=True):
-        target = panel.split(" ")[0]
-        names = details[target]["names"]
-        layers = list(weights[panel])
-        matrix = np.array([weights[panel][layer] for layer in layers]).T
-        im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_yticks(range(len(names)), [f"from {n}" for n in names], fontsize=7)
-        ax.set_xticks([])
-        ax.set_title(f"target {panel}: mean gate weight per source expert, per layer", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.02)
-    axes[-1].set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    """Every target's two gates, one panel each."""
+    weights, names = {}, {}
+    for target, d in details.items():
+        for label in GATE_VARIANTS.values():
+            weights[f"target {target}, {label}"] = d["gate_weights"][label]
+            names[f"target {target}, {label}"] = [f"from {n}" for n in d["names"]]
+    return gate_weights_png(weights, names, "SAGE gate weights per layer")
 
 
 def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:

@@ -30,25 +30,25 @@ from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import (
     add_target_head,
-    averaged_sources,
     gate_optimizer,
-    gated_model,
 )
-from lorex.adaptation.sage.pipeline import (
+from lorex.adaptation.sage.stages import (
     GATE_VARIANTS,
-    _reusable,
-    _stamp,
+    check_sources,
+    costs,
+    gate_weight_means,
+    lora_experts,
     source_names,
+    variant_models,
+    work_dir,
 )
-from lorex.adapters.gated import gate_parameters, mark_gate_trainable
+from lorex.adapters.gated import mark_gate_trainable
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
 from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
-from lorex.io import read_json, write_json
 from lorex.metrics.classification import accuracy
 from lorex.metrics.resources import PeakMemory
-from lorex.models import LorexModel, is_model_dir, load_model, save_model
-from lorex.models.store import file_sha256
+from lorex.models import LorexModel, load_model, save_model
 from lorex.training.loop import (
     TrainResult,
     as_float,
@@ -228,100 +228,47 @@ def adapt_classification(
     work: str | Path | None = None,
 ) -> dict[str, Any]:
     """``adapt_reid``'s pipeline on a classification target: every variant's test accuracy."""
-    from lorex.adaptation.sage.pipeline import gate_weight_means, interleaved_ms_per_image
-
     cfg = cfg or SageConfig()
     device = torch.device(device)
-    sources = [Path(s) for s in sources]
-    if len(sources) < 2:
-        raise LorexError(f"--sources: SAGE mixes at least 2 source experts, got {len(sources)}")
-    for source in sources:
-        if not is_model_dir(source):
-            raise LorexError(f"{source}: not a model directory")
+    sources = check_sources(sources)
     out = Path(out)
-    work = Path(work) if work is not None else out.with_name(out.name + ".parts")
+    work = work_dir(out, work)
     train = load_dataset(target, "train", cfg.max_target_samples, cfg.seed)
     test = load_dataset(target, "test")
     names = source_names(sources)
-    experts, timings = [], {}
-    stage2 = {k: v for k, v in cfg.to_dict().items() if not k.startswith("gate")}
-    for name, source in zip(names, sources, strict=True):
-        path = work / "experts" / name
-        stamp = _stamp(
-            stage=2,
-            source=file_sha256(source / "model.safetensors"),
-            target=target,
-            cfg=stage2,
-            task="classification",
-        )
-        if not _reusable(path, stamp):
-            tick = time.perf_counter()
-            adapt_source_expert_classification(source, train, path, cfg, device, progress)
-            write_json(path / "stage.json", {"stamp": stamp, "lorex_version": __version__})
-            timings[f"lora/{name}"] = time.perf_counter() - tick
-        experts.append(path)
-    models: dict[str, LorexModel] = {}
-    for name, source in zip(names, sources, strict=True):
-        models[f"direct/{name}"] = load_model(source, device)
-    models["averaged"] = averaged_sources(sources, device)
-    for name, path in zip(names, experts, strict=True):
-        models[f"lora/{name}"] = load_model(path, device)
-    models["uniform"] = gated_model(sources, experts, names, "light", device)
-    histories = {}
-    for kind, label in GATE_VARIANTS.items():
-        path = work / label
-        stamp = _stamp(
-            stage=4,
-            experts=[file_sha256(e / "adapter" / "adapter_model.safetensors") for e in experts],
-            kind=kind,
-            cfg=cfg.to_dict(),
-        )
-        if not _reusable(path, stamp):
-            tick = time.perf_counter()
-            model = gated_model(sources, experts, names, kind, device)
-            result = train_gate_classification(model, train, cfg, device, progress)
-            save_model(
-                model,
-                path,
-                seed=cfg.seed,
-                extra_files={"history.json": {"history": result.history}},
-            )
-            write_json(path / "stage.json", {"stamp": stamp, "lorex_version": __version__})
-            timings[label] = time.perf_counter() - tick
-        models[label] = load_model(path, device)
-        histories[label] = read_json(path / "history.json")["history"]
-    variants = {}
-    for label, model in models.items():
-        variants[label] = {
-            "accuracy": _accuracy(model, test, device),
-            "params": sum(p.numel() for p in model.backbone.parameters()),
-        }
-    sample = test.images[:64]
-    times = interleaved_ms_per_image(models, sample, device)
-    for label, ms in times.items():
-        variants[label]["infer_ms_per_image"] = ms
+    timings: dict[str, float] = {}
+    histories: dict[str, Any] = {}
+
+    def adapt(source: Path, path: Path) -> None:
+        adapt_source_expert_classification(source, train, path, cfg, device, progress)
+
+    experts = lora_experts(sources, names, work, f"classify {target}", cfg, adapt, timings)
+    models = variant_models(
+        sources,
+        experts,
+        names,
+        work,
+        cfg,
+        lambda model: train_gate_classification(model, train, cfg, device, progress),
+        device,
+        timings,
+        histories,
+    )
+    variants = {
+        label: {"accuracy": _accuracy(model, test, device)} for label, model in models.items()
+    }
+    cost = costs(models, names, variants, test.images, device)
     gate_weights = {
         label: gate_weight_means(models[label], test.images[:512], device)
         for label in GATE_VARIANTS.values()
     }
-    backbone = variants["averaged"]["params"]
     metrics = {
         "target": target,
         "sources": [str(s) for s in sources],
         "names": names,
         "gate": cfg.gate,
         "variants": variants,
-        "costs": {
-            "backbone_params": backbone,
-            "gate_params": {
-                label: sum(p.numel() for p in gate_parameters(models[label].backbone))
-                for label in GATE_VARIANTS.values()
-            },
-            "time_ratio_to_single": {
-                label: times[label] / times["averaged"]
-                for label in ("uniform", *GATE_VARIANTS.values())
-            },
-        },
+        "costs": cost,
         "gate_weights": gate_weights,
         "histories": histories,
         "stage_seconds": timings,

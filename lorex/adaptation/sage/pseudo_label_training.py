@@ -20,18 +20,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler, centroids
+from lorex.adaptation.sage.config import SageConfig
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import BNNeckHead, LorexModel
 from lorex.training.loop import TrainResult, as_float, finish_training, optimizer_step
 from lorex.training.methods import count_parameters
 from lorex.training.reid_objective import (
+    EpochStats,
     PKSampler,
     _tensor,
     augment_batch,
-    batch_hard_soft_triplet,
-    label_smoothed_cross_entropy,
     reid_embeddings,
+    reid_step,
 )
 
 log = logging.getLogger("lorex")
@@ -92,29 +93,27 @@ def train_on_pseudo_labels(
     labeler: PseudoLabeler,
     params: list[nn.Parameter],
     make_optimizer: MakeOptimizer,
+    cfg: SageConfig,
     *,
     epochs: int,
     iters: int,
-    batch_size: int,
-    num_instances: int,
-    label_smoothing: float,
-    augment: bool,
-    seed: int,
     device: torch.device,
     progress: bool | None = None,
     desc: str = "adapt",
     true_ids: np.ndarray | None = None,
+    freeze_neck: bool = False,
 ) -> TrainResult:
     """Train ``params`` of ``model`` for ``epochs`` x ``iters`` steps on re-labelled images.
 
     ``true_ids`` (synthetic data only) adds each clustering's adjusted Rand index to the
-    history as a diagnostic; nothing reads it.
+    history as a diagnostic; nothing reads it. ``freeze_neck`` keeps the BN-neck in eval mode,
+    so its running statistics stay as they were (the gate stage: only the gate trains).
     """
     if not params:
         raise LorexError("nothing to train")
     head = reid_head(model)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
     x = _tensor(images)
     optimizer, scheduler = make_optimizer(epochs * iters)
     result = TrainResult(
@@ -130,35 +129,31 @@ def train_on_pseudo_labels(
             labels, _ = relabel(model, images, labeler, device)
             label_seconds = time.perf_counter() - tick
             keep = np.flatnonzero(labels >= 0)
-            sampler = PKSampler(
-                labels[keep], batch_size // num_instances, num_instances, seed + 1000 * epoch
-            )
+            p = cfg.batch_size // cfg.num_instances
+            sampler = PKSampler(labels[keep], p, cfg.num_instances, cfg.seed + 1000 * epoch)
             batches = [keep[b] for b in _cycle(sampler, iters)]
             model.train()
-            sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0}
-            correct = seen = 0
+            if freeze_neck:
+                head.bn.eval()
+            stats = EpochStats()
             for idx_np in batches:
-                idx = torch.from_numpy(idx_np)
                 target = torch.from_numpy(labels[idx_np]).to(device)
-                batch = as_float(x[idx], device)
-                if augment:
+                batch = as_float(x[torch.from_numpy(idx_np)], device)
+                if cfg.augment:
                     batch = augment_batch(batch, generator)
-                feats = model.features(batch)
-                logits = head(feats)
-                ce = label_smoothed_cross_entropy(logits, target, label_smoothing)
-                triplet = batch_hard_soft_triplet(feats, target)
-                loss = ce + triplet
-                optimizer_step(loss, optimizer, scheduler, params, epoch)
-                for name, value in (("loss", loss), ("ce", ce), ("triplet", triplet)):
-                    sums[name] += value.item()
-                correct += int((logits.argmax(1) == target).sum())
-                seen += len(idx_np)
+                reid_step(
+                    model.features(batch),
+                    head,
+                    target,
+                    cfg.label_smoothing,
+                    lambda value, e=epoch: optimizer_step(value, optimizer, scheduler, params, e),
+                    stats,
+                )
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, clusters=int(labels.max()) + 1)
             entry = {
                 "epoch": epoch + 1,
-                **{k: v / iters for k, v in sums.items()},
-                "train_accuracy": correct / max(1, seen),
+                **stats.summary(),
                 "clusters": int(labels.max()) + 1,
                 "outlier_fraction": float((labels < 0).mean()),
                 "eps": float(labeler.eps),

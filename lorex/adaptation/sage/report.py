@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
-from lorex.report import markdown_table
+from lorex.report import markdown_table, png_bytes
 
 
 def ordered_variants(variants: dict[str, Any]) -> list[str]:
@@ -67,9 +66,12 @@ The model in this directory is the `{metrics["gate"]}` gate's.
 
 
 def gate_weights_png(
-    weights: dict[str, dict[str, list[float]]], names: list[str], title: str
+    weights: dict[str, dict[str, list[float]]],
+    names: list[str] | dict[str, list[str]],
+    title: str,
 ) -> bytes:
-    """One panel per gate: mean weight of each expert (rows) at each gated layer (columns)."""
+    """One panel per entry of ``weights``: the mean weight of each expert (rows, ``names``, one
+    list for all panels or one per panel) at each gated layer (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,18 +84,16 @@ def gate_weights_png(
     )
     axes = np.atleast_1d(axes)
     for ax, panel in zip(axes, panels, strict=True):
+        rows = names[panel] if isinstance(names, dict) else names
         matrix = np.array([weights[panel][layer] for layer in layers]).T
         im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(rows)), rows)
         ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers], rotation=90)
         ax.set_title(f"{panel}: mean weight per expert", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.025)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _short(layer: str) -> str:

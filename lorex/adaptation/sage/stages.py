@@ -1,0 +1,208 @@
+"""The orchestration shared by ``adapt_reid`` and ``adapt_classification``: stage outputs with
+reuse, the variants' models, and their costs. Only the labelling, the losses and the scoring
+differ between the two tasks; they come in as callables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorex import __version__
+from lorex.adaptation.sage.config import SageConfig
+from lorex.adaptation.sage.merged_model import averaged_sources, gated_model
+from lorex.adapters.gated import expert_parameter_count, gate_parameters, record_gate_weights
+from lorex.errors import LorexError
+from lorex.io import read_json, write_json
+from lorex.models import LorexModel, is_model_dir, load_model, save_model
+from lorex.models.store import file_sha256
+from lorex.training.loop import TrainResult, as_float
+from lorex.training.reid_objective import _tensor, reid_embeddings
+
+log = logging.getLogger("lorex")
+GATE_VARIANTS = {"published": "gated", "light": "gated-light"}
+GATE_RECIPE = 2  # bumped when stage 4 changes (2: the BN-neck's statistics frozen)
+
+
+def source_names(sources: Sequence[str | Path]) -> list[str]:
+    """Short unique names for the experts: their directory names (``-2`` etc. on clashes)."""
+    names: list[str] = []
+    for source in sources:
+        name = Path(source).name or "source"
+        base, i = name, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def check_sources(sources: Sequence[str | Path]) -> list[Path]:
+    paths = [Path(s) for s in sources]
+    if len(paths) < 2:
+        raise LorexError(f"--sources: SAGE mixes at least 2 source experts, got {len(paths)}")
+    for path in paths:
+        if not is_model_dir(path):
+            raise LorexError(f"{path}: not a model directory")
+    return paths
+
+
+def work_dir(out: Path, work: str | Path | None) -> Path:
+    return Path(work) if work is not None else out.with_name(out.name + ".parts")
+
+
+def stamp(**settings: Any) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reusable(path: Path, value: str) -> bool:
+    stage = path / "stage.json"
+    return is_model_dir(path) and stage.is_file() and read_json(stage).get("stamp") == value
+
+
+def lora_experts(
+    sources: Sequence[Path],
+    names: Sequence[str],
+    work: Path,
+    target: str,
+    cfg: SageConfig,
+    adapt: Callable[[Path, Path], Any],
+    timings: dict[str, float],
+) -> list[Path]:
+    """Stage 2 for every source (``adapt(source, out)``), reusing outputs made with the same
+    source, target and settings."""
+    settings = {k: v for k, v in cfg.to_dict().items() if not k.startswith("gate")}
+    experts = []
+    for name, source in zip(names, sources, strict=True):
+        path = work / "experts" / name
+        value = stamp(
+            stage=2, source=file_sha256(source / "model.safetensors"), target=target, cfg=settings
+        )
+        if reusable(path, value):
+            log.info("stage 2: reusing %s", path)
+        else:
+            tick = time.perf_counter()
+            adapt(source, path)
+            write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+            timings[f"lora/{name}"] = time.perf_counter() - tick
+        experts.append(path)
+    return experts
+
+
+def variant_models(
+    sources: Sequence[Path],
+    experts: Sequence[Path],
+    names: Sequence[str],
+    work: Path,
+    cfg: SageConfig,
+    train_gate: Callable[[LorexModel], TrainResult],
+    device: torch.device,
+    timings: dict[str, float],
+    histories: dict[str, Any],
+) -> dict[str, LorexModel]:
+    """Every variant's model: each source as it is, the averaged backbone, each LoRA expert, the
+    uniform mix, and the two trained gates (stage 4, reused like stage 2)."""
+    models: dict[str, LorexModel] = {}
+    for name, source in zip(names, sources, strict=True):
+        models[f"direct/{name}"] = load_model(source, device)
+    models["averaged"] = averaged_sources(sources, device)
+    for name, path in zip(names, experts, strict=True):
+        models[f"lora/{name}"] = load_model(path, device)
+    models["uniform"] = gated_model(sources, experts, names, "light", device)
+    adapters = [file_sha256(e / "adapter" / "adapter_model.safetensors") for e in experts]
+    for kind, label in GATE_VARIANTS.items():
+        path = work / label
+        value = stamp(stage=4, experts=adapters, kind=kind, cfg=cfg.to_dict(), recipe=GATE_RECIPE)
+        if not reusable(path, value):
+            tick = time.perf_counter()
+            model = gated_model(sources, experts, names, kind, device)
+            result = train_gate(model)
+            history = {"history": result.history}
+            save_model(model, path, seed=cfg.seed, extra_files={"history.json": history})
+            write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+            timings[label] = time.perf_counter() - tick
+        models[label] = load_model(path, device)
+        histories[label] = read_json(path / "history.json")["history"]
+    return models
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self, model: LorexModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embedding(x)
+
+
+@torch.inference_mode()
+def interleaved_ms_per_image(
+    models: dict[str, LorexModel], images: np.ndarray, device: torch.device, rounds: int = 5
+) -> dict[str, float]:
+    """Embedding time per image for each model, measured in interleaved rounds (each model once
+    per round, best round kept) so that the machine's drift hits every model alike."""
+    batch = as_float(_tensor(images[:64]), device)
+    runners = {name: _Embedder(m).eval() for name, m in models.items()}
+    for runner in runners.values():
+        runner(batch)
+    best = {name: float("inf") for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            runner(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 1000.0 * t / len(batch) for name, t in best.items()}
+
+
+def gate_weight_means(
+    model: LorexModel, images: np.ndarray, device: torch.device
+) -> dict[str, list[float]]:
+    """Each gated layer's mean weight per expert over ``images``."""
+    with record_gate_weights(model.backbone) as records:
+        reid_embeddings(model, images, device=device)
+    return {p: torch.cat(v).mean(0).tolist() for p, v in records.items()}
+
+
+def costs(
+    models: dict[str, LorexModel],
+    names: Sequence[str],
+    variants: dict[str, dict[str, Any]],
+    images: np.ndarray,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Parameters and inference time of every variant (added to ``variants``), and the ratios
+    the goals are stated in: against one plain model (the averaged backbone) and an ensemble."""
+    for label, model in models.items():
+        variants[label]["params"] = sum(p.numel() for p in model.backbone.parameters())
+    times = interleaved_ms_per_image(models, images, device)
+    for label, ms in times.items():
+        variants[label]["infer_ms_per_image"] = ms
+    single = times["averaged"]
+    ensemble = float(sum(times[f"lora/{n}"] for n in names))
+    backbone = variants["averaged"]["params"]
+    gate_params = {
+        label: sum(p.numel() for p in gate_parameters(models[label].backbone))
+        for label in GATE_VARIANTS.values()
+    }
+    return {
+        "backbone_params": backbone,
+        "lora_params_per_expert": expert_parameter_count(models["uniform"].backbone) // len(names),
+        "gate_params": gate_params,
+        "gate_share_of_backbone": {k: v / backbone for k, v in gate_params.items()},
+        "single_model_ms_per_image": single,
+        "ensemble_ms_per_image": ensemble,
+        "time_ratio_to_single": {
+            label: times[label] / single for label in ("uniform", *GATE_VARIANTS.values())
+        },
+        "ensemble_time_ratio_to_single": ensemble / single,
+    }
