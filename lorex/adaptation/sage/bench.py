@@ -87,14 +87,15 @@ QUICK = SageBenchSettings(
     pretrain_samples=1500,
     timing_batch=4,
 )
-# `lorex demo`'s re-ID part: two sources, one small target, about a minute and a half.
+# `lorex demo`'s re-ID part: two sources, a 600-image target, about two and a half minutes.
+# Smaller runs (2 epochs on 500-1000 images) gave experts near chance (4% mAP on reid/a).
 DEMO = SageBenchSettings(
     targets=("reid/a",),
-    source_epochs=2,
-    source_samples=500,
-    sage=SageConfig(epochs=2, max_target_samples=400, gate_iters=10),
-    pretrain_epochs=2,
-    pretrain_samples=1000,
+    source_epochs=3,
+    source_samples=None,
+    sage=SageConfig(epochs=3, max_target_samples=600, gate_iters=20),
+    pretrain_epochs=4,
+    pretrain_samples=None,
     vit_b_timing=False,
     domains=("reid/a", "reid/b", "reid/d"),
 )
