@@ -314,6 +314,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{c.rank_channel} token {c.rank_token}"
             + (f" temporal {c.rank_temporal}, {c.frames}-frame clips" if c.frames > 1 else "")
         )
+    gate = getattr(model.backbone, "gate_config", None)
+    if gate is not None:
+        from lorex.adapters.gated import expert_parameter_count, gate_parameters
+
+        print(
+            f"gate       {gate.kind}: {len(gate.experts)} LoRA experts ({', '.join(gate.experts)}) "
+            f"r={gate.r} scaling={gate.scaling} on {len(gate.target_modules)} layers; "
+            f"{expert_parameter_count(model.backbone):,} expert and "
+            f"{sum(p.numel() for p in gate_parameters(model.backbone)):,} gate parameters"
+        )
     made_by = config.get("made_by", {})
     if made_by:
         print(f"made by    {json.dumps(made_by, sort_keys=True)}")

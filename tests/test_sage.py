@@ -213,6 +213,9 @@ def test_cli_adapt_reid(sources, domains, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "gated-light" in printed and "wrote" in printed
     assert load_model(out).backbone.gate_config.kind == "published"
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "gate       published: 2 LoRA experts" in info
 
 
 def test_cli_adapt_reid_bad_input(sources, domains, tmp_path, capsys):
