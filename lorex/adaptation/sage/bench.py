@@ -78,17 +78,17 @@ FULL = SageBenchSettings(
     pretrain_samples=None,
     digit_targets=tuple(DIGIT_DOMAINS),
 )
+# Smaller runs (2-3 epochs on 500-1,500 images) left every model near chance (4-14% mAP).
 QUICK = SageBenchSettings(
     targets=("reid/a",),
     source_epochs=3,
-    source_samples=800,
-    sage=SageConfig(epochs=2, max_target_samples=600, gate_iters=15),
-    pretrain_epochs=3,
-    pretrain_samples=1500,
+    source_samples=None,
+    sage=SageConfig(epochs=3, max_target_samples=600, gate_iters=20),
+    pretrain_epochs=4,
+    pretrain_samples=None,
     timing_batch=4,
 )
-# `lorex demo`'s re-ID part: two sources, a 600-image target, about two and a half minutes.
-# Smaller runs (2 epochs on 500-1000 images) gave experts near chance (4% mAP on reid/a).
+# `lorex demo`'s re-ID part: QUICK with two sources and no ViT-B timing (about 2.5 minutes).
 DEMO = SageBenchSettings(
     targets=("reid/a",),
     source_epochs=3,
