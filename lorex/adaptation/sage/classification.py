@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import (
     add_target_head,
@@ -41,6 +40,7 @@ from lorex.adaptation.sage.stages import (
     source_names,
     variant_models,
     work_dir,
+    write_adapted,
 )
 from lorex.adapters.gated import mark_gate_trainable
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
@@ -59,7 +59,6 @@ from lorex.training.loop import (
     predict,
     random_shift,
 )
-from lorex.training.run import run_record
 
 log = logging.getLogger("lorex")
 
@@ -262,32 +261,16 @@ def adapt_classification(
         label: gate_weight_means(models[label], test.images[:512], device)
         for label in GATE_VARIANTS.values()
     }
-    metrics = {
-        "target": target,
-        "sources": [str(s) for s in sources],
+    results = {
         "names": names,
-        "gate": cfg.gate,
         "variants": variants,
         "costs": cost,
         "gate_weights": gate_weights,
         "histories": histories,
         "stage_seconds": timings,
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "lorex_version": __version__,
     }
-    save_model(
-        models[GATE_VARIANTS[cfg.gate]],
-        out,
-        seed=cfg.seed,
-        made_by=run_record(
-            "adapt classify",
-            sources=[str(s) for s in sources],
-            target=target,
-            sage=cfg.to_dict(),
-            work=str(work),
-        ),
-        extra_files={"metrics.json": metrics},
+    metrics = write_adapted(
+        "adapt classify", models, out, work, cfg, sources, target, results, device=device
     )
     return metrics
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import train_gate
 from lorex.adaptation.sage.report import gate_weights_png, sage_report
@@ -29,10 +28,10 @@ from lorex.adaptation.sage.stages import (
     source_names,
     variant_models,
     work_dir,
+    write_adapted,
 )
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.io import read_json
-from lorex.models import save_model
 from lorex.training.reid_objective import evaluate_reid, load_reid_data, subset_ids
 from lorex.training.run import run_record
 
@@ -95,38 +94,21 @@ def adapt_reid(
         label: gate_weight_means(models[label], everything, device)
         for label in GATE_VARIANTS.values()
     }
-    metrics: dict[str, Any] = {
-        "target": str(target),
-        "sources": [str(s) for s in sources],
+    results = {
         "names": names,
-        "gate": cfg.gate,
         "variants": variants,
         "costs": cost,
         "gate_weights": gate_weights,
         "histories": histories,
         "stage_seconds": timings,
         "target_train_images": len(images),
-        "config": cfg.to_dict(),
-        "seed": cfg.seed,
-        "lorex_version": __version__,
-        "device": str(device),
     }
-    png = gate_weights_png(gate_weights, names, f"gate weights on {target}")
-    save_model(
-        models[GATE_VARIANTS[cfg.gate]],
-        out,
-        seed=cfg.seed,
-        made_by=run_record(
-            "adapt reid",
-            sources=[str(s) for s in sources],
-            target=str(target),
-            sage=cfg.to_dict(),
-            work=str(work),
-        ),
-        extra_files={
-            "metrics.json": metrics,
-            "report.md": sage_report(metrics).encode(),
-            "gate_weights.png": png,
-        },
+
+    def files(metrics: dict[str, Any]) -> dict[str, Any]:
+        png = gate_weights_png(gate_weights, names, f"gate weights on {target}")
+        return {"report.md": sage_report(metrics).encode(), "gate_weights.png": png}
+
+    metrics = write_adapted(
+        "adapt reid", models, out, work, cfg, sources, str(target), results, files, device
     )
     return metrics

@@ -25,6 +25,7 @@ from lorex.models import LorexModel, is_model_dir, load_model, save_model
 from lorex.models.store import file_sha256
 from lorex.training.loop import TrainResult, as_float
 from lorex.training.reid_objective import _tensor, reid_embeddings
+from lorex.training.run import run_record
 
 log = logging.getLogger("lorex")
 GATE_VARIANTS = {"published": "gated", "light": "gated-light"}
@@ -206,3 +207,40 @@ def costs(
         },
         "ensemble_time_ratio_to_single": ensemble / single,
     }
+
+
+def write_adapted(
+    command: str,
+    models: dict[str, LorexModel],
+    out: Path,
+    work: Path,
+    cfg: SageConfig,
+    sources: Sequence[Path],
+    target: str,
+    results: dict[str, Any],
+    files: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """``metrics.json`` (``results`` plus the run's provenance) and the chosen gate's model,
+    written atomically to ``out``; ``files(metrics)`` adds more files beside them."""
+    metrics: dict[str, Any] = {
+        "target": target,
+        "sources": [str(s) for s in sources],
+        "gate": cfg.gate,
+        **results,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "lorex_version": __version__,
+        "device": str(device) if device is not None else None,
+    }
+    made_by = run_record(
+        command, sources=metrics["sources"], target=target, sage=cfg.to_dict(), work=str(work)
+    )
+    save_model(
+        models[GATE_VARIANTS[cfg.gate]],
+        out,
+        seed=cfg.seed,
+        made_by=made_by,
+        extra_files={"metrics.json": metrics, **(files(metrics) if files else {})},
+    )
+    return metrics
