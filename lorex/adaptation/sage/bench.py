@@ -89,16 +89,7 @@ QUICK = SageBenchSettings(
     timing_batch=4,
 )
 # `lorex demo`'s re-ID part: QUICK with two sources and no ViT-B timing (about 2.5 minutes).
-DEMO = SageBenchSettings(
-    targets=("reid/a",),
-    source_epochs=3,
-    source_samples=None,
-    sage=SageConfig(epochs=3, max_target_samples=600, gate_iters=20),
-    pretrain_epochs=4,
-    pretrain_samples=None,
-    vit_b_timing=False,
-    domains=("reid/a", "reid/b", "reid/d"),
-)
+DEMO = replace(QUICK, vit_b_timing=False, domains=("reid/a", "reid/b", "reid/d"))
 
 
 def _short(domain: str) -> str:
