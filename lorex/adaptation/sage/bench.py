@@ -375,12 +375,10 @@ def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
     targets = [t for t in summary if t in REID_DOMAINS]
     rows = []
     for target in targets:
-        for name, v in summary[target].items():
+        for i, (name, v) in enumerate(summary[target].items()):
             rows.append(
                 [
-                    target
-                    if name.startswith("direct/") and rows_for(summary, target, name)
-                    else "",
+                    target if i == 0 else "",
                     name,
                     f"{100 * v['mAP']:.1f}",
                     f"{100 * v['rank1']:.1f}",
@@ -459,10 +457,6 @@ averaged backbone alone):
 Gate weights per target and layer: `gate_weights.png`. Seconds per stage:
 {", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items())}.
 """
-
-
-def rows_for(summary: dict, target: str, name: str) -> bool:
-    return name == next(iter(summary[target]))
 
 
 def _vit_b_text(vit_b: dict | None, first: dict) -> str:

@@ -8,7 +8,6 @@ target-test mAP; we keep the last model). Stage outputs go to a work directory b
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from lorex.io import read_json
 from lorex.training.reid_objective import evaluate_reid, load_reid_data, subset_ids
 from lorex.training.run import run_record
 
-log = logging.getLogger("lorex")
 __all__ = ["GATE_VARIANTS", "adapt_reid", "source_names"]
 
 
