@@ -169,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resolve_device(args.device),
         head_from=args.head_from,
         freeze_head=args.freeze_head,
+        feature_stats=args.feature_stats,
     )
     print(
         f"trained {args.out} ({args.method}): "
@@ -182,7 +183,11 @@ def _train_reid(args: argparse.Namespace, method) -> int:
     from lorex.training.reid_objective import DEFAULT_INSTANCES, reid_line, train_reid_expert
     from lorex.training.run import resolve_device
 
-    for flag, given in (("--head-from", args.head_from), ("--freeze-head", args.freeze_head)):
+    for flag, given in (
+        ("--head-from", args.head_from),
+        ("--freeze-head", args.freeze_head),
+        ("--feature-stats", args.feature_stats),
+    ):
         if given:
             raise LorexError(f"{flag} does not apply to --objective reid")
     metrics = train_reid_expert(
@@ -474,6 +479,28 @@ def cmd_adapt_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
+    from lorex.adaptation.cross_modal import adapt_cross_modal
+    from lorex.adaptation.cross_modal.options import config_from_args
+    from lorex.training.run import resolve_device
+
+    metrics = adapt_cross_modal(
+        args.source,
+        args.target,
+        args.ti,
+        args.out,
+        args.method,
+        config_from_args(args),
+        resolve_device(args.device),
+    )
+    for name, r in metrics["methods"].items():
+        test = r.get("test_accuracy")
+        extra = f", test split {100 * test:5.1f}" if test is not None else ""
+        print(f"{name:>18}: accuracy {100 * r['accuracy']:5.1f}{extra} ({r['seconds']:.0f} s)")
+    print(f"wrote {args.out} ({next(iter(metrics['methods']))}'s model, metrics.json, report.md)")
+    return 0
+
+
 def cmd_bench_sage(args: argparse.Namespace) -> int:
     from lorex.adaptation.sage.bench import run_sage_bench
     from lorex.training.run import resolve_device
@@ -486,6 +513,19 @@ def cmd_bench_sage(args: argparse.Namespace) -> int:
         f"gated beats every LoRA expert and the uniform mix on {g['gated_wins']} of "
         f"{g['targets']} targets (light gate: {g['gated_light_wins']})"
     )
+    print(f"wrote {args.out / 'results.md'}")
+    return 0
+
+
+def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
+    from lorex.adaptation.cross_modal.bench import run_cross_modal_bench
+    from lorex.training.run import resolve_device
+
+    summary = run_cross_modal_bench(
+        args.out, quick=args.quick, seed=args.seed, device=resolve_device(args.device)
+    )
+    for method, value in summary["goals"]["mean_accuracy"].items():
+        print(f"{method:>18}: mean accuracy {100 * value:5.1f}")
     print(f"wrote {args.out / 'results.md'}")
     return 0
 
@@ -551,6 +591,7 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lorex.adaptation.cross_modal.options import add_cross_modal_options
     from lorex.backbones import PRESETS
     from lorex.training.methods import METHODS
 
@@ -606,6 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze-head",
         action="store_true",
         help="keep that head fixed while the rest trains (experts that merge better)",
+    )
+    p.add_argument(
+        "--feature-stats",
+        action="store_true",
+        help="also record the training set's per-block feature statistics "
+        "(feature_stats.safetensors), which SOCKET/TGKT's statistics matching reads from a "
+        "source model, as a ResNet keeps them in its BatchNorm buffers",
     )
     p.add_argument(
         "--objective",
@@ -699,6 +747,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_bench_sage)
+    p = bench_sub.add_parser(
+        "cross-modal",
+        help="source-only, SHOT, SOCKET, TGMB + TGKT and ablations on the built-in RGB -> depth "
+        "and RGB -> NIR tasks (same- and cross-sensor)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
+    p.add_argument("--quick", action="store_true", help="two tasks, small settings (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(func=cmd_bench_cross_modal)
 
     adapt = sub.add_parser("adapt", help="adapt experts to an unlabelled target domain")
     adapt_sub = adapt.add_subparsers(dest="what", required=True, parser_class=_Parser)
@@ -730,6 +788,29 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sage_options(p)
         _add_device(p)
         p.set_defaults(func=func)
+
+    p = adapt_sub.add_parser(
+        "cross-modal",
+        help="an RGB source model to depth or NIR without its RGB data, with task-irrelevant "
+        "RGB-X pairs (TGMB + TGKT, SOCKET, SHOT, source-only)",
+    )
+    p.add_argument("--source", required=True, type=Path, help="the RGB source model")
+    p.add_argument(
+        "--target", required=True, help="unlabelled target: rgbd/k1 ... or a paired folder"
+    )
+    p.add_argument("--ti", required=True, help="task-irrelevant pairs: rgbd/ti ... or a folder")
+    p.add_argument("--out", required=True, type=Path, help="the first method's model (atomic)")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=["tgmb-tgkt"],
+        help="methods to run: source-only, shot, socket, tgmb-tgkt, the ablations "
+        "(tgmb-only, tgmb-tgkt-no-ti, -no-self, -no-adv, -no-im), 'all' (the four main ones) "
+        "or 'ablations' (default: tgmb-tgkt)",
+    )
+    add_cross_modal_options(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_adapt_cross_modal)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
     p.add_argument("checkpoint", type=Path, help=".safetensors (or .pth, loaded with weights_only)")

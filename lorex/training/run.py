@@ -179,11 +179,14 @@ def train_expert(
     progress: bool | None = None,
     head_from: str | Path | None = None,
     freeze_head: bool = False,
+    feature_stats: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` on one dataset with ``method`` and save the expert with its metrics.
 
     ``head_from`` starts the task head from another model's head for the same task (a linear
     probe); ``freeze_head`` keeps it fixed while the rest trains (it needs ``head_from``).
+    ``feature_stats`` also records the per-block token statistics of the training set (what
+    SOCKET's BN-statistics matching needs from a source model; docs/cross_modal.md).
     """
     if freeze_head and head_from is None:
         raise LorexError("--freeze-head needs --head-from: a fixed zero head cannot learn a task")
@@ -226,7 +229,20 @@ def train_expert(
     )
     if head_from is not None:
         made_by.update(head_from=str(head_from), freeze_head=freeze_head)
-    save_expert(model, out, method, base, cfg, made_by, metrics, result, f"{method.name} on {data}")
+    extra = {}
+    if feature_stats:
+        from lorex.adaptation.cross_modal.statistics import (
+            STATS_FILE,
+            feature_statistics,
+            stats_bytes,
+        )
+
+        x, _ = images_to_tensor(train)
+        extra[STATS_FILE] = stats_bytes(*feature_statistics(model, x, device))
+        made_by["feature_stats"] = True
+    save_expert(
+        model, out, method, base, cfg, made_by, metrics, result, f"{method.name} on {data}", extra
+    )
     log.info("trained %s expert %s: test accuracy %.4f on %s", method.name, out, acc, data)
     return metrics
 
@@ -241,6 +257,7 @@ def save_expert(
     metrics: dict[str, Any],
     result: TrainResult,
     title: str,
+    extra_files: dict[str, Any] | None = None,
 ) -> None:
     """Write a trained expert atomically with its metrics and loss curve. Only the active head is
     kept: a delta model must not save the base's heads a second time."""
@@ -254,5 +271,9 @@ def save_expert(
         base_dir=base if method.saves == "delta" else None,
         made_by=made_by,
         seed=cfg.seed,
-        extra_files={"metrics.json": metrics, "train_curve.png": curve_png(result.history, title)},
+        extra_files={
+            "metrics.json": metrics,
+            "train_curve.png": curve_png(result.history, title),
+            **(extra_files or {}),
+        },
     )

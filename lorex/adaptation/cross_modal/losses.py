@@ -1,0 +1,81 @@
+"""The losses of SHOT, SOCKET, TGMB and TGKT as plain functions of tensors.
+
+Each is small enough to check by hand on a tiny batch (tests/test_cross_modal.py does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-row Shannon entropy (natural log) of probabilities ``(B, C)``."""
+    return -(probs * torch.log(probs.clamp_min(1e-8))).sum(-1)
+
+
+def information_maximisation(logits: torch.Tensor) -> torch.Tensor:
+    """SHOT's L_IM: mean per-image entropy (confident predictions) minus the entropy of the
+    mean prediction (diverse predictions over the batch)."""
+    probs = F.softmax(logits, dim=1)
+    return entropy(probs).mean() - entropy(probs.mean(0))
+
+
+def kl_distillation(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    confidence: bool = True,
+) -> torch.Tensor:
+    """TGKT's distillation: KL(teacher || student) at temperature ``T`` times ``T**2``, per image
+    weighted by the teacher's top probability when ``confidence`` (unsure teachers count less);
+    the teacher is never differentiated."""
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (teacher * (torch.log(teacher.clamp_min(1e-8)) - log_student)).sum(1)
+    weight = teacher.max(1).values if confidence else torch.ones_like(kl)
+    return (weight * kl).mean() * temperature**2
+
+
+def feature_alignment(student: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """TI feature matching: the mean L2 distance between the target model's features of TI
+    target images and the frozen source model's features of their paired RGB images.
+    (SOCKET takes the Frobenius norm of the whole batch, which grows with the batch size; the
+    per-pair mean keeps the weight independent of it.)"""
+    return (student - source.detach()).norm(dim=1).mean()
+
+
+def token_statistics(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of block tokens ``(B, N, D)`` over images and
+    tokens: what a BatchNorm layer would track at that depth."""
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    return flat.mean(0), flat.var(0, unbiased=False)
+
+
+def statistics_matching(
+    block_tokens: list[torch.Tensor],
+    source_means: list[torch.Tensor],
+    source_vars: list[torch.Tensor],
+    first_factor: float = 10.0,
+) -> torch.Tensor:
+    """SOCKET's distribution matching on a ViT: per block, the L2 distance between the batch's
+    channel means and the source's, plus the same for the variances; the first block's term
+    counts ``first_factor`` times (SOCKET weights its first BN layer x10)."""
+    total = block_tokens[0].new_zeros(())
+    for i, (tokens, mu_s, var_s) in enumerate(
+        zip(block_tokens, source_means, source_vars, strict=True)
+    ):
+        mu, var = token_statistics(tokens)
+        term = (mu - mu_s).norm() + (var - var_s).norm()
+        total = total + (first_factor if i == 0 else 1.0) * term
+    return total / len(block_tokens)
+
+
+def lsgan_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The critic's least-squares GAN loss: real scores towards 1, fake towards 0."""
+    return 0.5 * ((real_scores - 1).pow(2).mean() + fake_scores.pow(2).mean())
+
+
+def lsgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """The translator's side of L_D: translated target images should score as real RGB."""
+    return 0.5 * (fake_scores - 1).pow(2).mean()

@@ -1,0 +1,217 @@
+"""``adapt_cross_modal``: an RGB source model to a depth or NIR target, with TI pairs only.
+
+What is read: the source model; the task-relevant (TR) target images without their RGB partners
+(``load_paired(..., with_rgb=False)`` never touches an RGB file); the TI pairs of other classes.
+Target labels are read only to score the result. Accuracy is transductive, on the adaptation set
+itself (SOCKET's protocol), and also reported on the held-out test split when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from lorex import __version__
+from lorex.adaptation.cross_modal.config import CrossModalConfig
+from lorex.adaptation.cross_modal.methods import resolve_methods
+from lorex.adaptation.cross_modal.report import cross_modal_report, translations_png
+from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
+from lorex.adaptation.cross_modal.tgmb import train_translator, translate
+from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
+from lorex.data.paired import PairedDataset, load_paired
+from lorex.errors import LorexError
+from lorex.models import LorexModel, load_model, save_model
+from lorex.training.run import run_record
+
+log = logging.getLogger("lorex")
+
+
+def _accuracy(model: LorexModel, images: torch.Tensor, labels: np.ndarray, device) -> float:
+    _, logits = features_and_logits(model, images, device)
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def check_inputs(source: LorexModel, path: Path, target: PairedDataset, ti: PairedDataset) -> None:
+    """One-line refusals of a source, target and TI set that do not fit together."""
+    if source.active_head is None:
+        raise LorexError(f"{path}: the source model has no classification head")
+    if list(source.classes) != list(target.classes):
+        raise LorexError(
+            f"{target.name}: target classes {target.classes} differ from the source head's "
+            f"{source.classes} ({path})"
+        )
+    if ti.modality != target.modality:
+        raise LorexError(
+            f"{ti.name}: TI pairs are RGB-{ti.modality}, the target is {target.modality}"
+        )
+    hw = tuple(target.target.shape[1:3])
+    for data in (target, ti):
+        if tuple(data.target.shape[1:3]) != tuple(source.image_hw):
+            raise LorexError(
+                f"{data.name}: images are {data.target.shape[1]}x{data.target.shape[2]}, the "
+                f"source takes {source.image_hw[0]}x{source.image_hw[1]}"
+            )
+    if tuple(ti.target.shape[1:3]) != hw:
+        raise LorexError(f"{ti.name}: TI images differ in size from the target's")
+    if overlap := set(ti.classes) & set(target.classes):
+        raise LorexError(
+            f"{ti.name}: TI classes must be outside the task; shared: {sorted(overlap)}"
+        )
+
+
+def _source_statistics(
+    source: LorexModel, path: Path, ti_rgb: torch.Tensor, device: torch.device
+) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], str]:
+    stats = load_statistics(path, device)
+    depth = len(source.backbone.forward_tokens(ti_rgb[:1].to(device)))
+    if stats is not None:
+        if len(stats[0]) != depth or stats[0][0].shape[-1] != source.num_features:
+            raise LorexError(
+                f"{path}: feature_stats.safetensors does not fit this model ({len(stats[0])} "
+                f"blocks of {stats[0][0].shape[-1]}, expected {depth} of {source.num_features})"
+            )
+        return stats, "recorded with the source (its training set)"
+    return feature_statistics(source, ti_rgb, device), "TI RGB through the source (no record)"
+
+
+def adapt_cross_modal(
+    source: str | Path,
+    target: str,
+    ti: str,
+    out: str | Path,
+    methods: Sequence[str] = ("tgmb-tgkt",),
+    cfg: CrossModalConfig | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run ``methods`` (names, ``all`` or ``ablations``) and write the first method's model to
+    ``out`` with ``metrics.json`` (every method's accuracy), ``report.md``, the translator and a
+    PNG of translated images when TGMB ran."""
+    cfg = cfg or CrossModalConfig()
+    device = torch.device(device)
+    chosen = resolve_methods(list(methods))
+    source_dir = Path(source)
+    model = load_model(source_dir, device)
+    model.requires_grad_(False)
+    tr = load_paired(target, "train", with_rgb=False, max_samples=cfg.max_target_samples)
+    tr_test = _test_split(target)
+    ti_pairs = load_paired(
+        ti, "train", with_rgb=True, max_samples=cfg.max_ti_samples, seed=cfg.seed
+    )
+    check_inputs(model, source_dir, tr, ti_pairs)
+    x_tr, x_test = tr.target_tensor(), tr_test.target_tensor() if tr_test else None
+    ti_t, ti_rgb = ti_pairs.target_tensor(), ti_pairs.rgb_tensor()
+    ti_source_features, _ = features_and_logits(model, ti_rgb, device)
+    stats, stats_origin = _source_statistics(model, source_dir, ti_rgb, device)
+
+    translators: dict[tuple, tuple[nn.Module, list, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    models: dict[str, LorexModel] = {}
+    for method in chosen:
+        start = time.perf_counter()
+        m_cfg = method.settings(cfg)
+        record: dict[str, Any] = {"description": method.description}
+        teacher = None
+        if method.translator:
+            key = (m_cfg.tgmb_im_weight, m_cfg.adv_weight, m_cfg.rec_weight)
+            if key not in translators:
+                tick = time.perf_counter()
+                net, history = train_translator(model, ti_t, ti_rgb, x_tr, m_cfg, device, progress)
+                translators[key] = (net, history, time.perf_counter() - tick)
+            net, history, seconds = translators[key]
+            record.update(translator_history=history, translator_seconds=seconds)
+            _, teacher = features_and_logits(model, translate(net, x_tr, device), device)
+            record["translated_accuracy"] = float((teacher.argmax(1).numpy() == tr.labels).mean())
+        if method.trains_target:
+            adapted, result = train_target_model(
+                model,
+                x_tr,
+                m_cfg,
+                device,
+                ti_target=ti_t,
+                ti_source_features=ti_source_features,
+                teacher_logits=teacher,
+                source_stats=stats,
+                progress=progress,
+                desc=method.name,
+            )
+            record["history"] = result.history
+            record["trainable_params"] = result.trainable_params
+            record["peak_train_mb"] = result.peak_train_mb
+            models[method.name] = adapted
+            record["accuracy"] = _accuracy(adapted, x_tr, tr.labels, device)
+            if x_test is not None:
+                record["test_accuracy"] = _accuracy(adapted, x_test, tr_test.labels, device)
+        else:
+            if teacher is not None:  # tgmb-only: the source reads the translations
+                record["accuracy"] = record["translated_accuracy"]
+                if x_test is not None:
+                    _, lt = features_and_logits(model, translate(net, x_test, device), device)
+                    record["test_accuracy"] = float((lt.argmax(1).numpy() == tr_test.labels).mean())
+            else:
+                record["accuracy"] = _accuracy(model, x_tr, tr.labels, device)
+                if x_test is not None:
+                    record["test_accuracy"] = _accuracy(model, x_test, tr_test.labels, device)
+            models[method.name] = model
+        record["seconds"] = time.perf_counter() - start
+        results[method.name] = record
+        log.info("%s: accuracy %.4f (%.0f s)", method.name, record["accuracy"], record["seconds"])
+
+    metrics = {
+        "source": str(source_dir),
+        "target": target,
+        "ti": ti,
+        "modality": tr.modality,
+        "target_samples": len(tr),
+        "ti_pairs": len(ti_pairs),
+        "source_statistics": stats_origin,
+        "methods": results,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "lorex_version": __version__,
+        "device": str(device),
+    }
+    first = chosen[0].name
+    files: dict[str, Any] = {
+        "metrics.json": metrics,
+        "report.md": cross_modal_report(metrics).encode(),
+    }
+    if translators:
+        net = next(iter(translators.values()))[0]
+        files["translations.png"] = translations_png(
+            ti_t[:8],
+            ti_rgb[:8],
+            translate(net, ti_t[:8], device),
+            x_tr[:8],
+            translate(net, x_tr[:8], device),
+        )
+        files["translator.safetensors"] = save(
+            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+            metadata={"arch": cfg.translator, "width": str(cfg.translator_width)},
+        )
+    made_by = run_record(
+        "adapt cross-modal",
+        source=str(source_dir),
+        target=target,
+        ti=ti,
+        methods=[m.name for m in chosen],
+        cross_modal=cfg.to_dict(),
+    )
+    out = Path(out)
+    save_model(models[first], out, made_by=made_by, seed=cfg.seed, extra_files=files)
+    return metrics
+
+
+def _test_split(name: str) -> PairedDataset | None:
+    try:
+        return load_paired(name, "test", with_rgb=False)
+    except LorexError:
+        return None
