@@ -97,6 +97,7 @@ def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: f
 def cmd_data_list(args: argparse.Namespace) -> int:
     from lorex.data import BUILTINS, load_dataset
     from lorex.data.reid_synth import DOMAINS, split_sizes
+    from lorex.data.rgbx_synth import PAIRED
 
     print(f"{'name':<20} {'train':>7} {'test':>6} {'classes':>7}  description")
     for name, spec in BUILTINS.items():
@@ -111,12 +112,19 @@ def cmd_data_list(args: argparse.Namespace) -> int:
             f"{name:<9} {d.num_ids:>4} {d.cameras:>4} {n['train']:>6} {n['query']:>6} "
             f"{n['gallery']:>7}  {d.description}"
         )
+    print(f"\n{'paired':<10} {'modality':<8} {'sensor':<6} {'train':>6} {'test':>5}  classes")
+    for name, p in PAIRED.items():
+        print(
+            f"{name:<10} {p.modality:<8} {p.sensor:<6} {p.size('train'):>6} {p.size('test'):>5}  "
+            f"{', '.join(p.classes)}: {p.description}"
+        )
     return 0
 
 
 def cmd_data_make(args: argparse.Namespace) -> int:
     from lorex.data import load_dataset, write_imagefolder
     from lorex.data.market1501 import write_market1501
+    from lorex.data.paired import PAIRED_SETS, is_paired_folder, load_paired, write_paired_folder
     from lorex.data.reid_synth import load_reid
     from lorex.io import atomic_directory
 
@@ -128,6 +136,16 @@ def cmd_data_make(args: argparse.Namespace) -> int:
             write_market1501(tmp, data)
         sizes = {s: len(getattr(data, s)) for s in ("train", "query", "gallery")}
         print(f"wrote {args.out}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
+        return 0
+    if args.name in PAIRED_SETS or (Path(args.name).is_dir() and is_paired_folder(args.name)):
+        pairs = {
+            s: load_paired(args.name, s, True, args.max_samples, args.seed)
+            for s in ("train", "test")
+        }
+        with atomic_directory(args.out) as tmp:
+            for split, data in pairs.items():
+                write_paired_folder(data, tmp / split)
+        print(f"wrote {args.out}: " + ", ".join(f"{s} {len(d)}" for s, d in pairs.items()))
         return 0
     splits = {s: load_dataset(args.name, s, args.max_samples, args.seed) for s in ("train", "test")}
     with atomic_directory(args.out) as tmp:
@@ -608,9 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("list", help="print the built-in datasets and their sizes")
     p.set_defaults(func=cmd_data_list)
     p = data_sub.add_parser(
-        "make", help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/)"
+        "make",
+        help="write a dataset in ImageFolder layout (DIR/{train,test}/<class>/); a paired set "
+        "(rgbd/k1, rgbnir/a, ...) as DIR/{train,test}/{rgb,depth|nir}/<class>/",
     )
-    p.add_argument("name", help="a built-in dataset name, e.g. digits/mnistm")
+    p.add_argument("name", help="a built-in dataset name, e.g. digits/mnistm or rgbd/k1")
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     p.add_argument(
         "--max-samples", type=_positive_int, default=None, help="per split, class-balanced"

@@ -193,6 +193,7 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         frozen_head_experts=True,
         merge_kinds=("full", "frozen-head"),
         reid=False,  # tests/test_sage.py runs the re-ID part (lorex bench sage) on tiny settings
+        cross_modal=False,  # tests/test_cross_modal.py runs lorex bench cross-modal on tiny ones
     )
     report = run_demo(tmp_path / "demo", settings=tiny)
     text = report.read_text()

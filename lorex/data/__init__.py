@@ -2,6 +2,7 @@
 
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder, write_imagefolder
+from lorex.data.paired import PAIRED_SETS, PairedDataset, load_paired
 from lorex.data.registry import BUILTINS, DIGIT_DOMAINS, cache_dir, load_dataset
 from lorex.data.reid_synth import REID_DOMAINS, load_reid, make_reid_domain
 
@@ -9,9 +10,12 @@ __all__ = [
     "BUILTINS",
     "DIGIT_DOMAINS",
     "ImageDataset",
+    "PAIRED_SETS",
+    "PairedDataset",
     "REID_DOMAINS",
     "cache_dir",
     "load_dataset",
+    "load_paired",
     "load_reid",
     "make_reid_domain",
     "read_imagefolder",

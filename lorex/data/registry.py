@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lorex.data import digits, moving_digits, pretrain
+from lorex.data import digits, moving_digits, pretrain, rgbx_synth
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder
+from lorex.data.paired import PAIRED_SETS, load_paired
 from lorex.errors import LorexError
 from lorex.io import atomic_write_bytes
 
@@ -56,6 +57,28 @@ BUILTINS: dict[str, BuiltinDataset] = {
 DIGIT_DOMAINS = [n for n in BUILTINS if n.startswith("digits/")]
 
 
+def _paired_view(paired: str, part: str) -> Callable[[str], ImageDataset]:
+    """One modality of a paired set as an ordinary dataset (RGB, or depth/NIR as grey)."""
+
+    def make(split: str) -> ImageDataset:
+        data = load_paired(paired, split, with_rgb=part == "rgb")
+        return data.rgb_view() if part == "rgb" else data.target_view()
+
+    return make
+
+
+for _spec in rgbx_synth.PAIRED.values():
+    if len(_spec.sensors) == 1:  # the task-relevant sets; task-irrelevant ones stay paired
+        for _part in ("rgb", _spec.modality):
+            _what = "RGB images" if _part == "rgb" else f"{_spec.modality} as grey images"
+            BUILTINS[f"{_spec.name}/{_part}"] = BuiltinDataset(
+                f"{_spec.name}/{_part}",
+                _paired_view(_spec.name, _part),
+                f"{_what} of the paired set {_spec.name}",
+                rgbx_synth.VERSION,
+            )
+
+
 def cache_dir() -> Path:
     """``$LOREX_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorex``, else ``~/.cache/lorex``."""
     if os.environ.get("LOREX_CACHE_DIR"):
@@ -94,6 +117,10 @@ def load_dataset(
         data = _load_builtin(BUILTINS[name], split)
     elif Path(name).exists():
         data = read_imagefolder(name, split)
+    elif name in PAIRED_SETS:
+        raise LorexError(
+            f"'{name}' is a paired set; use one modality, e.g. '{name}/rgb', or load_paired"
+        )
     else:
         close = difflib.get_close_matches(name, list(BUILTINS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; built-in: {', '.join(BUILTINS)}"
