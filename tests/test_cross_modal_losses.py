@@ -55,24 +55,29 @@ def test_kl_distillation_never_moves_the_teacher():
     assert teacher.grad is None and student.grad is not None
 
 
-def test_feature_alignment_is_the_mean_pair_distance():
+def test_feature_alignment_is_the_mean_pair_rms_distance():
     student = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     source = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    assert feature_alignment(student, source).item() == pytest.approx(3.0)  # (5 + 1) / 2
+    # Pair distances 5 and 1, over sqrt(2 channels), averaged.
+    assert feature_alignment(student, source).item() == pytest.approx(3.0 / math.sqrt(2))
 
 
 def test_statistics_matching_by_hand():
     tokens = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])  # one image, two tokens, two channels
     mean, var = token_statistics(tokens)
     assert mean.tolist() == [2.0, 4.0] and var.tolist() == [1.0, 4.0]
-    # Block 0 differs by |(2, 0)| + |(0, 4)| = 6 and counts x10; block 1 matches exactly.
+    # Block 0's source: means (0, 4), variances (1, 16), i.e. deviations (1, 4). The batch mean
+    # is off by (2/1, 0/4) deviations and the variances by (1-1, 4-16)/(1, 16) = (0, -3/4),
+    # each an RMS over 2 channels; block 0 counts x10 and block 1 matches exactly.
     loss = statistics_matching(
         [tokens, tokens],
         [torch.tensor([0.0, 4.0]), mean],
-        [torch.tensor([1.0, 0.0]), var],
+        [torch.tensor([1.0, 16.0]), var],
         first_factor=10.0,
+        eps=0.0,
     )
-    assert loss.item() == pytest.approx((10 * 6 + 0) / 2)
+    block0 = 2.0 / math.sqrt(2) + 0.75 / math.sqrt(2)
+    assert loss.item() == pytest.approx((10 * block0 + 0) / 2, rel=1e-6)
 
 
 def test_lsgan_losses_by_hand():

@@ -23,7 +23,7 @@ from lorex.data.reid_render import hsv_to_rgb, resample_matrix
 from lorex.errors import LorexError
 from lorex.io import atomic_write_bytes
 
-VERSION = 1  # bump when the generator changes, so stale caches are not reused
+VERSION = 2  # bump when the generator changes, so stale caches are not reused
 SIZE = 32
 SUPERSAMPLE = 2  # geometry is cast at 64x64; images are area-averaged down to 32x32
 CHUNK = 128  # scenes rendered at once: bounded memory, the same arrays whatever the machine
@@ -79,7 +79,7 @@ class Sensor:
 SENSORS = {
     s.name: s
     for s in [
-        Sensor("k1", "depth", 50.0, 20, 0.5, (1.1, 1.0, 0.84), 0.9, 1.0, 3.0,
+        Sensor("k1", "depth", 50.0, 24, 0.4, (1.1, 1.0, 0.84), 0.9, 1.0, 3.0,
                "Kinect-v1-like structured light: 0.5-4.5 m, disparity-quantised, edge holes"),
         Sensor("k2", "depth", 60.0, 32, 0.2, (0.92, 1.0, 1.1), 1.0, 0.9, 1.5,
                "Kinect-v2-like time of flight: 0.5-8 m, noise grows with z, flying pixels"),
@@ -109,7 +109,7 @@ class PairedSpec:
         return self.per_class[split] * len(self.classes) * len(self.sensors)
 
 
-_TR = {"train": 150, "test": 50}
+_TR = {"train": 400, "test": 50}
 _TI = {"train": 100, "test": 25}
 PAIRED: dict[str, PairedSpec] = {
     s.name: s
@@ -139,7 +139,7 @@ def sample_scenes(rng: np.random.Generator, labels: np.ndarray, classes: tuple[s
     scale = rng.uniform(0.2, 0.45, n)
     yaw = rng.uniform(0.0, 2 * np.pi, n)
     center = np.stack([rng.uniform(-0.25, 0.25, n), scale * bottom, rng.uniform(-0.25, 0.25, n)], 1)
-    dist = scale * rng.uniform(2.8, 5.0, n)
+    dist = scale * rng.uniform(2.2, 3.8, n)
     el, az = np.radians(rng.uniform(10.0, 40.0, n)), np.radians(rng.uniform(-40.0, 40.0, n))
     jitter = rng.normal(0.0, 0.15, (n, 2)) * scale[:, None]  # the object is not always centred
     target = center + np.concatenate([jitter, np.zeros((n, 1))], 1)

@@ -39,6 +39,7 @@ class CrossModalConfig:
     translator_steps: int = 600
     translator_lr: float = 2e-4  # Adam, betas (0.5, 0.999), for the translator and the critic
     rec_weight: float = 1.0  # L_rec: MSE to the paired TI RGB
+    tgmb_feat_weight: float = 0.0  # L_rec in the source's feature space (lorex's addition)
     tgmb_im_weight: float = 1.0  # L_IM through the frozen source model on translated TR images
     adv_weight: float = 0.1  # L_D: LSGAN critic, real TI RGB vs translated TR target; 0 = off
     # Data.
@@ -54,6 +55,7 @@ class CrossModalConfig:
             "ti_weight",
             "kd_weight",
             "rec_weight",
+            "tgmb_feat_weight",
             "tgmb_im_weight",
             "adv_weight",
             "weight_decay",

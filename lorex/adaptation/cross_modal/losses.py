@@ -38,11 +38,13 @@ def kl_distillation(
 
 
 def feature_alignment(student: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """TI feature matching: the mean L2 distance between the target model's features of TI
-    target images and the frozen source model's features of their paired RGB images.
-    (SOCKET takes the Frobenius norm of the whole batch, which grows with the batch size; the
-    per-pair mean keeps the weight independent of it.)"""
-    return (student - source.detach()).norm(dim=1).mean()
+    """TI feature matching: the distance between the target model's features of TI target
+    images and the frozen source model's features of their paired RGB images, as a root mean
+    square over channels, averaged over pairs. (SOCKET takes the Frobenius norm of the whole
+    batch, which grows with the batch size and the width; this form keeps the weight's meaning
+    the same for any batch and any backbone.)"""
+    diff = student - source.detach()
+    return (diff.norm(dim=1) / diff.shape[1] ** 0.5).mean()
 
 
 def token_statistics(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +59,22 @@ def statistics_matching(
     source_means: list[torch.Tensor],
     source_vars: list[torch.Tensor],
     first_factor: float = 10.0,
+    eps: float = 1e-5,
 ) -> torch.Tensor:
-    """SOCKET's distribution matching on a ViT: per block, the L2 distance between the batch's
-    channel means and the source's, plus the same for the variances; the first block's term
-    counts ``first_factor`` times (SOCKET weights its first BN layer x10)."""
+    """SOCKET's distribution matching on a ViT. Per block: the RMS over channels of the batch
+    mean's offset from the source mean in source standard deviations, plus the RMS of the
+    batch variance's relative offset from the source variance; the first block counts
+    ``first_factor`` times (SOCKET weights its first BN layer x10); averaged over blocks.
+    Standardising by the source's own spread makes every block count alike, where raw token
+    moments grow with depth in a pre-norm ViT."""
     total = block_tokens[0].new_zeros(())
     for i, (tokens, mu_s, var_s) in enumerate(
         zip(block_tokens, source_means, source_vars, strict=True)
     ):
         mu, var = token_statistics(tokens)
-        term = (mu - mu_s).norm() + (var - var_s).norm()
+        scale = mu.shape[0] ** 0.5
+        term = ((mu - mu_s) / (var_s + eps).sqrt()).norm() / scale
+        term = term + ((var - var_s) / (var_s + eps)).norm() / scale
         total = total + (first_factor if i == 0 else 1.0) * term
     return total / len(block_tokens)
 

@@ -27,6 +27,7 @@ HELP = {
     "translator_steps": "TGMB Adam steps",
     "translator_lr": "TGMB Adam lr (betas 0.5, 0.999)",
     "rec_weight": "TGMB reconstruction (MSE to the paired TI RGB)",
+    "tgmb_feat_weight": "TGMB reconstruction in the source's feature space (lorex's addition)",
     "tgmb_im_weight": "TGMB information maximisation through the frozen source",
     "adv_weight": "TGMB LSGAN critic weight (0: off)",
     "max_target_samples": "use at most N target images (class-balanced)",

@@ -121,10 +121,12 @@ def adapt_cross_modal(
         record: dict[str, Any] = {"description": method.description}
         teacher = None
         if method.translator:
-            key = (m_cfg.tgmb_im_weight, m_cfg.adv_weight, m_cfg.rec_weight)
+            key = (m_cfg.tgmb_im_weight, m_cfg.adv_weight, m_cfg.rec_weight, m_cfg.tgmb_feat_weight)
             if key not in translators:
                 tick = time.perf_counter()
-                net, history = train_translator(model, ti_t, ti_rgb, x_tr, m_cfg, device, progress)
+                net, history = train_translator(
+                    model, ti_t, ti_rgb, x_tr, m_cfg, device, progress, ti_source_features
+                )
                 translators[key] = (net, history, time.perf_counter() - tick)
             net, history, seconds = translators[key]
             record.update(translator_history=history, translator_seconds=seconds)

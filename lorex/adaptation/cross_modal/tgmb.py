@@ -1,10 +1,11 @@
 """TGMB: train a translator from the target modality to source-like RGB, with the source frozen.
 
-Three losses (docs/cross_modal.md): reconstruction of the paired TI RGB (closes the gap between
-the modalities, on classes outside the task), information maximisation of the frozen source's
-predictions on translated task-relevant target images (makes the translations readable by the
-source), and an optional LSGAN critic between real TI RGB and translated task-relevant target
-images (closes the gap between TI and TR content). Only the translator and the critic learn.
+Losses (docs/cross_modal.md): reconstruction of the paired TI RGB, which closes the gap between
+the modalities on classes outside the task (in pixels, and optionally in the frozen source's
+feature space, so that translations read to the source like their real RGB); information
+maximisation of the frozen source's predictions on translated task-relevant target images; and
+an optional LSGAN critic between real TI RGB and translated task-relevant target images (closes
+the gap between TI and TR content). Only the translator and the critic learn.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.losses import (
+    feature_alignment,
     information_maximisation,
     lsgan_critic_loss,
     lsgan_generator_loss,
@@ -33,12 +35,17 @@ def train_translator(
     cfg: CrossModalConfig,
     device: torch.device,
     progress: bool | None = None,
+    ti_source_features: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """The trained translator (in eval mode) and its loss curve (one entry per 50 steps).
 
     ``ti_target`` ``(M, 1, H, W)`` and ``ti_rgb`` ``(M, 3, H, W)`` are the TI pairs; ``target``
     ``(N, 1, H, W)`` the unlabelled task-relevant target images; all in [0, 1] on the CPU.
+    ``ti_source_features``: the source's features of ``ti_rgb``, needed when ``tgmb_feat_weight``
+    is positive.
     """
+    if cfg.tgmb_feat_weight > 0 and ti_source_features is None:
+        raise ValueError("tgmb_feat_weight > 0 needs the source's features of the TI RGB")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     translator = build_translator(cfg.translator, cfg.translator_width).to(device)
@@ -67,12 +74,17 @@ def train_translator(
         fake_ti = translator(ti_in)
         fake_tr = translator(tr_in)
         terms = {"rec": F.mse_loss(fake_ti, ti_out)}
+        if cfg.tgmb_feat_weight > 0:
+            terms["feat"] = feature_alignment(
+                source.features(fake_ti), ti_source_features[ti_idx].to(device)
+            )
         if cfg.tgmb_im_weight > 0:
             terms["im"] = information_maximisation(source(fake_tr))
         if critic is not None:
             terms["adv"] = lsgan_generator_loss(critic(fake_tr))
         loss = (
             cfg.rec_weight * terms["rec"]
+            + cfg.tgmb_feat_weight * terms.get("feat", 0.0)
             + cfg.tgmb_im_weight * terms.get("im", 0.0)
             + cfg.adv_weight * terms.get("adv", 0.0)
         )
@@ -88,7 +100,7 @@ def train_translator(
             opt_c.step()
             terms["critic"] = critic_loss
         for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + float(v)
+            running[k] = running.get(k, 0.0) + float(v.detach())
         if (step + 1) % 50 == 0 or step + 1 == cfg.translator_steps:
             n = (step % 50) + 1
             history.append({"step": step + 1, **{k: v / n for k, v in running.items()}})

@@ -158,7 +158,7 @@ def train_target_model(
                 loss = sum(terms.values())
                 optimizer_step(loss, optimizer, scheduler, params, epoch)
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
             entry = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}

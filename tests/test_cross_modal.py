@@ -1,0 +1,190 @@
+"""Cross-modal transfer end to end on tiny settings: statistics, the training loop, TGMB, the
+pipeline's guarantee that task-relevant RGB is never read, the CLI and the bench."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorex.adaptation.cross_modal import CrossModalConfig, adapt_cross_modal
+from lorex.adaptation.cross_modal.bench import CrossModalBenchSettings, Task, run_cross_modal_bench
+from lorex.adaptation.cross_modal.statistics import (
+    feature_statistics,
+    load_statistics,
+)
+from lorex.adaptation.cross_modal.tgmb import train_translator, translate
+from lorex.adaptation.cross_modal.transfer import train_target_model
+from lorex.cli import main
+from lorex.data import load_dataset, load_paired, paired
+from lorex.models import load_model
+from lorex.training.loop import TrainConfig
+from lorex.training.methods import METHODS
+from lorex.training.run import train_expert
+
+TINY = CrossModalConfig(
+    epochs=1, batch_size=16, translator_steps=4, max_target_samples=48, max_ti_samples=32
+)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def source(tiny_base, tmp_path_factory):
+    """A tiny RGB source of sensor k1's shape classes, with its feature statistics."""
+    out = tmp_path_factory.mktemp("cross-modal") / "source"
+    cfg = TrainConfig(epochs=1, batch_size=32, max_samples=120)
+    train_expert(tiny_base, "rgbd/k1/rgb", METHODS["full"](), out, cfg, feature_stats=True)
+    return out
+
+
+def test_recorded_statistics_are_those_of_the_training_images(source):
+    means, variances = load_statistics(source, CPU)
+    model = load_model(source)
+    x, _ = load_dataset("rgbd/k1/rgb", "train", 120, 0).tensors()
+    again = feature_statistics(model, x, CPU, batch=7)  # other batches, same statistics
+    for a, b in zip(means + variances, again[0] + again[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Independent reference: every token of every image at once.
+    with torch.no_grad():
+        tokens = model.backbone.forward_tokens(x)
+    flat = tokens[2].reshape(-1, tokens[2].shape[-1])
+    torch.testing.assert_close(means[2], flat.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(variances[2], flat.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def _inputs(source):
+    model = load_model(source)
+    target = load_paired("rgbd/k2", "train", with_rgb=False, max_samples=32).target_tensor()
+    ti = load_paired("rgbd/ti", "train", max_samples=16)
+    with torch.no_grad():
+        ti_feats = model.features(ti.rgb_tensor())
+    return model, target, ti.target_tensor(), ti.rgb_tensor(), ti_feats
+
+
+def test_target_training_is_deterministic_and_keeps_the_classifier(source):
+    model, target, ti_t, _, ti_feats = _inputs(source)
+    teacher = torch.randn(
+        len(target), len(model.classes), generator=torch.Generator().manual_seed(0)
+    )
+    stats = load_statistics(source, CPU)
+    cfg = CrossModalConfig(epochs=2, batch_size=8)
+    runs = [
+        train_target_model(model, target, cfg, CPU, ti_t, ti_feats, teacher, stats)[0]
+        for _ in range(2)
+    ]
+    a, b = (r.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    src = model.state_dict()
+    head = [k for k in src if k.startswith("heads.")]
+    assert head and all(torch.equal(a[k], src[k]) for k in head)
+    assert not torch.equal(
+        a["backbone.blocks.0.attn.qkv.weight"], src["backbone.blocks.0.attn.qkv.weight"]
+    )
+    assert torch.equal(
+        model.state_dict()["backbone.blocks.0.attn.qkv.weight"],
+        src["backbone.blocks.0.attn.qkv.weight"],
+    )
+
+
+def test_a_weighted_term_needs_its_inputs(source):
+    model, target, *_ = _inputs(source)
+    with pytest.raises(ValueError, match="kd_weight"):
+        train_target_model(model, target, CrossModalConfig(epochs=1, batch_size=8), CPU)
+    cfg = CrossModalConfig(epochs=1, batch_size=8, kd_weight=0, ti_weight=0, stats_weight=0)
+    train_target_model(model, target, cfg, CPU)  # SHOT's terms need nothing else
+
+
+def test_tgmb_learns_the_paired_mapping_and_is_deterministic(source):
+    model, target, ti_t, ti_rgb, _ = _inputs(source)
+    cfg = CrossModalConfig(translator_steps=60, batch_size=16, translator_lr=5e-3)
+    net, history = train_translator(model, ti_t, ti_rgb, target, cfg, CPU)
+    assert history[-1]["rec"] < history[0]["rec"]
+    again, _ = train_translator(model, ti_t, ti_rgb, target, cfg, CPU)
+    torch.testing.assert_close(
+        translate(net, ti_t, CPU), translate(again, ti_t, CPU), rtol=0, atol=0
+    )
+    assert set(history[0]) == {"step", "rec", "im", "adv", "critic"}
+
+
+def _write_folder(name: str, root: Path, per_split: int) -> None:
+    assert main(["data", "make", name, "--out", str(root), "--max-samples", str(per_split)]) == 0
+
+
+def test_adaptation_never_reads_task_relevant_rgb(source, tmp_path, monkeypatch):
+    target_dir, ti_dir = tmp_path / "target", tmp_path / "ti"
+    _write_folder("rgbd/k2", target_dir, 36)
+    _write_folder("rgbd/ti", ti_dir, 32)
+    real = paired.read_rgb
+
+    def guarded(src):
+        paths = [Path(p) for p in src] if not isinstance(src, np.lib.npyio.NpzFile) else []
+        if any(target_dir in p.parents for p in paths) or isinstance(src, np.lib.npyio.NpzFile):
+            raise AssertionError("task-relevant RGB was read")
+        return real(src)
+
+    monkeypatch.setattr(paired, "read_rgb", guarded)
+    out = tmp_path / "adapted"
+    metrics = adapt_cross_modal(
+        source, str(target_dir), str(ti_dir), out, ["all", "ablations"], TINY, CPU
+    )
+    expected = {"source-only", "shot", "socket", "tgmb-tgkt", "tgmb-only", "tgmb-tgkt-no-ti",
+                "tgmb-tgkt-no-self", "tgmb-tgkt-no-adv", "tgmb-tgkt-no-im"}  # fmt: skip
+    assert set(metrics["methods"]) == expected
+    for r in metrics["methods"].values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+    assert metrics["source_statistics"].startswith("recorded")
+    for name in ("metrics.json", "report.md", "translations.png", "translator.safetensors"):
+        assert (out / name).is_file()
+    assert load_model(out).classes == load_model(source).classes  # source-only: the source
+
+
+def test_cli_adapt_cross_modal_and_its_refusals(source, tmp_path, capsys):
+    args = ["adapt", "cross-modal", "--source", str(source), "--target", "rgbd/k2"]
+    tiny = ["--epochs", "1", "--batch-size", "16", "--translator-steps", "3",
+            "--max-target-samples", "48", "--max-ti-samples", "32"]  # fmt: skip
+    out = tmp_path / "cli"
+    assert main([*args, "--ti", "rgbd/ti", "--out", str(out), "--method", "shot", *tiny]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["shot"] and metrics["config"]["epochs"] == 1
+    assert "shot: accuracy" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    for extra, message in (
+        (["--ti", "rgbnir/ti"], "TI pairs are RGB-nir"),
+        (["--ti", "rgbd/k1"], "TI classes must be outside the task"),
+        (["--ti", "rgbd/ti", "--method", "sockett"], "unknown cross-modal method"),
+        (["--ti", "rgbd/ti", "--kd-weight", "-1"], "invalid kd_weight"),
+        (["--ti", "nowhere/at/all"], "unknown paired set"),
+    ):
+        assert main([*args, *extra, "--out", str(bad), *tiny]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not bad.exists()
+
+
+def test_a_source_with_other_classes_is_refused(tiny_base, tmp_path, capsys):
+    code = main(["adapt", "cross-modal", "--source", str(tiny_base), "--target", "rgbd/k2",
+                 "--ti", "rgbd/ti", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert code == 2 and "differ from the source head's" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
+    settings = CrossModalBenchSettings(
+        tasks=(Task("rgbd k1->k2", "rgbd/k1/rgb", "rgbd/k2", "rgbd/ti"),),
+        methods=("source-only", "shot", "socket", "tgmb-tgkt"),
+        config=TINY,
+        source_epochs=1,
+        source_samples=60,
+    )
+    summary = run_cross_modal_bench(tmp_path, settings=settings, base=tiny_base)
+    task = summary["rgbd k1->k2"]
+    assert set(task) == {"source-only", "shot", "socket", "tgmb-tgkt"}
+    assert all(0 <= v["accuracy"] <= 1 for v in task.values())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rgbd k1->k2"]["tgmb-tgkt"]["accuracy"] == task["tgmb-tgkt"]["accuracy"]
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "translations.png").is_file()
+    # A rerun reuses the finished source and task.
+    stamp = (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns
+    again = run_cross_modal_bench(tmp_path, settings=settings, base=tiny_base)
+    assert again["rgbd k1->k2"] == task
+    assert (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns == stamp
