@@ -56,7 +56,7 @@ def test_shapes_dtypes_and_classes(tiny):
     assert list(d["classes"]) == list(TR_CLASSES) and (np.diff(d["labels"]) >= 0).all()
     ti = generate("rgbd/ti", "test", 1)
     assert list(ti["classes"]) == list(TI_CLASSES) and set(ti["sensor"].tolist()) == {0, 1}
-    assert PAIRED["rgbd/k1"].size("train") == 900 and PAIRED["rgbd/ti"].size("test") == 200
+    assert PAIRED["rgbd/k1"].size("train") == 2400 and PAIRED["rgbd/ti"].size("test") == 200
 
 
 def test_depth_sensor_models(tiny):
@@ -197,3 +197,15 @@ def test_subset_keeps_pairs_balanced():
     sub = data.subset(4, seed=1)
     assert np.bincount(sub.labels).tolist() == [2, 2]
     np.testing.assert_array_equal(sub.labels, data.rgb_view().subset(4, seed=1).labels)
+
+
+def test_depth_is_stretched_per_image_for_models():
+    depth = np.array([[[0.0, 0.1], [0.2, 0.3]], [[0.0, 0.0], [0.0, 0.0]]], np.float32)
+    out = paired.stretch_depth(depth)
+    np.testing.assert_allclose(out[0], [[0.0, 0.1], [0.55, 1.0]], atol=1e-6)  # near 0.1, far 1
+    assert (out[1] == 0).all()  # an image of holes only stays 0
+    data = PairedDataset(None, depth, np.array([0, 1]), ["a", "b"], "depth", "x")
+    np.testing.assert_allclose(data.target_tensor()[:, 0].numpy(), out)
+    assert data.target_view().images[0, 1, 1, 0] == 255
+    nir = PairedDataset(None, depth, np.array([0, 1]), ["a", "b"], "nir", "x")
+    np.testing.assert_array_equal(nir.target_tensor()[:, 0].numpy(), depth)  # NIR as it is

@@ -50,9 +50,22 @@ class PairedDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def model_input(self) -> np.ndarray:
+        """What a model sees of the target modality, float ``(N, H, W)`` in [0, 1]: NIR as it is;
+        depth stretched per image over its valid (non-zero) range, holes kept at 0.
+
+        Why: raw depth over a 10 m scale puts a scene 0.5-3 m away into 5-30% of the range,
+        where a network barely learns (a supervised vit-micro on rgbd/k2 depth reached 28% on six
+        classes); per-image stretching, as RGB-D classifiers commonly do, keeps the geometry and
+        drops the absolute scale, which differs between sensors anyway.
+        """
+        if self.modality != "depth":
+            return self.target
+        return stretch_depth(self.target)
+
     def target_tensor(self) -> torch.Tensor:
-        """The depth or NIR image as float ``(N, 1, H, W)`` in [0, 1]."""
-        return torch.from_numpy(self.target).unsqueeze(1).contiguous()
+        """``model_input()`` as float ``(N, 1, H, W)`` in [0, 1]."""
+        return torch.from_numpy(self.model_input()).unsqueeze(1).contiguous()
 
     def rgb_tensor(self) -> torch.Tensor:
         """RGB as float ``(N, 3, H, W)`` in [0, 1]."""
@@ -60,7 +73,7 @@ class PairedDataset:
 
     def target_view(self) -> ImageDataset:
         """The target as an ordinary 3-channel uint8 dataset, for ``lorex train`` / ``eval``."""
-        grey = np.clip(np.rint(self.target * 255.0), 0, 255).astype(np.uint8)
+        grey = np.clip(np.rint(self.model_input() * 255.0), 0, 255).astype(np.uint8)
         images = np.repeat(grey[..., None], 3, axis=-1)
         return ImageDataset(images, self.labels, self.classes, f"{self.name}/{self.modality}")
 
@@ -78,6 +91,18 @@ class PairedDataset:
         return PairedDataset(
             rgb, self.target[keep], self.labels[keep], self.classes, self.modality, self.name
         )
+
+
+def stretch_depth(depth: np.ndarray) -> np.ndarray:
+    """Per image ``(N, H, W)``: valid depths mapped linearly from [min, max] to [0.1, 1] (near
+    dark, far bright); holes (0) stay 0, darker than anything valid."""
+    valid = depth > 0
+    near = np.where(valid, depth, np.inf).min(axis=(1, 2), keepdims=True)
+    top = np.where(valid, depth, -np.inf).max(axis=(1, 2), keepdims=True)
+    lo = np.where(np.isfinite(near), near, 0.0)
+    span = np.where(np.isfinite(top), top, 1.0) - lo
+    out = 0.1 + 0.9 * (depth - lo) / np.maximum(span, 1e-6)
+    return np.where(valid, out, 0.0).astype(np.float32)
 
 
 def balanced_indices(labels: np.ndarray, num_classes: int, count: int, seed: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from lorex.data.reid_render import hsv_to_rgb, resample_matrix
 from lorex.errors import LorexError
 from lorex.io import atomic_write_bytes
 
-VERSION = 2  # bump when the generator changes, so stale caches are not reused
+VERSION = 3  # bump when the generator changes, so stale caches are not reused
 SIZE = 32
 SUPERSAMPLE = 2  # geometry is cast at 64x64; images are area-averaged down to 32x32
 CHUNK = 128  # scenes rendered at once: bounded memory, the same arrays whatever the machine

@@ -160,7 +160,7 @@ def train_target_model(
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
             entry = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
             if labels is not None:
                 entry["pseudo_label_classes"] = int(len(np.unique(labels.numpy())))
