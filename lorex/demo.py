@@ -450,8 +450,7 @@ Details, costs and gate weights: `reid/results.md`, `reid/gate_weights.png`.
 
 
 def _cross_tasks(cross: dict | None) -> dict:
-    skip = ("goals", "settings", "stage_seconds", "run")
-    return {t: v for t, v in (cross or {}).items() if t not in skip}
+    return (cross or {}).get("tasks", {})
 
 
 def _cross_modal_section(cross: dict | None) -> str:

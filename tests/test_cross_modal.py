@@ -105,6 +105,13 @@ def test_tgmb_learns_the_paired_mapping_and_is_deterministic(source):
         translate(net, ti_t, CPU), translate(again, ti_t, CPU), rtol=0, atol=0
     )
     assert set(history[0]) == {"step", "rec", "im", "adv", "critic"}
+    feat = CrossModalConfig(translator_steps=2, batch_size=8, tgmb_feat_weight=1.0)
+    with pytest.raises(ValueError, match="tgmb_feat_weight"):
+        train_translator(model, ti_t, ti_rgb, target, feat, CPU)
+    with torch.no_grad():
+        ti_feats = model.features(ti_rgb)
+    _, history = train_translator(model, ti_t, ti_rgb, target, feat, CPU, None, ti_feats)
+    assert history[-1]["feat"] > 0
 
 
 def _write_folder(name: str, root: Path, per_split: int) -> None:
@@ -177,7 +184,7 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
         source_samples=60,
     )
     summary = run_cross_modal_bench(tmp_path, settings=settings, base=tiny_base)
-    task = summary["rgbd k1->k2"]
+    task = summary["tasks"]["rgbd k1->k2"]
     assert set(task) == {"source-only", "shot", "socket", "tgmb-tgkt"}
     assert all(0 <= v["accuracy"] <= 1 for v in task.values())
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -186,5 +193,6 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     # A rerun reuses the finished source and task.
     stamp = (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns
     again = run_cross_modal_bench(tmp_path, settings=settings, base=tiny_base)
-    assert again["rgbd k1->k2"] == task
+    assert again["tasks"]["rgbd k1->k2"] == task
+    assert set(json.loads((tmp_path / "summary.json").read_text())["goals"]) >= {"gain_over_socket"}
     assert (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns == stamp

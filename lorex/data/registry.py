@@ -67,16 +67,27 @@ def _paired_view(paired: str, part: str) -> Callable[[str], ImageDataset]:
     return make
 
 
-for _spec in rgbx_synth.PAIRED.values():
-    if len(_spec.sensors) == 1:  # the task-relevant sets; task-irrelevant ones stay paired
-        for _part in ("rgb", _spec.modality):
-            _what = "RGB images" if _part == "rgb" else f"{_spec.modality} as grey images"
-            BUILTINS[f"{_spec.name}/{_part}"] = BuiltinDataset(
-                f"{_spec.name}/{_part}",
-                _paired_view(_spec.name, _part),
-                f"{_what} of the paired set {_spec.name}",
-                rgbx_synth.VERSION,
+def _paired_views() -> list[BuiltinDataset]:
+    """Each task-relevant paired set's RGB and depth/NIR as two ordinary datasets (the
+    task-irrelevant sets stay paired: they only serve cross-modal transfer)."""
+    views = []
+    for spec in rgbx_synth.PAIRED.values():
+        if len(spec.sensors) != 1:
+            continue
+        for part in ("rgb", spec.modality):
+            what = "RGB images" if part == "rgb" else f"{spec.modality} as grey images"
+            views.append(
+                BuiltinDataset(
+                    f"{spec.name}/{part}",
+                    _paired_view(spec.name, part),
+                    f"{what} of the paired set {spec.name}",
+                    rgbx_synth.VERSION,
+                )
             )
+    return views
+
+
+BUILTINS.update({view.name: view for view in _paired_views()})
 
 
 def cache_dir() -> Path:

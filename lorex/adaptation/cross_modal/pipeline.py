@@ -26,7 +26,7 @@ from lorex.adaptation.cross_modal.report import cross_modal_report, translations
 from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
 from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
-from lorex.data.paired import PairedDataset, load_paired
+from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.training.run import run_record
@@ -213,7 +213,7 @@ def adapt_cross_modal(
 
 
 def _test_split(name: str) -> PairedDataset | None:
-    try:
+    """The held-out test split of a built-in set, or of a folder with a ``test/`` folder."""
+    if name in PAIRED or (Path(name) / "test").is_dir():
         return load_paired(name, "test", with_rgb=False)
-    except LorexError:
-        return None
+    return None
