@@ -147,6 +147,10 @@ def test_one_line_errors(tmp_path):
     (tmp_path / "p" / "rgb" / "a" / "lonely.png").unlink()
     with pytest.raises(LorexError, match="1.png: unreadable image"):
         load_paired(tmp_path / "p")
+    _save16(tmp_path / "p" / "depth" / "a" / "1.png", np.full((8, 8), 1000))
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(tmp_path / "p" / "rgb" / "a" / "1.png")
+    with pytest.raises(LorexError, match="1.png: image size 8x9 differs"):
+        load_paired(tmp_path / "p")
 
 
 def test_damaged_cache_is_regenerated():

@@ -28,6 +28,17 @@ def read_image(path: Path) -> np.ndarray:
         raise LorexError(f"{path}: unreadable image ({type(exc).__name__})") from None
 
 
+def same_size(path: Path, shape: tuple[int, ...], first: tuple[int, ...] | None) -> tuple:
+    """The size every image of a folder must have (the first one's); another size is a
+    one-line error naming the image."""
+    if first is not None and shape[:2] != first[:2]:
+        raise LorexError(
+            f"{path}: image size {shape[1]}x{shape[0]} differs from "
+            f"{first[1]}x{first[0]} of the other images (mixed sizes)"
+        )
+    return first if first is not None else shape
+
+
 def split_root(root: Path, split: str) -> Path:
     """``root/split`` when the folder has train/test sub-folders, else ``root`` itself."""
     return root / split if (root / split).is_dir() else root
@@ -52,13 +63,7 @@ def read_imagefolder(root: str | Path, split: str = "train") -> ImageDataset:
     images, labels, size = [], [], None
     for path, label in files:
         img = read_image(path)
-        if size is None:
-            size = img.shape
-        elif img.shape != size:
-            raise LorexError(
-                f"{path}: image size {img.shape[1]}x{img.shape[0]} differs from "
-                f"{size[1]}x{size[0]} of the other images (mixed sizes)"
-            )
+        size = same_size(path, img.shape, size)
         images.append(img)
         labels.append(label)
     return ImageDataset(

@@ -20,7 +20,13 @@ from PIL import Image
 
 from lorex.data import rgbx_synth
 from lorex.data.dataset import ImageDataset
-from lorex.data.imagefolder import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_image, split_root
+from lorex.data.imagefolder import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    read_image,
+    same_size,
+    split_root,
+)
 from lorex.data.rgbx_synth import DEPTH_RANGE_MM, PAIRED, PAIRED_SETS
 from lorex.errors import LorexError
 
@@ -124,7 +130,11 @@ def read_rgb(source: np.lib.npyio.NpzFile | Sequence[Path]) -> np.ndarray:
     """
     if isinstance(source, np.lib.npyio.NpzFile):
         return np.asarray(source["rgb"], dtype=np.uint8)
-    return np.stack([read_image(path) for path in source])
+    images, size = [], None
+    for path in source:
+        images.append(read_image(path))
+        size = same_size(path, images[-1].shape, size)
+    return np.stack(images)
 
 
 def _target_float(raw: np.ndarray, modality: str, bits: int) -> np.ndarray:
@@ -239,13 +249,7 @@ def read_paired_folder(
     raw, bits, size = [], 16, None
     for path in targets:
         values, b = _decode_target(path)
-        if size is None:
-            size = values.shape
-        elif values.shape != size:
-            raise LorexError(
-                f"{path}: image size {values.shape[1]}x{values.shape[0]} differs from "
-                f"{size[1]}x{size[0]} of the other images (mixed sizes)"
-            )
+        size = same_size(path, values.shape, size)
         raw.append(_target_float(values, modality, b))
         bits = min(bits, b)
     rgb = None
