@@ -196,3 +196,8 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     assert again["tasks"]["rgbd k1->k2"] == task
     assert set(json.loads((tmp_path / "summary.json").read_text())["goals"]) >= {"gain_over_socket"}
     assert (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns == stamp
+    # The demo's report section reads the same summary.
+    from lorex.demo import _cross_modal_section
+
+    section = _cross_modal_section(summary)
+    assert "| rgbd k1->k2 | tgmb-tgkt |" in section and _cross_modal_section(None) == ""
