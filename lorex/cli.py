@@ -515,7 +515,7 @@ def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
         test = r.get("test_accuracy")
         extra = f", test split {100 * test:5.1f}" if test is not None else ""
         print(f"{name:>18}: accuracy {100 * r['accuracy']:5.1f}{extra} ({r['seconds']:.0f} s)")
-    print(f"wrote {args.out} ({next(iter(metrics['methods']))}'s model, metrics.json, report.md)")
+    print(f"wrote {args.out} ({metrics['saved_model']}'s model, metrics.json, report.md)")
     return 0
 
 

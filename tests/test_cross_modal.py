@@ -141,6 +141,7 @@ def test_adaptation_never_reads_task_relevant_rgb(source, tmp_path, monkeypatch)
     for r in metrics["methods"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
     assert metrics["source_statistics"].startswith("recorded")
+    assert metrics["saved_model"] == "source-only"  # the first method, by default
     for name in ("metrics.json", "report.md", "translations.png", "translator.safetensors"):
         assert (out / name).is_file()
     assert load_model(out).classes == load_model(source).classes  # source-only: the source
@@ -189,6 +190,8 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     assert all(0 <= v["accuracy"] <= 1 for v in task.values())
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rgbd k1->k2"]["tgmb-tgkt"]["accuracy"] == task["tgmb-tgkt"]["accuracy"]
+    task_metrics = json.loads((tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").read_text())
+    assert task_metrics["saved_model"] == "tgmb-tgkt"  # the bench keeps the method's own model
     assert (tmp_path / "results.md").is_file() and (tmp_path / "translations.png").is_file()
     # A rerun reuses the finished source and task.
     stamp = (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns

@@ -147,6 +147,7 @@ def run_cross_modal_bench(
             metrics = read_json(folder / "metrics.json")
         else:
             print(f"[bench cross-modal] {task.name} ...", flush=True)
+            keep = "tgmb-tgkt" if "tgmb-tgkt" in methods else None
             metrics = adapt_cross_modal(
                 sources[task.source],
                 task.target,
@@ -156,6 +157,7 @@ def run_cross_modal_bench(
                 s.config,
                 device,
                 progress,
+                keep,
             )
             write_json(folder / "stage.json", {"stamp": value})
         results[task.name] = {

@@ -91,13 +91,17 @@ def adapt_cross_modal(
     cfg: CrossModalConfig | None = None,
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    keep: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``methods`` (names, ``all`` or ``ablations``) and write the first method's model to
-    ``out`` with ``metrics.json`` (every method's accuracy), ``report.md``, the translator and a
-    PNG of translated images when TGMB ran."""
+    """Run ``methods`` (names, ``all`` or ``ablations``) and write one method's model to ``out``
+    (``keep``, default the first method) with ``metrics.json`` (every method's accuracy),
+    ``report.md``, the translator and a PNG of translated images when TGMB ran."""
     cfg = cfg or CrossModalConfig()
     device = torch.device(device)
     chosen = resolve_methods(list(methods))
+    keep = keep or chosen[0].name
+    if keep not in [m.name for m in chosen]:
+        raise LorexError(f"keep: '{keep}' is not among the methods run")
     source_dir = Path(source)
     model = load_model(source_dir, device)
     model.requires_grad_(False)
@@ -176,12 +180,12 @@ def adapt_cross_modal(
         "ti_pairs": len(ti_pairs),
         "source_statistics": stats_origin,
         "methods": results,
+        "saved_model": keep,
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "lorex_version": __version__,
         "device": str(device),
     }
-    first = chosen[0].name
     files: dict[str, Any] = {
         "metrics.json": metrics,
         "report.md": cross_modal_report(metrics).encode(),
@@ -208,7 +212,7 @@ def adapt_cross_modal(
         cross_modal=cfg.to_dict(),
     )
     out = Path(out)
-    save_model(models[first], out, made_by=made_by, seed=cfg.seed, extra_files=files)
+    save_model(models[keep], out, made_by=made_by, seed=cfg.seed, extra_files=files)
     return metrics
 
 
