@@ -116,9 +116,11 @@ def adapt_cross_modal(
     ti_source_features, _ = features_and_logits(model, ti_rgb, device)
     stats, stats_origin = _source_statistics(model, source_dir, ti_rgb, device)
 
-    translators: dict[tuple, tuple[nn.Module, list, float]] = {}
+    # A translator (and the source's logits on its translations) is shared by every method
+    # whose TGMB settings are the same.
+    translators: dict[tuple, tuple[nn.Module, list, float, torch.Tensor]] = {}
     results: dict[str, dict[str, Any]] = {}
-    models: dict[str, LorexModel] = {}
+    saved: LorexModel | None = None
     for method in chosen:
         start = time.perf_counter()
         m_cfg = method.settings(cfg)
@@ -131,10 +133,10 @@ def adapt_cross_modal(
                 net, history = train_translator(
                     model, ti_t, ti_rgb, x_tr, m_cfg, device, progress, ti_source_features
                 )
-                translators[key] = (net, history, time.perf_counter() - tick)
-            net, history, seconds = translators[key]
+                _, logits = features_and_logits(model, translate(net, x_tr, device), device)
+                translators[key] = (net, history, time.perf_counter() - tick, logits)
+            net, history, seconds, teacher = translators[key]
             record.update(translator_history=history, translator_seconds=seconds)
-            _, teacher = features_and_logits(model, translate(net, x_tr, device), device)
             record["translated_accuracy"] = float((teacher.argmax(1).numpy() == tr.labels).mean())
         if method.trains_target:
             adapted, result = train_target_model(
@@ -152,21 +154,19 @@ def adapt_cross_modal(
             record["history"] = result.history
             record["trainable_params"] = result.trainable_params
             record["peak_train_mb"] = result.peak_train_mb
-            models[method.name] = adapted
+        else:
+            adapted = model
+        if teacher is not None and not method.trains_target:  # tgmb-only reads translations
+            record["accuracy"] = record["translated_accuracy"]
+            if x_test is not None:
+                x_read = translate(net, x_test, device)
+                record["test_accuracy"] = _accuracy(model, x_read, tr_test.labels, device)
+        else:
             record["accuracy"] = _accuracy(adapted, x_tr, tr.labels, device)
             if x_test is not None:
                 record["test_accuracy"] = _accuracy(adapted, x_test, tr_test.labels, device)
-        else:
-            if teacher is not None:  # tgmb-only: the source reads the translations
-                record["accuracy"] = record["translated_accuracy"]
-                if x_test is not None:
-                    _, lt = features_and_logits(model, translate(net, x_test, device), device)
-                    record["test_accuracy"] = float((lt.argmax(1).numpy() == tr_test.labels).mean())
-            else:
-                record["accuracy"] = _accuracy(model, x_tr, tr.labels, device)
-                if x_test is not None:
-                    record["test_accuracy"] = _accuracy(model, x_test, tr_test.labels, device)
-            models[method.name] = model
+        if method.name == keep:  # only the model written is kept in memory
+            saved = adapted
         record["seconds"] = time.perf_counter() - start
         results[method.name] = record
         log.info("%s: accuracy %.4f (%.0f s)", method.name, record["accuracy"], record["seconds"])
@@ -212,7 +212,7 @@ def adapt_cross_modal(
         cross_modal=cfg.to_dict(),
     )
     out = Path(out)
-    save_model(models[keep], out, made_by=made_by, seed=cfg.seed, extra_files=files)
+    save_model(saved, out, made_by=made_by, seed=cfg.seed, extra_files=files)
     return metrics
 
 
