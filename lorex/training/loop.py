@@ -17,6 +17,7 @@ from lorex.data import ImageDataset
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.methods import TrainingMethod, count_parameters, trainable_parameters
 
 log = logging.getLogger("lorex")
@@ -67,6 +68,7 @@ class TrainResult:
     total_params: int = 0
     feature_cache: bool = False
     cache_seconds: float = 0.0  # of train_seconds, the time spent filling the feature cache
+    checkpoint: Checkpointer | None = None  # discard() it once the output is written
 
 
 def images_to_tensor(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +178,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
+class TrainingDiverged(LorexError):
+    """A NaN or Inf loss: training stops before the step, so no bad weights are saved."""
+
+
 def optimizer_step(
     loss: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -185,7 +191,7 @@ def optimizer_step(
 ) -> None:
     """One step (gradients clipped to norm 1.0); a non-finite loss stops training in one line."""
     if not torch.isfinite(loss):
-        raise LorexError(
+        raise TrainingDiverged(
             f"training diverged: loss is {loss.item()} at epoch {epoch + 1}; try a lower --lr"
         )
     optimizer.zero_grad(set_to_none=True)
@@ -212,11 +218,16 @@ def fit(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     freeze_head: bool = False,
+    checkpoint: CheckpointOptions | None = None,
+    fingerprint: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``method``; returns the loss curve and resource figures.
 
     ``freeze_head`` keeps the task heads as they are (fine-tuning under a fixed head, as Task
     Arithmetic's experts do: their task vectors merge better, docs/merging.md).
+    ``checkpoint`` saves the loop's whole state every ``checkpoint.every`` steps and, with
+    ``resume``, continues from it; ``fingerprint`` adds what the caller knows must not change
+    between the run and its resumption (base, data).
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -239,8 +250,35 @@ def fit(
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer, scheduler = make_optimizer(model, cfg, total)
+    ckpt = Checkpointer(
+        checkpoint,
+        {
+            "loop": "fit",
+            "config": cfg.to_dict(),
+            "method": method.name,
+            "method_options": method.options(),
+            "data": data.name,
+            "samples": len(x),
+            "freeze_head": freeze_head,
+            **(fingerprint or {}),
+        },
+        model,
+        optimizer,
+        scheduler,
+        {"data": generator},
+    )
+    step, epoch0, batch0, order = 0, 0, 0, None
+    loss_sum, correct = 0.0, 0
+    restored = ckpt.restore()
+    if restored is not None:
+        step, position, arrays = restored
+        epoch0, batch0 = position["epoch"], position["batch"]
+        loss_sum, correct = position["loss_sum"], position["correct"]
+        result.history = position["history"]
+        order = arrays["order"]
     bar = tqdm(
         total=total,
+        initial=step,
         desc=f"{method.name} on {data.name or 'data'}",
         unit="step",
         disable=progress is False or None,
@@ -256,11 +294,12 @@ def fit(
             reason = "augmentation changes the inputs" if cfg.augment else "turned off"
             log.info("feature cache: off (%s): the frozen backbone runs every step", reason)
         model.train(not method.frozen_backbone)
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            loss_sum, correct = 0.0, 0
-            for i in range(0, len(x), cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
+        for epoch in range(epoch0, cfg.epochs):
+            if order is None:  # a resumed epoch keeps the order it was drawn with
+                order = torch.randperm(len(x), generator=generator)
+                loss_sum, correct = 0.0, 0
+            for b in range(batch0, steps_per_epoch):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 target = y[idx].to(device)
                 if use_cache:
                     logits = model.forward_cached(features[idx.to(features.device)].to(device))
@@ -270,14 +309,36 @@ def fit(
                         batch = random_shift(batch, 2, generator)
                     logits = model(batch)
                 loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-                optimizer_step(loss, optimizer, scheduler, params, epoch)
+                try:
+                    optimizer_step(loss, optimizer, scheduler, params, epoch)
+                except TrainingDiverged as exc:
+                    raise diverged(exc, ckpt) from None
+                step += 1
                 loss_sum += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                if ckpt.due(step) or step == total:
+                    position = {
+                        "epoch": epoch,
+                        "batch": b + 1,
+                        "loss_sum": loss_sum,
+                        "correct": correct,
+                        "history": result.history,
+                    }
+                    ckpt.save(step, position, {"order": order})
             result.history.append(
                 {"epoch": epoch + 1, "loss": loss_sum / len(x), "train_accuracy": correct / len(x)}
             )
+            order, batch0 = None, 0
         result.train_seconds = time.perf_counter() - start
     bar.close()
+    result.checkpoint = ckpt
     return finish_training(model, result, mem)
+
+
+def diverged(exc: TrainingDiverged, ckpt: Checkpointer) -> TrainingDiverged:
+    """The divergence message, pointing at the last good checkpoint when there is one."""
+    if ckpt.path is not None and ckpt.path.exists():
+        return TrainingDiverged(f"{exc}; the last good checkpoint is kept at {ckpt.path}")
+    return exc

@@ -36,10 +36,13 @@ from lorex.errors import LorexError
 from lorex.metrics.reid import evaluate
 from lorex.metrics.resources import PeakMemory, inference_ms_per_image
 from lorex.models import BNNeckHead, LorexModel, load_model
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
     TrainConfig,
+    TrainingDiverged,
     TrainResult,
     as_float,
+    diverged,
     extract_features,
     finish_training,
     make_optimizer,
@@ -289,6 +292,17 @@ class EpochStats:
         self.sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0}
         self.correct = self.seen = self.steps = 0
 
+    def state(self) -> dict[str, Any]:
+        """Plain numbers, for a checkpoint taken in the middle of an epoch."""
+        return {"sums": dict(self.sums), "counts": [self.correct, self.seen, self.steps]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochStats:
+        stats = cls()
+        stats.sums = dict(state["sums"])
+        stats.correct, stats.seen, stats.steps = state["counts"]
+        return stats
+
     def summary(self) -> dict[str, float]:
         steps = max(1, self.steps)
         return {
@@ -328,12 +342,16 @@ def fit_reid(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     num_instances: int = DEFAULT_INSTANCES,
+    checkpoint: CheckpointOptions | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` (active head: a BN-neck) on a relabelled re-ID train split.
 
     The optimiser and schedule are ``fit``'s (AdamW, warmup + cosine, clip 1.0); an epoch is one
     pass of :class:`PKSampler`. The history records per epoch the mean ``loss``, its ``ce`` and
-    ``triplet`` parts, and the classifier's ``train_accuracy``.
+    ``triplet`` parts, and the classifier's ``train_accuracy``. ``checkpoint`` and
+    ``fingerprint``: as in ``fit`` (the sampler's plan is drawn from the seed, so a checkpoint
+    needs only the position in it).
     """
     device = torch.device(device)
     head = model.heads[model.active_head] if model.active_head is not None else None
@@ -368,8 +386,31 @@ def fit_reid(
     use_cache = method.frozen_backbone and not cfg.augment and cfg.feature_cache
     result.feature_cache = use_cache
     optimizer, scheduler = make_optimizer(model, cfg, total)
+    ckpt = Checkpointer(
+        checkpoint,
+        {
+            "loop": "fit_reid",
+            "config": cfg.to_dict(),
+            "method": method.name,
+            "method_options": method.options(),
+            "samples": len(x),
+            "num_instances": num_instances,
+            **(fingerprint or {}),
+        },
+        model,
+        optimizer,
+        scheduler,
+        {"augment": generator},
+    )
+    step, epoch0, batch0, stats_state = 0, 0, 0, None
+    restored = ckpt.restore()
+    if restored is not None:
+        step, position, _ = restored
+        epoch0, batch0 = position["epoch"], position["batch"]
+        stats_state, result.history = position["stats"], position["history"]
     bar = tqdm(
         total=total,
+        initial=step,
         desc=f"{method.name} (re-ID)",
         unit="step",
         disable=progress is False or None,
@@ -382,10 +423,11 @@ def fit_reid(
             result.cache_seconds = time.perf_counter() - start
         model.train(not method.frozen_backbone)
         model.heads.train()  # the BN-neck learns its batch statistics whatever the method
-        for epoch, batches in enumerate(plan):
-            stats = EpochStats()
-            for idx_np in batches:
-                idx = torch.from_numpy(idx_np)
+        for epoch in range(epoch0, len(plan)):
+            batches = plan[epoch]
+            stats = EpochStats() if stats_state is None else EpochStats.from_state(stats_state)
+            for b in range(batch0, len(batches)):
+                idx = torch.from_numpy(batches[b])
                 target = y[idx].to(device)
                 if use_cache:
                     feats = model.features_cached(features[idx.to(features.device)].to(device))
@@ -394,19 +436,33 @@ def fit_reid(
                     if cfg.augment:
                         batch = augment_batch(batch, generator)
                     feats = model.features(batch)
-                loss = reid_step(
-                    feats,
-                    head,
-                    target,
-                    cfg.label_smoothing,
-                    lambda value, e=epoch: optimizer_step(value, optimizer, scheduler, params, e),
-                    stats,
-                )
+                try:
+                    loss = reid_step(
+                        feats,
+                        head,
+                        target,
+                        cfg.label_smoothing,
+                        lambda v, e=epoch: optimizer_step(v, optimizer, scheduler, params, e),
+                        stats,
+                    )
+                except TrainingDiverged as exc:
+                    raise diverged(exc, ckpt) from None
+                step += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+                if ckpt.due(step) or step == total:
+                    position = {
+                        "epoch": epoch,
+                        "batch": b + 1,
+                        "stats": stats.state(),
+                        "history": result.history,
+                    }
+                    ckpt.save(step, position)
             result.history.append({"epoch": epoch + 1, **stats.summary(), "steps": len(batches)})
+            batch0, stats_state = 0, None
         result.train_seconds = time.perf_counter() - start
     bar.close()
+    result.checkpoint = ckpt
     return finish_training(model, result, mem)
 
 
@@ -474,6 +530,7 @@ def train_reid_expert(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     num_instances: int = DEFAULT_INSTANCES,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Train a re-ID expert from ``base`` on ``data``'s train split; save it with its metrics
     (query-vs-gallery on the same dataset) and provenance, like ``train_expert``."""
@@ -493,7 +550,17 @@ def train_reid_expert(
     resized = fit_image_size(model, hw)
     torch.manual_seed(cfg.seed)  # the classifier's N(0, 0.001) initialisation
     model.add_head(splits.name or str(data), _classes(train), kind="bnneck")
-    result = fit_reid(model, method, train, cfg, device, progress, num_instances)
+    result = fit_reid(
+        model,
+        method,
+        train,
+        cfg,
+        device,
+        progress,
+        num_instances,
+        checkpoint,
+        {"base": str(base), "data": str(data)},
+    )
     scores = evaluate_reid(model, splits, device)
     infer_ms = embedding_ms_per_image(model, splits.query.images, device)
     p = min(cfg.batch_size // num_instances, len(np.unique(train.ids)))
@@ -532,6 +599,7 @@ def train_reid_expert(
     save_expert(
         model, out, method, base, cfg, made_by, metrics, result, f"{method.name} re-ID on {data}"
     )
+    result.checkpoint.discard()
     log.info(
         "trained %s re-ID expert %s: mAP %.4f rank-1 %.4f mINP %.4f on %s",
         method.name,

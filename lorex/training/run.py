@@ -17,6 +17,7 @@ from lorex.metrics import accuracy
 from lorex.metrics.resources import inference_ms_per_image
 from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
+from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import TrainConfig, TrainResult, as_float, fit, images_to_tensor, predict
 from lorex.training.methods import METHODS, TrainingMethod
 
@@ -125,8 +126,10 @@ def pretrain(
     data: str = "pretrain/chars",
     device: torch.device | str = "cpu",
     progress: bool | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
-    """Train a backbone from scratch with a head on ``data``: the base that experts start from."""
+    """Train a backbone from scratch with a head on ``data``: the base that experts start from.
+    ``checkpoint``: see ``fit``; the checkpoint is removed once the model is written."""
     device = torch.device(device)
     backbone_cfg = preset_config(preset) if isinstance(preset, str) else preset
     train = load_dataset(data, "train", cfg.max_samples, cfg.seed)
@@ -138,7 +141,10 @@ def pretrain(
             f"{data}: images are {train.image_size[0]}px, the preset needs {model.image_size}px"
         )
     model.add_head(train.name or data, train.classes)
-    result = fit(model, METHODS["full"](), train, cfg, device, progress)
+    fingerprint = {"preset": backbone_cfg}
+    result = fit(
+        model, METHODS["full"](), train, cfg, device, progress, False, checkpoint, fingerprint
+    )
     acc = evaluate(model, test, device)
     infer_ms = _latency(model, test, device)
     metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device, infer_ms)
@@ -155,6 +161,7 @@ def pretrain(
             "train_curve.png": curve_png(result.history, f"pretrain {data}"),
         },
     )
+    result.checkpoint.discard()
     log.info("pretrained %s: test accuracy %.4f on %s", out, acc, data)
     return metrics
 
@@ -180,6 +187,7 @@ def train_expert(
     head_from: str | Path | None = None,
     freeze_head: bool = False,
     feature_stats: bool = False,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` on one dataset with ``method`` and save the expert with its metrics.
 
@@ -187,6 +195,7 @@ def train_expert(
     probe); ``freeze_head`` keeps it fixed while the rest trains (it needs ``head_from``).
     ``feature_stats`` also records the per-block token statistics of the training set (what
     SOCKET's BN-statistics matching needs from a source model; docs/cross_modal.md).
+    ``checkpoint``: see ``fit``; the checkpoint is removed once the expert is written.
     """
     if freeze_head and head_from is None:
         raise LorexError("--freeze-head needs --head-from: a fixed zero head cannot learn a task")
@@ -207,7 +216,8 @@ def train_expert(
     if head_from is not None:
         _copy_head(model, key, load_model(head_from, device), Path(head_from))
     torch.manual_seed(cfg.seed)
-    result = fit(model, method, train, cfg, device, progress, freeze_head=freeze_head)
+    fingerprint = {"base": str(base), "head_from": None if head_from is None else str(head_from)}
+    result = fit(model, method, train, cfg, device, progress, freeze_head, checkpoint, fingerprint)
     acc = evaluate(model, test, device)
     infer_ms = _latency(model, test, device)
     metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device, infer_ms)
@@ -243,6 +253,7 @@ def train_expert(
     save_expert(
         model, out, method, base, cfg, made_by, metrics, result, f"{method.name} on {data}", extra
     )
+    result.checkpoint.discard()
     log.info("trained %s expert %s: test accuracy %.4f on %s", method.name, out, acc, data)
     return metrics
 
