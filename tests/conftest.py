@@ -27,3 +27,31 @@ def tiny_base(tmp_path_factory):
         "vit-micro", out, TrainConfig(epochs=1, max_samples=300, batch_size=64), data="digits/mnist"
     )
     return out
+
+
+class StopAfter(Exception):
+    """Stands in for a kill: raised right after the n-th checkpoint is on disk."""
+
+
+@pytest.fixture
+def stop_after_saves(monkeypatch):
+    """``stop(n)``: the n-th checkpoint save of any training loop raises ``StopAfter`` once it
+    is written, so a test can stop a run at a chosen step and resume it."""
+    from lorex.training.checkpoint import Checkpointer
+
+    original = Checkpointer.save
+
+    def stop(n: int) -> type[StopAfter]:
+        count = {"saves": 0}
+
+        def save(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            count["saves"] += 1
+            if count["saves"] == n:
+                monkeypatch.setattr(Checkpointer, "save", original)
+                raise StopAfter
+
+        monkeypatch.setattr(Checkpointer, "save", save)
+        return StopAfter
+
+    return stop

@@ -204,3 +204,47 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
 
     section = _cross_modal_section(summary)
     assert "| rgbd k1->k2 | tgmb-tgkt |" in section and _cross_modal_section(None) == ""
+
+
+def test_tgmb_stopped_mid_way_resumes_bit_identically(source, tmp_path, stop_after_saves):
+    from lorex.training.checkpoint import CheckpointOptions
+
+    model, target, ti_t, ti_rgb, _ = _inputs(source)
+    cfg = CrossModalConfig(translator_steps=5, batch_size=8)  # the critic trains too
+    ref, ref_history = train_translator(model, ti_t, ti_rgb, target, cfg, CPU)
+    work = CheckpointOptions(tmp_path / "tgmb", every=1)
+    with pytest.raises(stop_after_saves(2)):
+        train_translator(model, ti_t, ti_rgb, target, cfg, CPU, None, None, work)
+    resume = CheckpointOptions(tmp_path / "tgmb", every=1, resume=True)
+    net, history = train_translator(model, ti_t, ti_rgb, target, cfg, CPU, None, None, resume)
+    a, b = ref.state_dict(), net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and history == ref_history
+
+
+def test_adapt_cross_modal_stopped_mid_method_resumes_bit_identically(
+    source, tmp_path, stop_after_saves
+):
+    from lorex.io import load_tensors
+    from lorex.training.checkpoint import CheckpointOptions
+
+    methods = ["tgmb-tgkt", "shot"]
+    ref = adapt_cross_modal(source, "rgbd/k2", "rgbd/ti", tmp_path / "ref", methods, TINY, CPU)
+    out = tmp_path / "out"
+    # saves 1-4: the translator; 5-7: TGMB + TGKT's target model; 8-10: SHOT
+    with pytest.raises(stop_after_saves(6)):
+        adapt_cross_modal(
+            source, "rgbd/k2", "rgbd/ti", out, methods, TINY, CPU,
+            checkpoint=CheckpointOptions(every=1),
+        )  # fmt: skip
+    assert not out.exists()
+    got = adapt_cross_modal(
+        source, "rgbd/k2", "rgbd/ti", out, methods, TINY, CPU,
+        checkpoint=CheckpointOptions(every=1, resume=True),
+    )  # fmt: skip
+    for name in ("model.safetensors", "translator.safetensors"):
+        x, y = load_tensors(tmp_path / "ref" / name), load_tensors(out / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    for method in methods:
+        for key in ("accuracy", "test_accuracy", "history"):
+            assert got["methods"][method][key] == ref["methods"][method][key], (method, key)
+    assert not (tmp_path / "out.parts").exists()

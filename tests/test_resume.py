@@ -107,23 +107,6 @@ def test_sigkill_at_three_random_steps_then_resume_is_bit_identical(tiny_base, t
     assert not work_directory(out).exists()
 
 
-class StopAfter(Exception):
-    """Stands in for a kill: raised right after the n-th checkpoint is on disk."""
-
-
-def stop_after_saves(monkeypatch, n: int) -> None:
-    original = Checkpointer.save
-    count = {"saves": 0}
-
-    def save(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        count["saves"] += 1
-        if count["saves"] == n:
-            raise StopAfter
-
-    monkeypatch.setattr(Checkpointer, "save", save)
-
-
 def tiny_data(n: int = 48, seed: int = 0) -> ImageDataset:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -140,14 +123,12 @@ def fit_once(base, cfg, options, method="lora", data=None):
 
 
 @pytest.mark.parametrize("stop_at", [1, 4, 6])  # mid first epoch, mid second, after the last step
-def test_fit_resumes_at_any_step_bit_identically(tiny_base, tmp_path, monkeypatch, stop_at):
+def test_fit_resumes_at_any_step_bit_identically(tiny_base, tmp_path, stop_after_saves, stop_at):
     cfg = TrainConfig(epochs=2, batch_size=16, augment=True, seed=3)
     ref, _ = fit_once(tiny_base, cfg, None)
     options = CheckpointOptions(tmp_path / "work", every=1)
-    with monkeypatch.context() as m:
-        stop_after_saves(m, stop_at)
-        with pytest.raises(StopAfter):
-            fit_once(tiny_base, cfg, options)
+    with pytest.raises(stop_after_saves(stop_at)):
+        fit_once(tiny_base, cfg, options)
     torch.manual_seed(12345)  # a resumed run must not depend on the process's RNG state
     np.random.seed(12345)
     resumed, result = fit_once(tiny_base, cfg, CheckpointOptions(tmp_path / "work", 1, True))
@@ -158,12 +139,12 @@ def test_fit_resumes_at_any_step_bit_identically(tiny_base, tmp_path, monkeypatc
     assert not (tmp_path / "work").exists()
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_settings(tiny_base, tmp_path, monkeypatch):
+def test_resume_refuses_a_checkpoint_made_with_other_settings(
+    tiny_base, tmp_path, stop_after_saves
+):
     options = CheckpointOptions(tmp_path / "work", every=1)
-    with monkeypatch.context() as m:
-        stop_after_saves(m, 2)
-        with pytest.raises(StopAfter):
-            fit_once(tiny_base, TrainConfig(epochs=1, batch_size=16, seed=0), options)
+    with pytest.raises(stop_after_saves(2)):
+        fit_once(tiny_base, TrainConfig(epochs=1, batch_size=16, seed=0), options)
     resume = CheckpointOptions(tmp_path / "work", 1, True)
     with pytest.raises(LorexError, match="made with another 'config'"):
         fit_once(tiny_base, TrainConfig(epochs=1, batch_size=16, seed=1), resume)
@@ -177,13 +158,11 @@ def test_a_corrupt_checkpoint_is_a_one_line_refusal(tiny_base, tmp_path):
         fit_once(tiny_base, TrainConfig(epochs=1, batch_size=16), CheckpointOptions(work, 1, True))
 
 
-def test_without_resume_an_old_checkpoint_is_replaced(tiny_base, tmp_path, monkeypatch):
+def test_without_resume_an_old_checkpoint_is_replaced(tiny_base, tmp_path, stop_after_saves):
     options = CheckpointOptions(tmp_path / "work", every=1)
     cfg = TrainConfig(epochs=1, batch_size=16)
-    with monkeypatch.context() as m:
-        stop_after_saves(m, 1)
-        with pytest.raises(StopAfter):
-            fit_once(tiny_base, cfg, options)
+    with pytest.raises(stop_after_saves(1)):
+        fit_once(tiny_base, cfg, options)
     ref, _ = fit_once(tiny_base, cfg, None)
     again, _ = fit_once(tiny_base, cfg, options)  # starts over: same as a fresh run
     for (k, a), (_, b) in zip(ref.state_dict().items(), again.state_dict().items(), strict=True):

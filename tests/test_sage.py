@@ -327,3 +327,66 @@ def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     text = (tmp_path / "bench" / "results.md").read_text()
     assert "gated-light" in text and "Goals" in text
     assert (tmp_path / "bench" / "gate_weights.png").stat().st_size > 1000
+
+
+def _same_files(a, b, names=("model.safetensors",)):
+    for name in names:
+        x, y = load_tensors(a / name), load_tensors(b / name)
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_adapt_reid_stopped_mid_stage_resumes_bit_identically(
+    sources, domains, tmp_path, stop_after_saves
+):
+    from lorex.training.checkpoint import CheckpointOptions
+
+    cfg = SageConfig(epochs=2, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)
+    target = str(domains["c"])
+    ref = adapt_reid(sources[:2], target, tmp_path / "ref", cfg, progress=False)
+    out, every = tmp_path / "out", CheckpointOptions(every=1)
+    with pytest.raises(stop_after_saves(3)):  # the first expert, in its second epoch
+        adapt_reid(sources[:2], target, out, cfg, progress=False, checkpoint=every)
+    assert not out.exists()
+    resume = CheckpointOptions(every=1, resume=True)
+    got = adapt_reid(sources[:2], target, out, cfg, progress=False, checkpoint=resume)
+    _same_files(tmp_path / "ref", out)
+    second = "experts/" + source_names(sources[:2])[1]
+    for name, file in ((f"{second}/adapter", "adapter_model.safetensors"), ("gated", None)):
+        _same_files(tmp_path / f"ref.parts/{name}", tmp_path / f"out.parts/{name}",
+                    [file or "model.safetensors"])  # fmt: skip
+    assert got["variants"] == {
+        k: {**v, "infer_ms_per_image": got["variants"][k]["infer_ms_per_image"]}
+        for k, v in ref["variants"].items()
+    }
+
+    def untimed(histories):
+        return {k: [{**e, "label_seconds": 0} for e in h] for k, h in histories.items()}
+
+    assert untimed(got["histories"]) == untimed(ref["histories"])
+    assert not (tmp_path / "out.parts" / "checkpoints").exists()
+
+
+def test_classification_expert_stopped_mid_epoch_resumes_bit_identically(
+    tiny_base, tmp_path, stop_after_saves
+):
+    from lorex.adaptation.sage.classification import adapt_source_expert_classification
+    from lorex.data import load_dataset
+    from lorex.training.checkpoint import CheckpointOptions
+
+    cfg = SageConfig(epochs=2, iters=3, batch_size=16)
+    target = load_dataset("digits/syn", "train", 64, 0)  # tiny_base's head has the same classes
+    cpu = torch.device("cpu")
+    adapt_source_expert_classification(tiny_base, target, tmp_path / "ref", cfg, cpu, False)
+    work = CheckpointOptions(tmp_path / "work", every=1)
+    with pytest.raises(stop_after_saves(5)):  # the 2nd step of the 2nd epoch
+        adapt_source_expert_classification(
+            tiny_base, target, tmp_path / "out", cfg, cpu, False, work
+        )
+    resume = CheckpointOptions(tmp_path / "work", every=1, resume=True)
+    got = adapt_source_expert_classification(
+        tiny_base, target, tmp_path / "out", cfg, cpu, False, resume
+    )
+    _same_files(tmp_path / "ref" / "adapter", tmp_path / "out" / "adapter",
+                ["adapter_model.safetensors"])  # fmt: skip
+    assert len(got["history"]) == 2 and not (tmp_path / "work").exists()

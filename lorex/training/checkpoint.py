@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,10 @@ class CheckpointOptions:
         if self.directory is None:
             return self
         return CheckpointOptions(self.directory / name, self.every, self.resume)
+
+    def at(self, directory: Path) -> CheckpointOptions:
+        """The same options with checkpoints in ``directory`` (a pipeline's work directory)."""
+        return CheckpointOptions(directory, self.every, self.resume)
 
 
 def work_directory(out: str | Path) -> Path:
@@ -92,7 +96,7 @@ def _set_global_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 def _optimizer_state(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer, prefix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -100,19 +104,22 @@ def _optimizer_state(
     for index, values in state["state"].items():
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index}/{name}"] = value
+                tensors[f"{prefix}{index}/{name}"] = value
             else:
                 plain.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
 
 
 def _load_optimizer_state(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    prefix: str,
 ) -> None:
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
+        if key.startswith(prefix):
+            index, name = key[len(prefix) :].split("/", 1)
             per_param.setdefault(int(index), {})[name] = value
     for index, values in meta["plain"].items():
         per_param.setdefault(int(index), {}).update(values)
@@ -132,7 +139,8 @@ class Checkpointer:
 
     ``fingerprint`` is what must not change between the first run and its resumption (settings,
     data, starting weights); resuming a checkpoint made with another fingerprint is refused.
-    ``generators`` are the loop's own ``torch.Generator`` objects, by name.
+    ``generators`` are the loop's own ``torch.Generator`` objects, by name; ``optimizer`` may be
+    several, by name (a GAN's two).
     """
 
     def __init__(
@@ -140,14 +148,14 @@ class Checkpointer:
         options: CheckpointOptions | None,
         fingerprint: dict[str, Any],
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer],
         scheduler: Any = None,
         generators: dict[str, torch.Generator] | None = None,
     ):
         self.options = options or CheckpointOptions()
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.model = model
-        self.optimizer = optimizer
+        self.optimizers = optimizer if isinstance(optimizer, dict) else {"main": optimizer}
         self.scheduler = scheduler
         self.generators = generators or {}
 
@@ -170,8 +178,10 @@ class Checkpointer:
         if self.path is None:
             return
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        optim_tensors, optim_meta = _optimizer_state(self.optimizer)
-        tensors.update(optim_tensors)
+        optim_meta = {}
+        for name, optimizer in self.optimizers.items():
+            optim_tensors, optim_meta[name] = _optimizer_state(optimizer, f"optim/{name}/")
+            tensors.update(optim_tensors)
         rng_tensors, rng_meta = _global_rng_state()
         tensors.update(rng_tensors)
         for name, generator in self.generators.items():
@@ -189,9 +199,14 @@ class Checkpointer:
         }
         save_tensors(self.path, tensors, metadata={"lorex_checkpoint": json.dumps(meta)})
 
-    def restore(self) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]] | None:
+    def restore(
+        self, before_load: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]] | None:
         """With ``resume`` and a checkpoint on disk: load it into the model, optimiser, scheduler
-        and generators and return ``(step, position, arrays)``; otherwise ``None``."""
+        and generators and return ``(step, position, arrays)``; otherwise ``None``.
+
+        ``before_load(position, arrays)`` runs before the model state is loaded, for a loop whose
+        model changes shape as it trains (a classifier rebuilt for each clustering)."""
         path = self.path
         if path is None or not path.exists():
             if self.options.resume:
@@ -202,18 +217,21 @@ class Checkpointer:
             return None
         tensors, meta = _read(path)
         self._check_fingerprint(meta, path)
+        arrays = {k[len("array/") :]: v for k, v in tensors.items() if k.startswith("array/")}
+        if before_load is not None:
+            before_load(meta["position"], arrays)
         model_state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
         missing, unexpected = self.model.load_state_dict(model_state, strict=False)
         if missing or unexpected:
             name = (missing or unexpected)[0]
             raise LorexError(f"{path}: the checkpoint does not fit the model (tensor '{name}')")
-        _load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        for name, optimizer in self.optimizers.items():
+            _load_optimizer_state(optimizer, tensors, meta["optimizer"][name], f"optim/{name}/")
         if self.scheduler is not None and meta["scheduler"] is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         _set_global_rng_state(tensors, meta["rng"])
         for name, generator in self.generators.items():
             generator.set_state(tensors[f"generator/{name}"])
-        arrays = {k[len("array/") :]: v for k, v in tensors.items() if k.startswith("array/")}
         log.info("resumed from %s at step %d", path, meta["step"])
         return meta["step"], meta["position"], arrays
 
@@ -235,17 +253,16 @@ class Checkpointer:
 
 
 def remove_if_empty(directory: Path) -> None:
-    """Remove ``directory`` and its empty parents up to the first ``*.parts`` work directory."""
+    """Remove ``directory`` if empty, then its parents while they are empty and are lorex's own
+    (``checkpoints/`` or an ``OUT.parts/`` work directory); never a user's folder."""
+    first = True
     while directory.is_dir() and not any(directory.iterdir()):
+        if not (first or directory.name == "checkpoints" or directory.name.endswith(".parts")):
+            break
         directory.rmdir()
         if directory.name.endswith(".parts"):
             break
-        directory = directory.parent
-
-
-def discard_work_directory(out: str | Path) -> None:
-    """Remove ``OUT.parts/`` after a successful run (it holds only checkpoints)."""
-    shutil.rmtree(work_directory(out), ignore_errors=True)
+        directory, first = directory.parent, False
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

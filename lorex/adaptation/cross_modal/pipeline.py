@@ -8,7 +8,10 @@ itself (SOCKET's protocol), and also reported on the held-out test split when th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +32,7 @@ from lorex.adaptation.cross_modal.transfer import features_and_logits, train_tar
 from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
+from lorex.training.checkpoint import CheckpointOptions, remove_if_empty, work_directory
 from lorex.training.run import run_record
 
 log = logging.getLogger("lorex")
@@ -92,10 +96,15 @@ def adapt_cross_modal(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     keep: str | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Run ``methods`` (names, ``all`` or ``ablations``) and write one method's model to ``out``
     (``keep``, default the first method) with ``metrics.json`` (every method's accuracy),
-    ``report.md``, the translator and a PNG of translated images when TGMB ran."""
+    ``report.md``, the translator and a PNG of translated images when TGMB ran.
+
+    ``checkpoint`` (every, resume): each translator and each method's training checkpoints in
+    ``OUT.parts/checkpoints/``; the checkpoints stay until the output is written, so a resumed
+    run finds the methods that had finished at their last step and only re-scores them."""
     cfg = cfg or CrossModalConfig()
     device = torch.device(device)
     chosen = resolve_methods(list(methods))
@@ -103,6 +112,8 @@ def adapt_cross_modal(
     if keep not in [m.name for m in chosen]:
         raise LorexError(f"keep: '{keep}' is not among the methods run")
     source_dir = Path(source)
+    ckpt = checkpoint.at(work_directory(out) / "checkpoints") if checkpoint is not None else None
+    fingerprint = {"source": str(source_dir), "target": target, "ti": ti}
     model = load_model(source_dir, device)
     model.requires_grad_(False)
     tr = load_paired(target, "train", with_rgb=False, max_samples=cfg.max_target_samples)
@@ -130,8 +141,9 @@ def adapt_cross_modal(
             key = (m_cfg.tgmb_im_weight, m_cfg.adv_weight, m_cfg.rec_weight, m_cfg.tgmb_feat_weight)
             if key not in translators:
                 tick = time.perf_counter()
+                sub = ckpt and ckpt.sub("tgmb-" + stamp(fingerprint, key)[:12])
                 net, history = train_translator(
-                    model, ti_t, ti_rgb, x_tr, m_cfg, device, progress, ti_source_features
+                    model, ti_t, ti_rgb, x_tr, m_cfg, device, progress, ti_source_features, sub
                 )
                 _, logits = features_and_logits(model, translate(net, x_tr, device), device)
                 translators[key] = (net, history, time.perf_counter() - tick, logits)
@@ -150,6 +162,7 @@ def adapt_cross_modal(
                 source_stats=stats,
                 progress=progress,
                 desc=method.name,
+                checkpoint=ckpt and ckpt.sub(method.name + "-" + stamp(fingerprint)[:12]),
             )
             record["history"] = result.history
             record["trainable_params"] = result.trainable_params
@@ -213,7 +226,15 @@ def adapt_cross_modal(
     )
     out = Path(out)
     save_model(saved, out, made_by=made_by, seed=cfg.seed, extra_files=files)
+    if ckpt is not None:  # the output is whole: the checkpoints have done their job
+        shutil.rmtree(ckpt.directory, ignore_errors=True)
+        remove_if_empty(ckpt.directory.parent)
     return metrics
+
+
+def stamp(*parts: Any) -> str:
+    """A short digest of the inputs a checkpoint belongs to (its sub-directory's name)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _test_split(name: str) -> PairedDataset | None:

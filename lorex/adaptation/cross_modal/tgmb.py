@@ -25,6 +25,7 @@ from lorex.adaptation.cross_modal.losses import (
 from lorex.adaptation.cross_modal.translator import PatchCritic, build_translator
 from lorex.errors import LorexError
 from lorex.models import LorexModel
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 
 
 def train_translator(
@@ -36,13 +37,14 @@ def train_translator(
     device: torch.device,
     progress: bool | None = None,
     ti_source_features: torch.Tensor | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """The trained translator (in eval mode) and its loss curve (one entry per 50 steps).
 
     ``ti_target`` ``(M, 1, H, W)`` and ``ti_rgb`` ``(M, 3, H, W)`` are the TI pairs; ``target``
     ``(N, 1, H, W)`` the unlabelled task-relevant target images; all in [0, 1] on the CPU.
     ``ti_source_features``: the source's features of ``ti_rgb``, needed when ``tgmb_feat_weight``
-    is positive.
+    is positive. ``checkpoint``: as in ``fit`` (translator, critic, both optimisers, the RNGs).
     """
     if cfg.tgmb_feat_weight > 0 and ti_source_features is None:
         raise ValueError("tgmb_feat_weight > 0 needs the source's features of the TI RGB")
@@ -62,9 +64,28 @@ def train_translator(
     batch = min(cfg.batch_size, len(ti_target), len(target))
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
+    nets = nn.ModuleDict({"translator": translator, **({"critic": critic} if critic else {})})
+    ckpt = Checkpointer(
+        checkpoint,
+        {"loop": "tgmb", "config": cfg.to_dict(), "ti": len(ti_target), "target": len(target)},
+        nets,
+        {"translator": opt_t, **({"critic": opt_c} if opt_c else {})},
+        None,
+        {"batches": generator},
+    )
+    first = 0
+    restored = ckpt.restore()
+    if restored is not None:
+        first, position, _ = restored
+        history, running = position["history"], position["running"]
     translator.train()
     bar = tqdm(
-        range(cfg.translator_steps), desc="TGMB", disable=progress is False or None, leave=False
+        range(first, cfg.translator_steps),
+        initial=first,
+        total=cfg.translator_steps,
+        desc="TGMB",
+        disable=progress is False or None,
+        leave=False,
     )
     for step in bar:
         ti_idx = torch.randint(len(ti_target), (batch,), generator=generator)
@@ -106,6 +127,8 @@ def train_translator(
             history.append({"step": step + 1, **{k: v / n for k, v in running.items()}})
             running = {}
             bar.set_postfix(rec=f"{history[-1]['rec']:.4f}")
+        if ckpt.due(step + 1) or step + 1 == cfg.translator_steps:
+            ckpt.save(step + 1, {"history": history, "running": running})
     bar.close()
     translator.eval()
     translator.requires_grad_(False)

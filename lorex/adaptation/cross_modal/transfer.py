@@ -32,9 +32,12 @@ from lorex.adaptation.cross_modal.losses import (
 from lorex.adaptation.sage.classification import class_pseudo_labels
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
     TrainConfig,
+    TrainingDiverged,
     TrainResult,
+    diverged,
     finish_training,
     make_optimizer,
     optimizer_step,
@@ -79,9 +82,10 @@ def train_target_model(
     source_stats: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     progress: bool | None = None,
     desc: str = "transfer",
+    checkpoint: CheckpointOptions | None = None,
 ) -> tuple[LorexModel, TrainResult]:
     """A copy of ``source`` adapted to ``target`` ``(N, 1, H, W)``; the inputs a term needs are
-    required only when its weight is positive."""
+    required only when its weight is positive. ``checkpoint``: as in ``fit``."""
     needs = {
         "ti_weight": ti_target is not None and ti_source_features is not None,
         "kd_weight": teacher_logits is not None,
@@ -112,19 +116,49 @@ def train_target_model(
             [m.to(device) for m in source_stats[0]],
             [v.to(device) for v in source_stats[1]],
         )
-    bar = tqdm(total=total, desc=desc, unit="step", disable=progress is False or None, leave=False)
+    ckpt = Checkpointer(
+        checkpoint,
+        {
+            "loop": "cross-modal transfer",
+            "config": cfg.to_dict(),
+            "target": len(target),
+            "desc": desc,
+        },
+        model,
+        optimizer,
+        scheduler,
+        {"batches": generator},
+    )
+    done, epoch0, step0, resumed = 0, 0, 0, None
+    restored = ckpt.restore()
+    if restored is not None:
+        done, position, arrays = restored
+        epoch0, step0, result.history = position["epoch"], position["step"], position["history"]
+        resumed = position["sums"], arrays["order"], arrays.get("labels")
+    bar = tqdm(
+        total=total,
+        initial=done,
+        desc=desc,
+        unit="step",
+        disable=progress is False or None,
+        leave=False,
+    )
     with PeakMemory(device=device) as mem:
         start = time.perf_counter()
-        for epoch in range(cfg.epochs):
-            labels = None
-            if cfg.self_weight > 0:
-                feats, logits = features_and_logits(model, target, device)
-                probs = F.softmax(logits, 1).numpy()
-                labels = torch.from_numpy(class_pseudo_labels(feats.numpy(), probs))
+        for epoch in range(epoch0, cfg.epochs):
+            if resumed is None:
+                labels = None
+                if cfg.self_weight > 0:
+                    feats, logits = features_and_logits(model, target, device)
+                    probs = F.softmax(logits, 1).numpy()
+                    labels = torch.from_numpy(class_pseudo_labels(feats.numpy(), probs))
+                order = torch.randperm(len(target), generator=generator)
+                sums: dict[str, float] = {}
+            else:  # the epoch a checkpoint was taken in: its labels and order as they were
+                sums, order, labels = resumed
+                resumed = None
             model.train()
-            order = torch.randperm(len(target), generator=generator)
-            sums: dict[str, float] = {}
-            for step in range(steps_per_epoch):
+            for step in range(step0, steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 x = target[idx]
                 if cfg.augment:
@@ -156,15 +190,30 @@ def train_target_model(
                         ti_feats, ti_source_features[ti_idx].to(device)
                     )
                 loss = sum(terms.values())
-                optimizer_step(loss, optimizer, scheduler, params, epoch)
+                try:
+                    optimizer_step(loss, optimizer, scheduler, params, epoch)
+                except TrainingDiverged as exc:
+                    raise diverged(exc, ckpt) from None
+                done += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+                if ckpt.due(done) or done == total:
+                    position = {
+                        "epoch": epoch,
+                        "step": step + 1,
+                        "sums": sums,
+                        "history": result.history,
+                    }
+                    arrays = {"order": order, **({"labels": labels} if labels is not None else {})}
+                    ckpt.save(done, position, arrays)
+            step0 = 0
             entry = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
             if labels is not None:
                 entry["pseudo_label_classes"] = int(len(np.unique(labels.numpy())))
             result.history.append(entry)
         result.train_seconds = time.perf_counter() - start
     bar.close()
+    result.checkpoint = ckpt
     return model, finish_training(model, result, mem)

@@ -49,9 +49,12 @@ from lorex.errors import LorexError
 from lorex.metrics.classification import accuracy
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel, load_model, save_model
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
+    TrainingDiverged,
     TrainResult,
     as_float,
+    diverged,
     finish_training,
     images_to_tensor,
     make_optimizer,
@@ -101,23 +104,59 @@ def train_on_class_pseudo_labels(
     device: torch.device,
     progress: bool | None = None,
     desc: str = "adapt",
+    checkpoint: CheckpointOptions | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Each epoch: label the target with the current model, then ``iters`` steps of
-    cross-entropy on random batches (the head frozen)."""
+    cross-entropy on random batches (the head frozen). ``checkpoint``/``fingerprint``: as in
+    ``fit``; a checkpoint holds the epoch's pseudo-labels."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     x, true = images_to_tensor(data)
     optimizer, scheduler = make_opt(epochs * iters)
     result = TrainResult(trainable_params=sum(p.numel() for p in params))
-    bar = tqdm(total=epochs * iters, desc=desc, disable=progress is False or None, leave=False)
+    ckpt = Checkpointer(
+        checkpoint,
+        {
+            "loop": "class-pseudo-labels",
+            "config": cfg.to_dict(),
+            "epochs": epochs,
+            "iters": iters,
+            "images": len(x),
+            "desc": desc,
+            **(fingerprint or {}),
+        },
+        model,
+        optimizer,
+        scheduler,
+        {"batches": generator},
+    )
+    step, epoch0, batch0, resumed = 0, 0, 0, None
+    restored = ckpt.restore()
+    if restored is not None:
+        step, position, arrays = restored
+        epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
+        resumed = position, arrays["labels"]
+    bar = tqdm(
+        total=epochs * iters,
+        initial=step,
+        desc=desc,
+        disable=progress is False or None,
+        leave=False,
+    )
     with PeakMemory(device=device) as mem:
         start = time.perf_counter()
-        for epoch in range(epochs):
-            feats, probs = _features_and_probs(model, x, device)
-            labels = torch.from_numpy(class_pseudo_labels(feats, probs))
+        for epoch in range(epoch0, epochs):
+            if resumed is None:
+                feats, probs = _features_and_probs(model, x, device)
+                labels = torch.from_numpy(class_pseudo_labels(feats, probs))
+                loss_sum, correct = 0.0, 0
+            else:  # the epoch a checkpoint was taken in, with its labels
+                position, labels = resumed
+                loss_sum, correct = position["loss_sum"], position["correct"]
+                resumed = None
             model.train()
-            loss_sum, correct = 0.0, 0
-            for _ in range(iters):
+            for b in range(batch0, iters):
                 idx = torch.randint(len(x), (cfg.batch_size,), generator=generator)
                 batch = as_float(x[idx], device)
                 if cfg.augment:
@@ -126,10 +165,24 @@ def train_on_class_pseudo_labels(
                 loss = F.cross_entropy(
                     logits, labels[idx].to(device), label_smoothing=cfg.label_smoothing
                 )
-                optimizer_step(loss, optimizer, scheduler, params, epoch)
+                try:
+                    optimizer_step(loss, optimizer, scheduler, params, epoch)
+                except TrainingDiverged as exc:
+                    raise diverged(exc, ckpt) from None
+                step += 1
                 loss_sum += loss.item()
                 correct += int((logits.argmax(1).cpu() == labels[idx]).sum())
                 bar.update(1)
+                if ckpt.due(step) or step == epochs * iters:
+                    position = {
+                        "epoch": epoch,
+                        "batch": b + 1,
+                        "loss_sum": loss_sum,
+                        "correct": correct,
+                        "history": result.history,
+                    }
+                    ckpt.save(step, position, {"labels": labels})
+            batch0 = 0
             result.history.append(
                 {
                     "epoch": epoch + 1,
@@ -142,6 +195,7 @@ def train_on_class_pseudo_labels(
             )
         result.train_seconds = time.perf_counter() - start
     bar.close()
+    result.checkpoint = ckpt
     return finish_training(model, result, mem)
 
 
@@ -152,6 +206,7 @@ def adapt_source_expert_classification(
     cfg: SageConfig,
     device: torch.device,
     progress: bool | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Stage 2 for classification: LoRA + biases on SHOT pseudo-labels, the head frozen."""
     torch.manual_seed(cfg.seed)
@@ -188,6 +243,8 @@ def adapt_source_expert_classification(
         device,
         progress,
         f"LoRA expert {Path(source).name}",
+        checkpoint,
+        {"source": str(source)},
     )
     metrics = {"history": result.history, "train_seconds": result.train_seconds}
     save_model(
@@ -198,6 +255,7 @@ def adapt_source_expert_classification(
         seed=cfg.seed,
         extra_files={"metrics.json": metrics},
     )
+    result.checkpoint.discard()
     return metrics
 
 
@@ -207,6 +265,7 @@ def train_gate_classification(
     cfg: SageConfig,
     device: torch.device,
     progress: bool | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> TrainResult:
     params = mark_gate_trainable(model.backbone)
     model.heads.requires_grad_(False)
@@ -214,8 +273,20 @@ def train_gate_classification(
     def make_opt(total: int):
         return gate_optimizer(model, cfg.gate_lr)
 
+    kind = model.backbone.gate_config.kind
     return train_on_class_pseudo_labels(
-        model, target, params, make_opt, cfg, 1, cfg.gate_iters, device, progress, "gate"
+        model,
+        target,
+        params,
+        make_opt,
+        cfg,
+        1,
+        cfg.gate_iters,
+        device,
+        progress,
+        f"{kind} gate",
+        checkpoint,
+        {"gate": kind},
     )
 
 
@@ -227,13 +298,16 @@ def adapt_classification(
     device: torch.device | str = "cpu",
     progress: bool | None = None,
     work: str | Path | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
-    """``adapt_reid``'s pipeline on a classification target: every variant's test accuracy."""
+    """``adapt_reid``'s pipeline on a classification target: every variant's test accuracy.
+    ``checkpoint`` (every, resume): each training stage checkpoints under the work directory."""
     cfg = cfg or SageConfig()
     device = torch.device(device)
     sources = check_sources(sources)
     out = Path(out)
     work = work_dir(out, work)
+    ckpt = checkpoint.at(work / "checkpoints") if checkpoint is not None else None
     train = load_dataset(target, "train", cfg.max_target_samples, cfg.seed)
     test = load_dataset(target, "test")
     names = source_names(sources)
@@ -241,7 +315,8 @@ def adapt_classification(
     histories: dict[str, Any] = {}
 
     def adapt(source: Path, path: Path) -> None:
-        adapt_source_expert_classification(source, train, path, cfg, device, progress)
+        sub = ckpt and ckpt.sub(f"experts-{path.name}")
+        adapt_source_expert_classification(source, train, path, cfg, device, progress, sub)
 
     experts = lora_experts(sources, names, work, f"classify {target}", cfg, adapt, timings)
     models = variant_models(
@@ -250,7 +325,9 @@ def adapt_classification(
         names,
         work,
         cfg,
-        lambda model: train_gate_classification(model, train, cfg, device, progress),
+        lambda model, label: train_gate_classification(
+            model, train, cfg, device, progress, ckpt and ckpt.sub(label.replace("/", "-"))
+        ),
         device,
         timings,
         histories,

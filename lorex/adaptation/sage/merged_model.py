@@ -31,6 +31,7 @@ from lorex.adapters.lora import lora_layers
 from lorex.backbones import build_backbone
 from lorex.errors import LorexError
 from lorex.models import BNNeckHead, LorexModel, load_model
+from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import TrainResult
 
 
@@ -209,6 +210,7 @@ def train_gate(
     device: torch.device,
     progress: bool | None = None,
     true_ids: np.ndarray | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> TrainResult:
     """Stage 4: one clustering by the initial (uniform) model, then ``gate_iters`` Adam steps on
     the gate vectors and temperatures only. Experts, backbone, BN-neck and classifier are frozen,
@@ -234,4 +236,6 @@ def train_gate(
         desc=f"{model.backbone.gate_config.kind} gate",
         true_ids=true_ids,
         freeze_neck=True,
+        checkpoint=checkpoint,
+        fingerprint={"gate": model.backbone.gate_config.kind},
     )

@@ -31,6 +31,7 @@ from lorex.adaptation.sage.stages import (
 )
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.io import read_json
+from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.reid_objective import evaluate_reid, load_reid_data, subset_ids
 from lorex.training.run import run_record
 
@@ -46,16 +47,19 @@ def adapt_reid(
     progress: bool | None = None,
     work: str | Path | None = None,
     diagnostics: bool = False,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Adapt ``sources`` (re-ID experts) to ``target`` (its unlabelled train images) and write the
     gated model (``cfg.gate``) to ``out`` with ``metrics.json``, ``report.md`` and
     ``gate_weights.png``. ``diagnostics`` records each clustering's agreement with the true
-    target ids (synthetic benchmarks; the method never reads them). Returns the metrics."""
+    target ids (synthetic benchmarks; the method never reads them). ``checkpoint`` (every,
+    resume): each training stage checkpoints under the work directory. Returns the metrics."""
     cfg = cfg or SageConfig()
     device = torch.device(device)
     sources = check_sources(sources)
     out = Path(out)
     work = work_dir(out, work)
+    ckpt = checkpoint.at(work / "checkpoints") if checkpoint is not None else None
     data = load_reid_data(target)
     data.train = subset_ids(data.train, cfg.max_target_samples, cfg.seed)
     images = data.train.images
@@ -65,7 +69,8 @@ def adapt_reid(
 
     def adapt(source: Path, path: Path) -> None:
         made_by = run_record("adapt reid (stage 2)", source=str(source), target=str(target))
-        adapt_source_expert(source, data, path, cfg, device, progress, true_ids, made_by)
+        sub = ckpt and ckpt.sub(f"experts-{path.name}")
+        adapt_source_expert(source, data, path, cfg, device, progress, true_ids, made_by, sub)
 
     experts = lora_experts(sources, names, work, str(target), cfg, adapt, timings)
     histories: dict[str, Any] = {
@@ -78,7 +83,15 @@ def adapt_reid(
         names,
         work,
         cfg,
-        lambda model: train_gate(model, images, cfg, device, progress, true_ids),
+        lambda model, label: train_gate(
+            model,
+            images,
+            cfg,
+            device,
+            progress,
+            true_ids,
+            ckpt and ckpt.sub(label.replace("/", "-")),
+        ),
         device,
         timings,
         histories,

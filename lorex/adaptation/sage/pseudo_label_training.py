@@ -24,7 +24,15 @@ from lorex.adaptation.sage.config import SageConfig
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import BNNeckHead, LorexModel
-from lorex.training.loop import TrainResult, as_float, finish_training, optimizer_step
+from lorex.training.checkpoint import Checkpointer, CheckpointOptions
+from lorex.training.loop import (
+    TrainingDiverged,
+    TrainResult,
+    as_float,
+    diverged,
+    finish_training,
+    optimizer_step,
+)
 from lorex.training.methods import count_parameters
 from lorex.training.reid_objective import (
     EpochStats,
@@ -102,12 +110,16 @@ def train_on_pseudo_labels(
     desc: str = "adapt",
     true_ids: np.ndarray | None = None,
     freeze_neck: bool = False,
+    checkpoint: CheckpointOptions | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model`` for ``epochs`` x ``iters`` steps on re-labelled images.
 
     ``true_ids`` (synthetic data only) adds each clustering's adjusted Rand index to the
     history as a diagnostic; nothing reads it. ``freeze_neck`` keeps the BN-neck in eval mode,
     so its running statistics stay as they were (the gate stage: only the gate trains).
+    ``checkpoint``/``fingerprint``: as in ``fit``; a checkpoint also holds the epoch's
+    pseudo-labels, batches and centroids, so a resumed epoch is not clustered again.
     """
     if not params:
         raise LorexError("nothing to train")
@@ -119,38 +131,100 @@ def train_on_pseudo_labels(
     result = TrainResult(
         trainable_params=sum(p.numel() for p in params), total_params=count_parameters(model)
     )
+    ckpt = Checkpointer(
+        checkpoint,
+        {
+            "loop": "pseudo-labels",
+            "config": cfg.to_dict(),
+            "epochs": epochs,
+            "iters": iters,
+            "images": len(images),
+            "desc": desc,
+            **(fingerprint or {}),
+        },
+        model,
+        optimizer,
+        scheduler,
+        {"augment": generator},
+    )
+
+    def rebuild_classifier(position: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
+        set_centroid_classifier(model, arrays["centroids"].numpy())
+
+    step, epoch0, batch0, resumed = 0, 0, 0, None
+    restored = ckpt.restore(rebuild_classifier)
+    if restored is not None:
+        step, position, arrays = restored
+        epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
+        labeler.eps = position["eps"]
+        resumed = position, arrays
     bar = tqdm(
-        total=epochs * iters, desc=desc, unit="step", disable=progress is False or None, leave=False
+        total=epochs * iters,
+        initial=step,
+        desc=desc,
+        unit="step",
+        disable=progress is False or None,
+        leave=False,
     )
     with PeakMemory(device=device) as mem:
         start = time.perf_counter()
-        for epoch in range(epochs):
-            tick = time.perf_counter()
-            labels, _ = relabel(model, images, labeler, device)
-            label_seconds = time.perf_counter() - tick
-            keep = np.flatnonzero(labels >= 0)
-            p = cfg.batch_size // cfg.num_instances
-            sampler = PKSampler(labels[keep], p, cfg.num_instances, cfg.seed + 1000 * epoch)
-            batches = [keep[b] for b in _cycle(sampler, iters)]
+        for epoch in range(epoch0, epochs):
+            if resumed is None:
+                tick = time.perf_counter()
+                labels, cents = relabel(model, images, labeler, device)
+                label_seconds = time.perf_counter() - tick
+                keep = np.flatnonzero(labels >= 0)
+                p = cfg.batch_size // cfg.num_instances
+                sampler = PKSampler(labels[keep], p, cfg.num_instances, cfg.seed + 1000 * epoch)
+                batches = np.stack([keep[b] for b in _cycle(sampler, iters)])
+                stats = EpochStats()
+            else:  # the epoch a checkpoint was taken in: its clustering and batches as they were
+                position, arrays = resumed
+                labels, cents = arrays["labels"].numpy(), arrays["centroids"].numpy()
+                batches = arrays["batches"].numpy()
+                keep = np.flatnonzero(labels >= 0)
+                label_seconds = position["label_seconds"]
+                stats = EpochStats.from_state(position["stats"])
+                resumed = None
             model.train()
             if freeze_neck:
                 head.bn.eval()
-            stats = EpochStats()
-            for idx_np in batches:
+            for b in range(batch0, len(batches)):
+                idx_np = batches[b]
                 target = torch.from_numpy(labels[idx_np]).to(device)
                 batch = as_float(x[torch.from_numpy(idx_np)], device)
                 if cfg.augment:
                     batch = augment_batch(batch, generator)
-                reid_step(
-                    model.features(batch),
-                    head,
-                    target,
-                    cfg.label_smoothing,
-                    lambda value, e=epoch: optimizer_step(value, optimizer, scheduler, params, e),
-                    stats,
-                )
+                try:
+                    reid_step(
+                        model.features(batch),
+                        head,
+                        target,
+                        cfg.label_smoothing,
+                        lambda v, e=epoch: optimizer_step(v, optimizer, scheduler, params, e),
+                        stats,
+                    )
+                except TrainingDiverged as exc:
+                    raise diverged(exc, ckpt) from None
+                step += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, clusters=int(labels.max()) + 1)
+                if ckpt.due(step) or step == epochs * iters:
+                    position = {
+                        "epoch": epoch,
+                        "batch": b + 1,
+                        "stats": stats.state(),
+                        "history": result.history,
+                        "eps": float(labeler.eps),
+                        "label_seconds": label_seconds,
+                    }
+                    arrays = {
+                        "labels": torch.from_numpy(labels),
+                        "centroids": torch.from_numpy(np.ascontiguousarray(cents)),
+                        "batches": torch.from_numpy(batches),
+                    }
+                    ckpt.save(step, position, arrays)
+            batch0 = 0
             entry = {
                 "epoch": epoch + 1,
                 **stats.summary(),
@@ -174,4 +248,5 @@ def train_on_pseudo_labels(
             )
         result.train_seconds = time.perf_counter() - start
     bar.close()
+    result.checkpoint = ckpt
     return finish_training(model, result, mem)

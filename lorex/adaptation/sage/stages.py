@@ -102,7 +102,7 @@ def variant_models(
     names: Sequence[str],
     work: Path,
     cfg: SageConfig,
-    train_gate: Callable[[LorexModel], TrainResult],
+    train_gate: Callable[[LorexModel, str], TrainResult],
     device: torch.device,
     timings: dict[str, float],
     histories: dict[str, Any],
@@ -123,10 +123,12 @@ def variant_models(
         if not reusable(path, value):
             tick = time.perf_counter()
             model = gated_model(sources, experts, names, kind, device)
-            result = train_gate(model)
+            result = train_gate(model, label)
             history = {"history": result.history}
             save_model(model, path, seed=cfg.seed, extra_files={"history.json": history})
             write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+            if result.checkpoint is not None:
+                result.checkpoint.discard()
             timings[label] = time.perf_counter() - tick
         models[label] = load_model(path, device)
         histories[label] = read_json(path / "history.json")["history"]

@@ -24,6 +24,7 @@ from lorex.data.market1501 import Market1501
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
+from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import make_optimizer
 from lorex.training.reid_objective import evaluate_reid
 
@@ -57,6 +58,7 @@ def adapt_source_expert(
     progress: bool | None = None,
     true_ids: np.ndarray | None = None,
     made_by: dict[str, Any] | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict[str, Any]:
     """Adapt ``source`` (a re-ID expert directory) to ``target``'s unlabelled train images and
     save it as a LoRA delta on the source. Returns its metrics (query vs gallery, reporting
@@ -88,6 +90,8 @@ def adapt_source_expert(
         progress=progress,
         desc=f"LoRA expert {Path(source).name}",
         true_ids=true_ids,
+        checkpoint=checkpoint,
+        fingerprint={"source": str(source)},
     )
     scores = evaluate_reid(model, target, device)
     metrics = {
@@ -110,4 +114,5 @@ def adapt_source_expert(
             "train_curve.png": curve_png(result.history, f"LoRA expert from {Path(source).name}"),
         },
     )
+    result.checkpoint.discard()
     return metrics
