@@ -19,7 +19,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (not usage + error) and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` with control characters (a newline in a file or field name, say) escaped, so
+    an error stays one line on the terminal."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def _positive_int(text: str) -> int:
@@ -42,6 +50,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2**63), got {value}")
+    return value
+
+
 def _add_training_options(
     p: argparse.ArgumentParser, epochs: int, lr: float | None, batch: int = 64
 ) -> None:
@@ -51,8 +79,10 @@ def _add_training_options(
     p.add_argument("--batch-size", type=_positive_int, default=batch, help=f"batch size ({batch})")
     lr_help = f"peak learning rate ({lr})" if lr else "peak learning rate (default: the method's)"
     p.add_argument("--lr", type=_positive_float, default=lr, help=lr_help)
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (0.05)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument(
+        "--weight-decay", type=_non_negative_float, default=0.05, help="AdamW weight decay (0.05)"
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     p.add_argument(
         "--max-samples",
         type=_positive_int,
@@ -73,6 +103,35 @@ def _add_training_options(
         "and cache its outputs (default: on)",
     )
     _add_device(p)
+    _add_checkpoint_options(p)
+
+
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=100,
+        help="save the whole training state under OUT.parts/ every N optimiser steps (100)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint under OUT.parts/ left by a stopped run; the result "
+        "is bit-identical to an uninterrupted run on the CPU",
+    )
+    p.add_argument(
+        "--no-checkpoint", action="store_true", help="do not write checkpoints (no resume)"
+    )
+
+
+def _checkpoint_options(args: argparse.Namespace, out: str):
+    from lorex.training.checkpoint import CheckpointOptions, work_directory
+
+    if args.no_checkpoint:
+        if args.resume:
+            raise LorexError("--resume and --no-checkpoint exclude each other")
+        return None
+    return CheckpointOptions(work_directory(out), args.checkpoint_every, args.resume)
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -164,6 +223,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         _train_config(args, augment_default=True),
         args.data,
         resolve_device(args.device),
+        checkpoint=_checkpoint_options(args, args.out),
     )
     print(f"pretrained {args.out}: test accuracy {metrics['accuracy']:.4f} on {args.data}")
     return 0
@@ -188,6 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         head_from=args.head_from,
         freeze_head=args.freeze_head,
         feature_stats=args.feature_stats,
+        checkpoint=_checkpoint_options(args, args.out),
     )
     print(
         f"trained {args.out} ({args.method}): "
@@ -216,6 +277,7 @@ def _train_reid(args: argparse.Namespace, method) -> int:
         _train_config(args, False, default_lr=type(method).default_lr),
         resolve_device(args.device),
         num_instances=args.num_instances or DEFAULT_INSTANCES,
+        checkpoint=_checkpoint_options(args, args.out),
     )
     print(f"trained {args.out} ({args.method}, re-ID): {reid_line(metrics)} on {args.data}")
     print(efficiency_line(metrics))
@@ -405,7 +467,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--density", type=float, help="ties: fraction kept per task vector (0.2)")
     g.add_argument("--merge-func", choices=("mean", "sum"), help="ties, dare-ties: (mean)")
     g.add_argument("--drop", type=float, help="dare, dare-ties: drop probability p (0.5)")
-    g.add_argument("--seed", type=int, help="dare, dare-ties: seed of the drop masks (0)")
+    g.add_argument("--seed", type=_seed, help="dare, dare-ties: seed of the drop masks (0)")
     g.add_argument(
         "--eta",
         type=_eta,
@@ -469,7 +531,13 @@ def cmd_adapt_reid(args: argparse.Namespace) -> int:
 
     cfg = _sage_config(args)
     metrics = adapt_reid(
-        args.sources, args.target, args.out, cfg, resolve_device(args.device), work=args.work
+        args.sources,
+        args.target,
+        args.out,
+        cfg,
+        resolve_device(args.device),
+        work=args.work,
+        checkpoint=_checkpoint_options(args, args.out),
     )
     for name in ordered_variants(metrics["variants"]):
         v = metrics["variants"][name]
@@ -488,7 +556,13 @@ def cmd_adapt_classify(args: argparse.Namespace) -> int:
 
     cfg = _sage_config(args)
     metrics = adapt_classification(
-        args.sources, args.target, args.out, cfg, resolve_device(args.device), work=args.work
+        args.sources,
+        args.target,
+        args.out,
+        cfg,
+        resolve_device(args.device),
+        work=args.work,
+        checkpoint=_checkpoint_options(args, args.out),
     )
     for name in ordered_variants(metrics["variants"]):
         v = metrics["variants"][name]
@@ -510,6 +584,7 @@ def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
         args.method,
         config_from_args(args),
         resolve_device(args.device),
+        checkpoint=_checkpoint_options(args, args.out),
     )
     for name, r in metrics["methods"].items():
         test = r.get("test_accuracy")
@@ -584,7 +659,9 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="P x K (64)")
     g.add_argument("--num-instances", type=_positive_int, default=d.num_instances, help="K (4)")
     g.add_argument("--lr", type=_positive_float, default=d.lr, help=f"AdamW peak lr ({d.lr})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(1e-4)")
+    g.add_argument(
+        "--weight-decay", type=_non_negative_float, default=d.weight_decay, help="(1e-4)"
+    )
     g.add_argument("--rank", type=_positive_int, default=d.rank, help=f"LoRA rank ({d.rank})")
     g.add_argument("--alpha", type=_positive_float, default=d.alpha, help="LoRA alpha (32)")
     g.add_argument(
@@ -605,7 +682,7 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate", choices=("light", "published"), default=d.gate, help="(light)")
     g.add_argument("--gate-iters", type=_positive_int, default=d.gate_iters, help="(41)")
     g.add_argument("--gate-lr", type=_positive_float, default=d.gate_lr, help="Adam lr (1e-2)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (0)")
+    p.add_argument("--seed", type=_seed, default=d.seed, help="random seed (0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -635,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-samples", type=_positive_int, default=None, help="per split, class-balanced"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=cmd_data_make)
 
     p = sub.add_parser("pretrain", help="pretrain a base backbone on the pretraining set")
@@ -740,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="results and the demo it builds on")
     p.add_argument("--quick", action="store_true", help="the quick demo's experts (minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_bench_merge)
     p = bench_sub.add_parser(
@@ -750,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="a few steps at both sizes (minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--fresh",
         action="store_true",
@@ -764,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="one target, small settings (minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_bench_sage)
     p = bench_sub.add_parser(
@@ -774,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="two tasks, small settings (minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_bench_cross_modal)
 
@@ -807,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_sage_options(p)
         _add_device(p)
+        _add_checkpoint_options(p)
         p.set_defaults(func=func)
 
     p = adapt_sub.add_parser(
@@ -830,6 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cross_modal_options(p)
     _add_device(p)
+    _add_checkpoint_options(p)
     p.set_defaults(func=cmd_adapt_cross_modal)
 
     p = sub.add_parser("import-timm", help="turn a timm ViT checkpoint into a lorex base model")
@@ -846,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="fewer epochs and samples: under 5 minutes on 2 cores"
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="backbone preset (default vit-micro)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     _add_device(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -863,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LorexError as exc:
-        print(f"lorex {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lorex {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorex: interrupted", file=sys.stderr)

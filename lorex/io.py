@@ -1,15 +1,21 @@
 """Safe, atomic file I/O: safetensors and JSON only, never pickle.
 
 Outputs are built beside their target and renamed into place, so a killed run never leaves a
-half-written file or model directory that looks complete.
+half-written file or model directory that looks complete. A temporary entry is named after its
+target, host and process (``.NAME.HOST-PID-XXXX.partial`` / ``.tmp``); the next write of the same
+target removes those whose process is gone, so a killed run leaves nothing behind for long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +36,47 @@ def _current_umask() -> int:
 
 # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions instead.
 _UMASK = _current_umask()
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+def _temp_prefix(target: Path) -> str:
+    """``.NAME.HOST-PID-``: a temporary entry names its owner, so a later run sees it is stale."""
+    return f".{target.name}.{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or cannot tell: treat as alive
+        return True
+    return True
+
+
+def _remove_stale(target: Path, suffix: str) -> None:
+    """Remove the temporaries beside ``target`` that runs on this host left when killed (their
+    process is gone). A previous directory moved aside (``-old``) while the target is missing is
+    put back: the run was killed between the two renames of the non-Linux fallback."""
+    pattern = re.compile(
+        rf"^\.{re.escape(target.name)}\.{re.escape(_HOST)}-(\d+)-([a-z0-9_]+){re.escape(suffix)}$"
+    )
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if found is None or int(found[1]) == os.getpid() or _pid_alive(int(found[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if found[2] == "old" and not target.exists():
+                os.replace(entry, target)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -55,7 +102,8 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 def _atomic_file(path: Path) -> Iterator[str]:
     """Yield a temporary path beside ``path``; fsync and rename it into place on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path, ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
@@ -119,27 +167,56 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; rename it into place on success.
 
-    On failure the temporary directory is removed and an existing ``target`` is left untouched.
+    On failure the temporary directory is removed and an existing ``target`` is left untouched;
+    a SIGKILL leaves the temporary directory (clearly named ``.partial``), which the next
+    ``atomic_directory`` for the same target removes. An existing target is swapped out in one
+    step, so at no moment is there no ``target``.
     """
     target = Path(target)
+    _remove_stale(target, ".partial")
     if target.exists() and not target.is_dir():
         raise LorexError(f"{target}: exists and is not a directory")
     if target.exists() and not overwrite:
         raise LorexError(f"{target}: already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    _swap_into_place(tmp, target)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    path, at = ctypes.c_char_p, ctypes.c_int
+    renameat2.argtypes = (at, path, at, path, ctypes.c_uint)
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``, replacing a previous one."""
+    if not target.exists():
+        os.replace(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # ``tmp`` now holds the previous output
+    else:  # two renames; a kill between them is undone by the next run (_remove_stale)
+        old = target.with_name(f"{_temp_prefix(target)}old.partial")
         os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
+        os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -253,6 +330,8 @@ class SafetensorsReader:
                 if size < 8 or n > size - 8:
                     raise ValueError("header longer than the file")
                 header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             raise LorexError(f"{self.path}: not a valid safetensors file ({exc})") from None
         self.metadata = header.pop("__metadata__", None) or {}
@@ -262,7 +341,9 @@ class SafetensorsReader:
             try:
                 dtype = _ST_FROM_NAME[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(v) for v in info["data_offsets"])
+                begin, end = info["data_offsets"]
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in (begin, end)):
+                    raise TypeError("offsets must be whole numbers")
             except (KeyError, TypeError, ValueError):
                 raise LorexError(f"{self.path}: bad header entry for '{name}'") from None
             expected = torch.empty((), dtype=dtype).element_size()

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lorex.errors import LorexError
@@ -117,15 +118,27 @@ class HFBackbone(nn.Module):
             raise LorexError(f"{path}: no Hugging Face config.json with a model_type")
         model_type = _canonical_type(config["model_type"])
         model_cls, _, mean, std = _TYPES[model_type]
+        # Pickled weights (pytorch_model.bin, ...) are never handed to transformers to unpickle.
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            what = f"only pickled weights ({pickled[0]})" if pickled else "no model.safetensors"
+            raise LorexError(
+                f"{path}: {what}; lorex reads safetensors only "
+                "(save_pretrained(..., safe_serialization=True))"
+            )
         tf = _transformers()
         kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
         verbosity = tf.logging.get_verbosity()
         tf.logging.set_verbosity_error()  # we report problems ourselves, in one line
         try:
             model, info = getattr(tf, model_cls).from_pretrained(
-                str(path), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+                str(path),
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
+                **kwargs,
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             msg = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise LorexError(f"{path}: cannot load {model_cls}: {msg}") from None
         finally:
@@ -156,13 +169,22 @@ class HFBackbone(nn.Module):
         if absent:
             raise LorexError(f"hf backbone config lacks {', '.join(absent)}")
         model_cls, config_cls, _, _ = _TYPES[model_type]
-        tf = _transformers()
-        hf_config = getattr(tf, config_cls).from_dict(dict(config["hf_config"]))
-        kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
-        model = getattr(tf, model_cls)(hf_config, **kwargs).float().eval()
+        size = config["image_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise LorexError(f"hf backbone image_size: expected a whole number, got {size!r}")
+        if not isinstance(config["hf_config"], dict):
+            raise LorexError("hf backbone hf_config: expected an object")
         mean = _triple(config["mean"], "backbone mean")
         std = _triple(config["std"], "backbone std")
-        return cls(model, model_type, int(config["image_size"]), mean, std).eval()
+        tf = _transformers()
+        kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
+        try:  # transformers checks the fields its own way (TypeError, ValueError, its own errors)
+            hf_config = getattr(tf, config_cls).from_dict(dict(config["hf_config"]))
+            model = getattr(tf, model_cls)(hf_config, **kwargs).float().eval()
+        except Exception as exc:  # noqa: BLE001 - any of them means this hf_config is unusable
+            msg = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise LorexError(f"hf backbone hf_config: not a valid {config_cls} ({msg})") from None
+        return cls(model, model_type, size, mean, std).eval()
 
     def to_config(self) -> dict:
         return {

@@ -6,6 +6,7 @@ and LoRA target names (``qkv``, ``proj``, ``fc1``, ``fc2``) are the ones users k
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass
 
@@ -20,9 +21,17 @@ def image_hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """``(height, width)`` of an ``img_size``: one number (square) or a ``(height, width)`` pair."""
     if isinstance(img_size, int | float) and not isinstance(img_size, bool):
         return int(img_size), int(img_size)
-    if isinstance(img_size, tuple | list) and len(img_size) == 2:
+    if (
+        isinstance(img_size, tuple | list)
+        and len(img_size) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in img_size)
+    ):
         return int(img_size[0]), int(img_size[1])
     raise LorexError(f"img_size: expected a number or (height, width), got {img_size!r}")
+
+
+#: A config.json asking for more is refused before anything is built (ViT-g/14 has about 1e9).
+MAX_PARAMETERS = 4_000_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,60 @@ class ViTConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def __post_init__(self) -> None:
+        """Types and ranges, so a bad config.json is a one-line error, not a crash deep in torch."""
+
+        def whole(name: str, least: int = 1) -> int:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise LorexError(f"{name}: must be a whole number >= {least}, got {value!r}")
+            return value
+
+        def number(value: object, name: str, positive: bool = True) -> float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or (positive and not value > 0):
+                kind = "a positive number" if positive else "a finite number"
+                raise LorexError(f"{name}: must be {kind}, got {value!r}")
+            return float(value)
+
+        size = self.img_size
+        sides = size if isinstance(size, tuple | list) else (size,)
+        if len(sides) not in (1, 2) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides
+        ):
+            raise LorexError(f"img_size: must be a whole number or (height, width), got {size!r}")
+        h, w = image_hw(size)
+        patch = whole("patch_size")
+        if h % patch or w % patch:
+            raise LorexError(f"img_size {self.img_size} is not a multiple of patch_size {patch}")
+        whole("in_chans")
+        dim, heads = whole("embed_dim"), whole("num_heads")
+        if dim % heads:
+            raise LorexError(f"embed_dim {dim} is not a multiple of num_heads {heads}")
+        depth = whole("depth")
+        if int(dim * number(self.mlp_ratio, "mlp_ratio")) < 1:
+            raise LorexError(f"mlp_ratio: {self.mlp_ratio!r} leaves no MLP units")
+        if not isinstance(self.qkv_bias, bool):
+            raise LorexError(f"qkv_bias: must be true or false, got {self.qkv_bias!r}")
+        if self.global_pool not in ("token", "avg"):
+            raise LorexError(f"global_pool: must be 'token' or 'avg', got {self.global_pool!r}")
+        number(self.eps, "eps")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple | list) or len(values) != 3:
+                raise LorexError(f"{name}: must be 3 numbers, got {values!r}")
+            for v in values:
+                number(v, name, positive=name == "std")
+        hidden = int(dim * self.mlp_ratio)
+        per_block = 4 * dim * dim + 2 * dim * hidden + hidden + 9 * dim
+        tokens = (h // patch) * (w // patch) + 1
+        total = depth * per_block + self.in_chans * patch * patch * dim + (tokens + 2) * dim
+        if total > MAX_PARAMETERS:
+            raise LorexError(
+                f"this ViT would have {total:,} parameters, more than lorex builds "
+                f"({MAX_PARAMETERS:,}); check embed_dim, depth and mlp_ratio"
+            )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -54,13 +117,15 @@ class ViTConfig:
         known = {f for f in cls.__dataclass_fields__}
         extra = sorted(set(d) - known - {"type"})
         if extra:
-            raise LorexError(f"unknown ViT config field(s): {', '.join(extra)}")
+            close = difflib.get_close_matches(extra[0], known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise LorexError(f"unknown ViT config field '{extra[0]}'{hint}")
         d = {k: v for k, v in d.items() if k != "type"}
         for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
-        if isinstance(d.get("img_size"), list | tuple):  # JSON gives a list; keep it hashable
-            d["img_size"] = image_hw(d["img_size"])
+            if isinstance(d.get(key), list):  # JSON gives a list; keep it hashable
+                d[key] = tuple(d[key])
+        if isinstance(d.get("img_size"), list):
+            d["img_size"] = tuple(d["img_size"])
         return cls(**d)
 
 
@@ -151,17 +216,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        if any(side % cfg.patch_size for side in image_hw(cfg.img_size)):
-            raise LorexError(
-                f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}"
-            )
-        if cfg.embed_dim % cfg.num_heads:
-            raise LorexError(
-                f"embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}"
-            )
-        if cfg.global_pool not in ("token", "avg"):
-            raise LorexError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
-        self.config = cfg
+        self.config = cfg  # checked by ViTConfig itself
         self.num_features = self.embed_dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg)
         self.num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
@@ -177,6 +232,8 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.pos_embed.is_meta:  # shapes only (load_model's check); meta normal_ costs seconds
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():

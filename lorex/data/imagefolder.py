@@ -8,24 +8,16 @@ import numpy as np
 from PIL import Image
 
 from lorex.data.dataset import ImageDataset
+from lorex.data.images import decode_image
 from lorex.errors import LorexError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-MAX_IMAGE_PIXELS = 4096 * 4096  # refuse decompression bombs long before they fill memory
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode one image to uint8 RGB ``(H, W, 3)``; an unreadable file is a LorexError naming it."""
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise LorexError(f"{path}: image of {img.width}x{img.height} pixels is too large")
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except LorexError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise LorexError(f"{path}: unreadable image ({type(exc).__name__})") from None
+    """Decode one image to uint8 RGB ``(H, W, 3)``; an unreadable file is a LorexError naming it,
+    and so is one over ``lorex.data.images.MAX_IMAGE_PIXELS`` (checked before decoding)."""
+    return decode_image(path, lambda img: np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
 def same_size(path: Path, shape: tuple[int, ...], first: tuple[int, ...] | None) -> tuple:

@@ -21,7 +21,8 @@ from lorex.errors import LorexError
 from lorex.io import atomic_directory
 
 FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-NAME = re.compile(r"^(?P<id>-1|\d+)_c(?P<cam>\d+)(?:[s_].*)?$")
+# At most 18 digits: ids and cameras are int64 (and int() refuses thousands of digits).
+NAME = re.compile(r"^(?P<id>-1|\d{1,18})_c(?P<cam>\d{1,18})(?:[s_].*)?$")
 
 
 @dataclass

@@ -20,13 +20,8 @@ from PIL import Image
 
 from lorex.data import rgbx_synth
 from lorex.data.dataset import ImageDataset
-from lorex.data.imagefolder import (
-    IMAGE_SUFFIXES,
-    MAX_IMAGE_PIXELS,
-    read_image,
-    same_size,
-    split_root,
-)
+from lorex.data.imagefolder import IMAGE_SUFFIXES, read_image, same_size, split_root
+from lorex.data.images import decode_image
 from lorex.data.rgbx_synth import DEPTH_RANGE_MM, PAIRED, PAIRED_SETS
 from lorex.errors import LorexError
 
@@ -171,18 +166,14 @@ def _load_builtin(name: str, split: str, with_rgb: bool) -> PairedDataset:
 
 
 def _decode_target(path: Path) -> tuple[np.ndarray, int]:
-    """One depth/NIR image as raw values and its bit depth (8 or 16)."""
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise LorexError(f"{path}: image of {img.width}x{img.height} pixels is too large")
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return np.asarray(img, dtype=np.int64).clip(0, 65535), 16
-            return np.asarray(img.convert("L"), dtype=np.uint8), 8
-    except LorexError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise LorexError(f"{path}: unreadable image ({type(exc).__name__})") from None
+    """One depth/NIR image as raw values and its bit depth (8 or 16); size-capped like RGB."""
+
+    def decode(img: Image.Image) -> tuple[np.ndarray, int]:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(img, dtype=np.int64).clip(0, 65535), 16
+        return np.asarray(img.convert("L"), dtype=np.uint8), 8
+
+    return decode_image(path, decode)
 
 
 def _images(folder: Path) -> dict[str, Path]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import abc
 import argparse
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from lorex.errors import LorexError
 from lorex.merging.sources import ModelSource
 
 MERGE_METHODS: dict[str, type[MergeMethod]] = {}
@@ -56,11 +58,19 @@ class MergeMethod(abc.ABC):
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
+        for name, value in asdict(self.options).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LorexError(f"{name}: must be a finite number, got {value}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MergeMethod:
-        """Options given on the command line (not None) override this method's defaults."""
+        """Options given on the command line (not None) override this method's defaults; an
+        option of another method is an error rather than silently ignored."""
         names = cls.Options.__dataclass_fields__
+        others = {n for m in MERGE_METHODS.values() for n in m.Options.__dataclass_fields__}
+        stray = sorted(n for n in others - set(names) if getattr(args, n, None) is not None)
+        if stray:
+            raise LorexError(f"--{stray[0].replace('_', '-')} does not apply to {cls.name}")
         given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
         return cls(cls.Options(**given))
 

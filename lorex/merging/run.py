@@ -110,9 +110,8 @@ def merge_models(
             Path(out),
             progress,
             torch.device(device),
+            memory,
         )
-    record["peak_added_mb"] = round(memory.peak_delta_mb, 1)
-    write_json(Path(out) / "merge.json", record)
     return record
 
 
@@ -123,6 +122,7 @@ def _merge(
     out: Path,
     progress: bool | None,
     device: torch.device,
+    memory: PeakMemory | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
@@ -157,8 +157,11 @@ def _merge(
         with SafetensorsStreamWriter(
             tmp / WEIGHTS, specs, metadata={"format": "pt", "lorex_version": __version__}
         ) as writer:
-            bar = tqdm(
-                keys, desc=f"merge ({method.name})", unit="tensor", disable=progress is False
+            bar = tqdm(  # None: shown on a terminal only, so a log or pipe gets no bar
+                keys,
+                desc=f"merge ({method.name})",
+                unit="tensor",
+                disable=progress is False or None,
             )
             for key in bar:
                 theta0 = base_src.get(key)
@@ -171,6 +174,9 @@ def _merge(
             for name, src in head_tensors:
                 writer.write(name, src.get(name))
         record["seconds"] = round(time.perf_counter() - start, 3)
+        # Recorded here, inside the temporary directory: nothing is written to ``out`` after the
+        # rename (the merged tensors are all written, so the peak is reached by now).
+        record["peak_added_mb"] = round(memory.peak_delta_mb, 1) if memory is not None else None
         if hasattr(method, "losses"):
             record["doge_eta"] = method.eta
             record["doge_loss"] = {

@@ -15,7 +15,7 @@ import torch
 
 from lorex.errors import LorexError
 from lorex.io import SafetensorsReader, read_json
-from lorex.models.store import CONFIG, WEIGHTS, _base_path, file_sha256
+from lorex.models.store import CONFIG, WEIGHTS, _base_path, _check_fields, file_sha256
 
 HF_INDEX = "model.safetensors.index.json"
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -32,6 +32,8 @@ class ModelSource:
         self.kind = "lorex" if "lorex_version" in self.config else "hf"
         if self.kind == "hf" and "model_type" not in self.config:
             raise LorexError(f"{self.path / CONFIG}: neither a lorex nor a Hugging Face config")
+        if self.kind == "lorex":
+            _check_fields(self.config, self.path / CONFIG)
         self._files = self._weight_files()
         self._handles: dict[Path, SafetensorsReader] = {}
         self._where: dict[str, Path] = {}
@@ -151,6 +153,9 @@ class ModelSource:
                 b = self._adapter_tensors[name][prefix + "B.weight"].float().flatten(1)
                 total = total + scaling * (b @ a).view(tensor.shape)
             tensor = total.to(tensor.dtype)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            where = self._where.get(key, self.path / WEIGHTS)
+            raise LorexError(f"{where}: tensor '{key}' contains NaN or Inf")
         return tensor
 
     def close(self) -> None:

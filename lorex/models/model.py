@@ -43,7 +43,8 @@ class BNNeckHead(nn.Module):
         nn.init.zeros_(self.bn.bias)
         self.bn.bias.requires_grad_(False)
         self.classifier = nn.Linear(dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, std=0.001)
+        if not self.classifier.weight.is_meta:  # meta: shapes only (torch's meta normal_ is slow)
+            nn.init.normal_(self.classifier.weight, std=0.001)
 
     def neck(self, features: torch.Tensor) -> torch.Tensor:
         return self.bn(features)

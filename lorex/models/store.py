@@ -8,6 +8,7 @@ in ``config.json`` with the base's content hash, so a changed base is detected, 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,49 @@ def _check_fields(config: dict, path: Path) -> None:
         raise LorexError(f"{path}: field 'weights' must be 'full' or 'delta'")
     if config["weights"] == "delta" and not config.get("base"):
         raise LorexError(f"{path}: a 'delta' model needs a 'base' field")
+    base = config.get("base")
+    if base is not None and not (
+        isinstance(base, dict)
+        and isinstance(base.get("path"), str)
+        and isinstance(base.get("sha256"), str | None)
+    ):
+        raise LorexError(f"{path}: field 'base' must be {{'path': str, 'sha256': str}}")
+    _check_adapter_entries(config.get("adapters"), path)
+
+
+ADAPTER_STATES = ("active", "inactive", "merged")
+
+
+def _check_adapter_entries(entries: object, path: Path) -> None:
+    """``adapters``: a list of {name, path, state[, weight, sha256, config]} objects."""
+    if entries is None:
+        return
+    if not isinstance(entries, list):
+        raise LorexError(f"{path}: field 'adapters' must be a list")
+    names = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or not {"name", "path", "state"} <= set(entry):
+            raise LorexError(f"{path}: field 'adapters' must list {{name, path, state}} objects")
+        name, where, weight = entry["name"], entry["path"], entry.get("weight")
+        if not isinstance(name, str) or not name or "." in name or name in names:
+            raise LorexError(f"{path}: adapter name {name!r}: must be unique, non-empty, no '.'")
+        names.add(name)
+        if not isinstance(where, str) or not where or Path(where).is_absolute():
+            raise LorexError(f"{path}: adapter '{name}': 'path' must be a relative folder")
+        if entry["state"] not in ADAPTER_STATES:
+            raise LorexError(
+                f"{path}: adapter '{name}': 'state' must be one of {', '.join(ADAPTER_STATES)}"
+            )
+        if weight is not None and not (
+            isinstance(weight, int | float)
+            and not isinstance(weight, bool)
+            and math.isfinite(weight)
+        ):
+            raise LorexError(f"{path}: adapter '{name}': 'weight' must be a number")
+        if not isinstance(entry.get("sha256"), str | None):
+            raise LorexError(f"{path}: adapter '{name}': 'sha256' must be a string")
+        if not isinstance(entry.get("config", {}), dict):
+            raise LorexError(f"{path}: adapter '{name}': 'config' must be an object")
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -89,24 +133,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
     if "lorex_version" not in config and "model_type" in config:
         return _load_hf_directory(path, device)
     _check_fields(config, path / CONFIG)
-    model = LorexModel(build_backbone(config["backbone"]), config["backbone"])
-    for key, info in config["heads"].items():
-        kind = info.get("kind", "linear")  # configs before re-ID heads have no "kind"
-        if model.add_head(info["task"], info["classes"], activate=False, kind=kind) != key:
-            raise LorexError(
-                f"{path / CONFIG}: head key '{key}' does not match task '{info['task']}'"
-            )
-    if config["active_head"] is not None and config["active_head"] not in model.heads:
-        raise LorexError(f"{path / CONFIG}: active_head '{config['active_head']}' is not a head")
-    model.active_head = config["active_head"]
-    if config.get("side") is not None:
-        from lorex.adapters.losa import LosaSideNetwork
-
-        model.side = LosaSideNetwork.from_description(config["side"], str(path / CONFIG))
-    if config.get("gate") is not None:
-        from lorex.adapters.gated import GateConfig, attach_gate
-
-        attach_gate(model.backbone, GateConfig.from_description(config["gate"], str(path / CONFIG)))
+    # First without memory (the meta device): a config whose shapes do not fit its weights
+    # (a typo in embed_dim, say) is an error naming both, before anything is allocated.
+    with torch.device("meta"):
+        skeleton = _build(config, path / CONFIG)
     own = load_tensors(path / WEIGHTS)
     state: dict[str, torch.Tensor] = {}
     if config["weights"] == "delta":
@@ -130,9 +160,41 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LorexMod
             }
         )
     state.update(own)
+    check_tensors_match(skeleton.state_dict(), state, path / WEIGHTS)
+    model = _build(config, path / CONFIG)
     _load_state(model, state, path / WEIGHTS)
     _load_adapters(model, path, config.get("adapters") or [])
     return model.to(device).eval()
+
+
+def _build(config: dict, source: Path) -> LorexModel:
+    """The untrained model ``config`` describes: backbone, heads, side network, gate."""
+    try:
+        backbone = build_backbone(config["backbone"])
+    except LorexError as exc:
+        raise LorexError(f"{source}: backbone: {exc}") from None
+    model = LorexModel(backbone, config["backbone"])
+    for key, info in config["heads"].items():
+        kind = info.get("kind", "linear")  # configs before re-ID heads have no "kind"
+        try:
+            added = model.add_head(info["task"], info["classes"], activate=False, kind=kind)
+        except LorexError as exc:
+            raise LorexError(f"{source}: head '{key}': {exc}") from None
+        if added != key:
+            raise LorexError(f"{source}: head key '{key}' does not match task '{info['task']}'")
+    active = config["active_head"]
+    if active is not None and (not isinstance(active, str) or active not in model.heads):
+        raise LorexError(f"{source}: active_head {active!r} is not a head")
+    model.active_head = active
+    if config.get("side") is not None:
+        from lorex.adapters.losa import LosaSideNetwork
+
+        model.side = LosaSideNetwork.from_description(config["side"], str(source))
+    if config.get("gate") is not None:
+        from lorex.adapters.gated import GateConfig, attach_gate
+
+        attach_gate(model.backbone, GateConfig.from_description(config["gate"], str(source)))
+    return model
 
 
 def _load_adapters(model: LorexModel, path: Path, entries: list) -> None:
@@ -141,12 +203,7 @@ def _load_adapters(model: LorexModel, path: Path, entries: list) -> None:
 
     if not entries:
         return
-    source = path / CONFIG
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and {"name", "path", "state"} <= set(e) for e in entries
-    ):
-        raise LorexError(f"{source}: field 'adapters' must list {{name, path, state}} objects")
-    for entry in entries:
+    for entry in entries:  # checked by _check_fields
         folder = path / entry["path"]
         weights_file = folder / lora.model.WEIGHTS_NAME
         if not weights_file.is_file():

@@ -17,6 +17,7 @@ from lorex.data import ImageDataset
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel
+from lorex.training import distributed
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.methods import TrainingMethod, count_parameters, trainable_parameters
 
@@ -44,7 +45,8 @@ class TrainConfig:
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0 and math.isfinite(self.lr),
-            "weight_decay": self.weight_decay >= 0,
+            "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            "seed": 0 <= self.seed < 2**63,
             "warmup_fraction": 0 <= self.warmup_fraction < 1,
             "label_smoothing": 0 <= self.label_smoothing < 1,
             "max_samples": self.max_samples is None or self.max_samples >= 1,
@@ -82,13 +84,25 @@ def as_float(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch_u8.to(device, non_blocking=True).float().div_(255.0)
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(
+    x: torch.Tensor,
+    max_shift: int,
+    generator: torch.Generator,
+    part: tuple[int, slice] | None = None,
+) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` pixels, filling with the edge pixels.
-    A clip ``(T, 3, H, W)`` moves as a whole, so the motion within it is kept."""
+    A clip ``(T, 3, H, W)`` moves as a whole, so the motion within it is kept.
+
+    ``part=(n, rows)``: ``x`` is the rows ``rows`` of a batch of ``n`` (one rank's share under
+    data parallelism); the shifts of all ``n`` are drawn, so each image moves as it would in
+    one process."""
     if x.ndim == 5:
-        return random_shift(x.flatten(1, 2), max_shift, generator).unflatten(1, x.shape[1:3])
+        flat = random_shift(x.flatten(1, 2), max_shift, generator, part)
+        return flat.unflatten(1, x.shape[1:3])
     n, _, h, w = x.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).tolist()
+    total, rows = part if part is not None else (n, slice(0, n))
+    drawn = torch.randint(-max_shift, max_shift + 1, (total, 2), generator=generator)
+    shifts = drawn[rows].tolist()
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     return torch.stack(
         [
@@ -230,6 +244,7 @@ def fit(
     between the run and its resumption (base, data).
     """
     device = torch.device(device)
+    world = distributed.current()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
@@ -276,12 +291,15 @@ def fit(
         loss_sum, correct = position["loss_sum"], position["correct"]
         result.history = position["history"]
         order = arrays["order"]
+        if not world.main:  # rank 0 carries the sums so far; the others add their shares
+            loss_sum, correct = 0.0, 0
+    step_model = DataParallelStep.wrap(model, device)
     bar = tqdm(
         total=total,
         initial=step,
         desc=f"{method.name} on {data.name or 'data'}",
         unit="step",
-        disable=progress is False or None,
+        disable=progress is False or None or not world.main,
         leave=False,
     )
     with PeakMemory(device=device) as mem:
@@ -299,42 +317,77 @@ def fit(
                 order = torch.randperm(len(x), generator=generator)
                 loss_sum, correct = 0.0, 0
             for b in range(batch0, steps_per_epoch):
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                batch_idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                rows = distributed.shard_slice(len(batch_idx), world)
+                idx = batch_idx[rows]  # this rank's share of the global batch
                 target = y[idx].to(device)
                 if use_cache:
-                    logits = model.forward_cached(features[idx.to(features.device)].to(device))
+                    logits = step_model(features[idx.to(features.device)].to(device), True)
                 else:
                     batch = as_float(x[idx], device)
                     if cfg.augment:
-                        batch = random_shift(batch, 2, generator)
-                    logits = model(batch)
-                loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+                        batch = random_shift(batch, 2, generator, (len(batch_idx), rows))
+                    logits = step_model(batch, False)
+                if world.distributed:  # DDP averages over ranks: this makes it the batch mean
+                    loss = F.cross_entropy(
+                        logits, target, label_smoothing=cfg.label_smoothing, reduction="sum"
+                    ) * (world.size / len(batch_idx))
+                else:
+                    loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
                 try:
                     optimizer_step(loss, optimizer, scheduler, params, epoch)
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
                 step += 1
-                loss_sum += loss.item() * len(idx)
+                loss_sum += loss.item() * len(batch_idx) / world.size
                 correct += int((logits.argmax(1) == target).sum())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
                 if ckpt.due(step) or step == total:
+                    sums = distributed.all_sum([loss_sum, correct], device)
                     position = {
                         "epoch": epoch,
                         "batch": b + 1,
-                        "loss_sum": loss_sum,
-                        "correct": correct,
+                        "loss_sum": sums[0],
+                        "correct": int(sums[1]),
                         "history": result.history,
                     }
                     ckpt.save(step, position, {"order": order})
+            loss_all, correct_all = distributed.all_sum([loss_sum, correct], device)
             result.history.append(
-                {"epoch": epoch + 1, "loss": loss_sum / len(x), "train_accuracy": correct / len(x)}
+                {
+                    "epoch": epoch + 1,
+                    "loss": loss_all / len(x),
+                    "train_accuracy": int(correct_all) / len(x),
+                }
             )
             order, batch0 = None, 0
         result.train_seconds = time.perf_counter() - start
     bar.close()
     result.checkpoint = ckpt
     return finish_training(model, result, mem)
+
+
+class DataParallelStep(torch.nn.Module):
+    """The training forward (on images, or on cached backbone features) as one ``forward``, so
+    that DDP sees every step; ``wrap`` returns it in DDP under torchrun, bare otherwise."""
+
+    def __init__(self, model: LorexModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, cached: bool) -> torch.Tensor:
+        return self.model.forward_cached(x) if cached else self.model(x)
+
+    @classmethod
+    def wrap(cls, model: LorexModel, device: torch.device) -> torch.nn.Module:
+        step = cls(model)
+        if not distributed.current().distributed:
+            return step
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
 
 
 def diverged(exc: TrainingDiverged, ckpt: Checkpointer) -> TrainingDiverged:

@@ -14,6 +14,41 @@ from lorex.errors import LorexError
 # full-matches a string target, so `patch_embed.proj` is not caught by a bare "proj".
 VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 BIAS_MODES = ("none", "all", "lora_only")
+#: Fields of PEFT's ``adapter_config.json`` that lorex does not read (or reads only to refuse).
+PEFT_FIELDS = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "use_dora",
+    "layer_replication",
+    "runtime_config",
+    "exclude_modules",
+    "lora_bias",
+    "eva_config",
+    "corda_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "use_qalora",
+    "qalora_group_size",
+}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def default_targets(backbone: object) -> str:
@@ -32,19 +67,29 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise LorexError(f"rank: must be a whole number of at least 1, got {self.r!r}")
-        if not self.lora_alpha > 0:
+        if not _is_number(self.lora_alpha) or not 0 < self.lora_alpha < math.inf:
             raise LorexError(f"alpha: must be positive, got {self.lora_alpha!r}")
-        if not 0 <= self.lora_dropout < 1:
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise LorexError(f"dropout: must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_MODES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise LorexError(f"bias: must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise LorexError(f"use_rslora: must be true or false, got {self.use_rslora!r}")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
-            except re.error as exc:
+            except (re.error, RecursionError, OverflowError) as exc:
                 raise LorexError(f"targets: not a valid regex ({exc})") from None
+        elif not isinstance(self.target_modules, list) or not all(
+            isinstance(t, str) for t in self.target_modules
+        ):
+            raise LorexError(
+                f"targets: a regex or a list of module names, got {self.target_modules!r}"
+            )
         elif not self.target_modules:
             raise LorexError("targets: at least one target module is needed")
 
@@ -93,6 +138,13 @@ class LoraConfig:
             if data.get(key):
                 raise LorexError(f"{source}: '{key}' is not supported by lorex's LoRA")
         known = set(cls.__dataclass_fields__)
+        for key in sorted(set(data) - known - PEFT_FIELDS):
+            # PEFT writes (and will add) fields lorex ignores; a near miss of a field lorex
+            # reads, with that field absent, is a typo that would silently fall back to the
+            # default, so it is an error (PEFT's own 'use_bdlora' sits beside 'use_rslora').
+            close = difflib.get_close_matches(key, known - set(data), n=1, cutoff=0.8)
+            if close:
+                raise LorexError(f"{source}: unknown field '{key}'; did you mean '{close[0]}'?")
         if "r" not in data:
             close = difflib.get_close_matches("r", list(data), n=1)
             raise LorexError(
