@@ -225,6 +225,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         resolve_device(args.device),
         checkpoint=_checkpoint_options(args, args.out),
     )
+    if not metrics:  # another rank than 0 under torchrun
+        return 0
     print(f"pretrained {args.out}: test accuracy {metrics['accuracy']:.4f} on {args.data}")
     return 0
 
@@ -250,11 +252,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         feature_stats=args.feature_stats,
         checkpoint=_checkpoint_options(args, args.out),
     )
+    if not metrics:  # another rank than 0 under torchrun
+        return 0
     print(
         f"trained {args.out} ({args.method}): "
         f"test accuracy {metrics['accuracy']:.4f} on {args.data}"
     )
     print(efficiency_line(metrics))
+    return 0
+
+
+def cmd_train_experts(args: argparse.Namespace) -> int:
+    from lorex.training.experts import train_experts
+    from lorex.training.methods import METHODS
+    from lorex.training.run import resolve_device
+
+    method = METHODS[args.method].from_args(args)
+    summary = train_experts(
+        args.base,
+        args.sources,
+        method,
+        args.out,
+        _train_config(args, False, default_lr=METHODS[args.method].default_lr),
+        resolve_device(args.device),
+        checkpoint_every=None if args.no_checkpoint else args.checkpoint_every,
+        resume=args.resume,
+    )
+    for name, entry in summary["experts"].items():
+        print(f"{name:>12}: test accuracy {entry['accuracy']:.4f} ({entry['source']})")
+    print(f"wrote {args.out} ({len(summary['experts'])} experts, experts.json)")
     return 0
 
 
@@ -279,6 +305,8 @@ def _train_reid(args: argparse.Namespace, method) -> int:
         num_instances=args.num_instances or DEFAULT_INSTANCES,
         checkpoint=_checkpoint_options(args, args.out),
     )
+    if not metrics:  # another rank than 0 under torchrun
+        return 0
     print(f"trained {args.out} ({args.method}, re-ID): {reid_line(metrics)} on {args.data}")
     print(efficiency_line(metrics))
     return 0
@@ -539,6 +567,8 @@ def cmd_adapt_reid(args: argparse.Namespace) -> int:
         work=args.work,
         checkpoint=_checkpoint_options(args, args.out),
     )
+    if not metrics:  # another rank than 0 under torchrun
+        return 0
     for name in ordered_variants(metrics["variants"]):
         v = metrics["variants"][name]
         print(
@@ -771,6 +801,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
+        "train-experts",
+        help="train one expert per source dataset from one base (spread over the processes "
+        "under torchrun, one after another without)",
+    )
+    p.add_argument("--base", required=True, type=Path, help="base model directory")
+    p.add_argument("--sources", required=True, nargs="+", help="dataset names or ImageFolder paths")
+    p.add_argument(
+        "--method",
+        default="full",
+        choices=sorted(METHODS),
+        help="what trains in each expert (full)",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="a folder with one expert per source (OUT/NAME)"
+    )
+    _add_training_options(p, epochs=5, lr=None)
+    for method in METHODS.values():
+        method.add_arguments(p)
+    p.set_defaults(func=cmd_train_experts)
+
+    p = sub.add_parser(
         "eval",
         help="accuracy of a model on a dataset's test split (re-ID data: mAP, rank-k, mINP of "
         "query vs gallery)",
@@ -931,6 +982,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under ``torchrun``: join the process group for the commands that scale out (data-parallel
+    training and adaptation, parallel experts), refuse the others, and silence stdout on every
+    rank but 0 (only rank 0 writes and reports)."""
+    from lorex.training import distributed
+
+    if not distributed.launched_by_torchrun():
+        return
+    if args.func not in _DISTRIBUTED:
+        what = f"{args.command} {getattr(args, 'what', '') or ''}".strip()
+        raise LorexError(
+            f"lorex {what} runs in one process; launch it without torchrun (docs/scaling.md)"
+        )
+    from lorex.training.run import resolve_device
+
+    device = distributed.local_device(resolve_device(args.device))
+    args.device = str(device)
+    if not distributed.init(device).main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -940,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
+        _join_torchrun(args)
         return args.func(args)
     except LorexError as exc:
         print(f"lorex {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
@@ -947,7 +1020,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorex: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from lorex.training import distributed
 
+        distributed.leave()
+
+
+# Commands that run under torchrun: data-parallel training and adaptation, parallel experts.
+_DISTRIBUTED = {cmd_pretrain, cmd_train, cmd_adapt_reid, cmd_train_experts}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from lorex.errors import LorexError
 from lorex.io import save_tensors
+from lorex.training import distributed
 
 log = logging.getLogger("lorex")
 
@@ -174,8 +175,9 @@ class Checkpointer:
     def save(
         self, step: int, position: dict[str, Any], arrays: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write the checkpoint for the state after optimiser step ``step`` (atomically)."""
-        if self.path is None:
+        """Write the checkpoint for the state after optimiser step ``step`` (atomically; under
+        torchrun rank 0 writes, the state being the same on every rank)."""
+        if self.path is None or not distributed.current().main:
             return
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         optim_meta = {}
@@ -246,8 +248,8 @@ class Checkpointer:
                 )
 
     def discard(self) -> None:
-        """Remove the checkpoint once the run's output is safely written."""
-        if self.path is not None:
+        """Remove the checkpoint once the run's output is safely written (rank 0's job)."""
+        if self.path is not None and distributed.current().main:
             self.path.unlink(missing_ok=True)
             remove_if_empty(self.path.parent)
 

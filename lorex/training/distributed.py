@@ -12,8 +12,10 @@ run is the plain single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,10 +57,33 @@ def init(device: torch.device) -> World:
     return current()
 
 
+_solo = False
+
+
 def current() -> World:
+    """This process's place in the group; a single process inside ``solo()``."""
+    if not _solo and dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def group() -> World:
+    """The whole group, even inside ``solo()`` (who does which independent job)."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Run independent single-process work on each rank (one expert per rank): no gradient or
+    data is shared, and each rank writes its own outputs."""
+    global _solo
+    previous, _solo = _solo, True
+    try:
+        yield
+    finally:
+        _solo = previous
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -74,16 +99,18 @@ def shard_slice(n: int, world: World) -> slice:
     return slice(start, n * (world.rank + 1) // world.size)
 
 
-def shard_groups(batch: np.ndarray, group: int, world: World) -> np.ndarray:
-    """Rank's part of a P x K batch: whole identities (groups of K) so that triplets stay
-    within a rank; P must split evenly."""
+def shard_groups(batch: np.ndarray, group: int, world: World) -> tuple[np.ndarray, slice]:
+    """Rank's part of a P x K batch and where it sits: whole identities (groups of K), so that
+    triplets stay within a rank; P need not split evenly, but every rank needs two (a triplet
+    needs a negative)."""
     p = len(batch) // group
-    if p % world.size:
+    if world.distributed and p < 2 * world.size:
         raise LorexError(
-            f"--batch-size: {p} identities per batch do not split over {world.size} processes"
+            f"--batch-size: {p} identities per batch cannot give {world.size} processes two each"
         )
-    per = p // world.size
-    return batch[world.rank * per * group : (world.rank + 1) * per * group]
+    ids = shard_slice(p, world)
+    rows = slice(ids.start * group, ids.stop * group)
+    return batch[rows], rows
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -131,6 +158,12 @@ def broadcast_array(array: np.ndarray | None, device: torch.device) -> np.ndarra
         data = torch.empty(tuple(header[2 : 2 + ndim].tolist()), dtype=dtype, device=device)
     dist.broadcast(data, src=0)
     return data.cpu().numpy()
+
+
+def leave() -> None:
+    """Leave the process group (at the end of a command), if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

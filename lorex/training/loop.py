@@ -387,7 +387,7 @@ class DataParallelStep(torch.nn.Module):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(step, device_ids=ids)
 
 
 def diverged(exc: TrainingDiverged, ckpt: Checkpointer) -> TrainingDiverged:

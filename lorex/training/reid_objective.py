@@ -36,6 +36,7 @@ from lorex.errors import LorexError
 from lorex.metrics.reid import evaluate
 from lorex.metrics.resources import PeakMemory, inference_ms_per_image
 from lorex.models import BNNeckHead, LorexModel, load_model
+from lorex.training import distributed
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
     TrainConfig,
@@ -277,12 +278,46 @@ def _tensor(images: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, generator: torch.Generator, part: tuple[int, slice] | None = None
+) -> torch.Tensor:
     """Random horizontal flip (p = 0.5), then a random shift of up to 2 pixels with edge
-    padding: SAGE's flip + pad-10-and-crop at 256x128, scaled to 64x32."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+    padding: SAGE's flip + pad-10-and-crop at 256x128, scaled to 64x32. ``part``: as in
+    ``random_shift`` (one rank's rows of a global batch)."""
+    total, rows = part if part is not None else (len(x), slice(0, len(x)))
+    flip = torch.rand(total, generator=generator)[rows] < 0.5
     x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    return random_shift(x, 2, generator)
+    return random_shift(x, 2, generator, part)
+
+
+def group_rows(batch: np.ndarray, group: int) -> tuple[np.ndarray, tuple[int, slice]]:
+    """This rank's whole identities of a P x K batch, and where they sit in it."""
+    mine, rows = distributed.shard_groups(batch, group, distributed.current())
+    return mine, (len(batch), rows)
+
+
+class ReidForward(nn.Module):
+    """Features and the head's logits in one ``forward``, so that DDP sees the whole step."""
+
+    def __init__(self, model: LorexModel, head: nn.Module):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor, cached: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.features_cached(x) if cached else self.model.features(x)
+        return feats, self.head(feats)
+
+    @classmethod
+    def wrap(cls, model: LorexModel, head: nn.Module, device: torch.device) -> nn.Module:
+        step = cls(model, head)
+        if not distributed.current().distributed:
+            return step
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        # A step may not reach every trainable tensor (in SAGE's stages some trainable biases
+        # take no part in the loss); DDP must not wait for gradients that never come.
+        return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
 
 
 class EpochStats:
@@ -303,6 +338,15 @@ class EpochStats:
         stats.correct, stats.seen, stats.steps = state["counts"]
         return stats
 
+    def reduced(self, device: torch.device) -> EpochStats:
+        """The sums over every rank (the same numbers alone): what the history reports."""
+        values = [*self.sums.values(), self.correct, self.seen, self.steps]
+        total = distributed.all_sum(values, device)
+        out = EpochStats()
+        out.sums = dict(zip(self.sums, total[:3], strict=True))
+        out.correct, out.seen, out.steps = (int(v) for v in total[3:])
+        return out
+
     def summary(self) -> dict[str, float]:
         steps = max(1, self.steps)
         return {
@@ -318,10 +362,12 @@ def reid_step(
     label_smoothing: float,
     step: Any,
     stats: EpochStats,
+    logits: torch.Tensor | None = None,
 ) -> float:
     """The re-ID loss on one batch (label-smoothed CE on the head's logits + batch-hard soft
-    triplet on ``feats``), one optimiser step (``step(loss)``); returns the loss."""
-    logits = head(feats)
+    triplet on ``feats``), one optimiser step (``step(loss)``); returns the loss. ``logits``:
+    the head's, when the caller computed them (under DDP, in the same forward)."""
+    logits = head(feats) if logits is None else logits
     ce = label_smoothed_cross_entropy(logits, target, label_smoothing)
     triplet = batch_hard_soft_triplet(feats, target)
     loss = ce + triplet
@@ -362,6 +408,7 @@ def fit_reid(
             f"--batch-size {cfg.batch_size} with --num-instances {num_instances}: the batch must "
             "be P x K images with P >= 2 identities (e.g. 64 = 16 x 4)"
         )
+    world = distributed.current()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = PKSampler(train.ids, cfg.batch_size // num_instances, num_instances, cfg.seed)
@@ -408,12 +455,15 @@ def fit_reid(
         step, position, _ = restored
         epoch0, batch0 = position["epoch"], position["batch"]
         stats_state, result.history = position["stats"], position["history"]
+        if not world.main:  # rank 0 carries the sums so far; the others add their shares
+            stats_state = None
+    forward = ReidForward.wrap(model, head, device)
     bar = tqdm(
         total=total,
         initial=step,
         desc=f"{method.name} (re-ID)",
         unit="step",
-        disable=progress is False or None,
+        disable=progress is False or None or not world.main,
         leave=False,
     )
     with PeakMemory(device=device) as mem:
@@ -427,15 +477,16 @@ def fit_reid(
             batches = plan[epoch]
             stats = EpochStats() if stats_state is None else EpochStats.from_state(stats_state)
             for b in range(batch0, len(batches)):
-                idx = torch.from_numpy(batches[b])
+                mine, part = group_rows(batches[b], num_instances)  # whole ids per rank
+                idx = torch.from_numpy(mine)
                 target = y[idx].to(device)
                 if use_cache:
-                    feats = model.features_cached(features[idx.to(features.device)].to(device))
+                    feats, logits = forward(features[idx.to(features.device)].to(device), True)
                 else:
                     batch = as_float(x[idx], device)
                     if cfg.augment:
-                        batch = augment_batch(batch, generator)
-                    feats = model.features(batch)
+                        batch = augment_batch(batch, generator, part)
+                    feats, logits = forward(batch)
                 try:
                     loss = reid_step(
                         feats,
@@ -444,6 +495,7 @@ def fit_reid(
                         cfg.label_smoothing,
                         lambda v, e=epoch: optimizer_step(v, optimizer, scheduler, params, e),
                         stats,
+                        logits,
                     )
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
@@ -454,11 +506,12 @@ def fit_reid(
                     position = {
                         "epoch": epoch,
                         "batch": b + 1,
-                        "stats": stats.state(),
+                        "stats": stats.reduced(device).state(),
                         "history": result.history,
                     }
                     ckpt.save(step, position)
-            result.history.append({"epoch": epoch + 1, **stats.summary(), "steps": len(batches)})
+            summary = stats.reduced(device).summary()
+            result.history.append({"epoch": epoch + 1, **summary, "steps": len(batches)})
             batch0, stats_state = 0, None
         result.train_seconds = time.perf_counter() - start
     bar.close()
@@ -561,6 +614,8 @@ def train_reid_expert(
         checkpoint,
         {"base": str(base), "data": str(data)},
     )
+    if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
+        return {}
     scores = evaluate_reid(model, splits, device)
     infer_ms = embedding_ms_per_image(model, splits.query.images, device)
     p = min(cfg.batch_size // num_instances, len(np.unique(train.ids)))

@@ -17,6 +17,7 @@ from lorex.metrics import accuracy
 from lorex.metrics.resources import inference_ms_per_image
 from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
+from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import TrainConfig, TrainResult, as_float, fit, images_to_tensor, predict
 from lorex.training.methods import METHODS, TrainingMethod
@@ -145,6 +146,8 @@ def pretrain(
     result = fit(
         model, METHODS["full"](), train, cfg, device, progress, False, checkpoint, fingerprint
     )
+    if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
+        return {}
     acc = evaluate(model, test, device)
     infer_ms = _latency(model, test, device)
     metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device, infer_ms)
@@ -218,6 +221,8 @@ def train_expert(
     torch.manual_seed(cfg.seed)
     fingerprint = {"base": str(base), "head_from": None if head_from is None else str(head_from)}
     result = fit(model, method, train, cfg, device, progress, freeze_head, checkpoint, fingerprint)
+    if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
+        return {}
     acc = evaluate(model, test, device)
     infer_ms = _latency(model, test, device)
     metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device, infer_ms)

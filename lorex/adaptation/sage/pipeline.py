@@ -31,6 +31,7 @@ from lorex.adaptation.sage.stages import (
 )
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.io import read_json
+from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.reid_objective import evaluate_reid, load_reid_data, subset_ids
 from lorex.training.run import run_record
@@ -97,6 +98,8 @@ def adapt_reid(
         histories,
     )
 
+    if not distributed.current().main:  # under torchrun rank 0 measures and writes
+        return {}
     # measurements (reporting only)
     variants = {label: evaluate_reid(model, data, device) for label, model in models.items()}
     cost = costs(models, names, variants, data.query.images, device)

@@ -24,6 +24,7 @@ from lorex.adaptation.sage.config import SageConfig
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import BNNeckHead, LorexModel
+from lorex.training import distributed
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
     TrainingDiverged,
@@ -37,8 +38,10 @@ from lorex.training.methods import count_parameters
 from lorex.training.reid_objective import (
     EpochStats,
     PKSampler,
+    ReidForward,
     _tensor,
     augment_batch,
+    group_rows,
     reid_embeddings,
     reid_step,
 )
@@ -72,15 +75,33 @@ def relabel(
     model: LorexModel, images: np.ndarray, labeler: PseudoLabeler, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels (N,) (-1: outlier) and the normalised centroids (C, D) by the current
-    model; the classifier is reset to the centroids."""
-    feats = reid_embeddings(model, images, device=device).numpy()
-    labels, num = labeler(feats)
+    model; the classifier is reset to the centroids.
+
+    Under torchrun each rank embeds its shard of the images, rank 0 gathers the features,
+    clusters them and sends the labels, centroids and eps to every rank: the clustering is
+    global, and the centroids are the same bits everywhere."""
+    device = torch.device(device)
+    world = distributed.current()
+    rows = distributed.shard_slice(len(images), world)
+    local = reid_embeddings(model, images[rows], device=device)
+    link = device if device.type == "cuda" else torch.device("cpu")  # nccl or gloo
+    feats = distributed.gather_rows(local.to(link), len(images)).cpu().numpy()
+    labels = cents = None
+    summary = np.zeros(2)
+    if world.main:
+        labels, num = labeler(feats)
+        summary[:] = num, labeler.eps
+        if num >= 2:
+            cents = centroids(feats, labels)
+    num, eps = distributed.broadcast_array(summary, link)
+    labeler.eps = float(eps)
     if num < 2:
         raise LorexError(
-            f"pseudo-labelling found {num} cluster(s) in {len(images)} target images (eps "
-            f"{labeler.eps:.4g}); a larger rho gives a larger eps"
+            f"pseudo-labelling found {int(num)} cluster(s) in {len(images)} target images (eps "
+            f"{eps:.4g}); a larger rho gives a larger eps"
         )
-    cents = centroids(feats, labels)
+    labels = distributed.broadcast_array(labels, link)
+    cents = distributed.broadcast_array(cents, link)
     set_centroid_classifier(model, cents)
     return labels, cents
 
@@ -125,6 +146,7 @@ def train_on_pseudo_labels(
         raise LorexError("nothing to train")
     head = reid_head(model)
     torch.manual_seed(cfg.seed)
+    world = distributed.current()
     generator = torch.Generator().manual_seed(cfg.seed)
     x = _tensor(images)
     optimizer, scheduler = make_optimizer(epochs * iters)
@@ -158,12 +180,13 @@ def train_on_pseudo_labels(
         epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
         labeler.eps = position["eps"]
         resumed = position, arrays
+    forward = ReidForward.wrap(model, head, device)
     bar = tqdm(
         total=epochs * iters,
         initial=step,
         desc=desc,
         unit="step",
-        disable=progress is False or None,
+        disable=progress is False or None or not world.main,
         leave=False,
     )
     with PeakMemory(device=device) as mem:
@@ -184,25 +207,27 @@ def train_on_pseudo_labels(
                 batches = arrays["batches"].numpy()
                 keep = np.flatnonzero(labels >= 0)
                 label_seconds = position["label_seconds"]
-                stats = EpochStats.from_state(position["stats"])
+                stats = EpochStats.from_state(position["stats"]) if world.main else EpochStats()
                 resumed = None
             model.train()
             if freeze_neck:
                 head.bn.eval()
             for b in range(batch0, len(batches)):
-                idx_np = batches[b]
+                idx_np, part = group_rows(batches[b], cfg.num_instances)  # whole ids per rank
                 target = torch.from_numpy(labels[idx_np]).to(device)
                 batch = as_float(x[torch.from_numpy(idx_np)], device)
                 if cfg.augment:
-                    batch = augment_batch(batch, generator)
+                    batch = augment_batch(batch, generator, part)
+                feats, logits = forward(batch)
                 try:
                     reid_step(
-                        model.features(batch),
+                        feats,
                         head,
                         target,
                         cfg.label_smoothing,
                         lambda v, e=epoch: optimizer_step(v, optimizer, scheduler, params, e),
                         stats,
+                        logits,
                     )
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
@@ -213,7 +238,7 @@ def train_on_pseudo_labels(
                     position = {
                         "epoch": epoch,
                         "batch": b + 1,
-                        "stats": stats.state(),
+                        "stats": stats.reduced(device).state(),
                         "history": result.history,
                         "eps": float(labeler.eps),
                         "label_seconds": label_seconds,
@@ -227,7 +252,7 @@ def train_on_pseudo_labels(
             batch0 = 0
             entry = {
                 "epoch": epoch + 1,
-                **stats.summary(),
+                **stats.reduced(device).summary(),
                 "clusters": int(labels.max()) + 1,
                 "outlier_fraction": float((labels < 0).mean()),
                 "eps": float(labeler.eps),

@@ -23,6 +23,7 @@ from lorex.errors import LorexError
 from lorex.io import read_json, write_json
 from lorex.models import LorexModel, is_model_dir, load_model, save_model
 from lorex.models.store import file_sha256
+from lorex.training import distributed
 from lorex.training.loop import TrainResult, as_float
 from lorex.training.reid_objective import _tensor, reid_embeddings
 from lorex.training.run import run_record
@@ -90,7 +91,9 @@ def lora_experts(
         else:
             tick = time.perf_counter()
             adapt(source, path)
-            write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+            if distributed.current().main:  # under torchrun rank 0 writes, the others wait
+                write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+            distributed.barrier()
             timings[f"lora/{name}"] = time.perf_counter() - tick
         experts.append(path)
     return experts
@@ -124,11 +127,13 @@ def variant_models(
             tick = time.perf_counter()
             model = gated_model(sources, experts, names, kind, device)
             result = train_gate(model, label)
-            history = {"history": result.history}
-            save_model(model, path, seed=cfg.seed, extra_files={"history.json": history})
-            write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
-            if result.checkpoint is not None:
-                result.checkpoint.discard()
+            if distributed.current().main:  # under torchrun rank 0 writes, the others wait
+                history = {"history": result.history}
+                save_model(model, path, seed=cfg.seed, extra_files={"history.json": history})
+                write_json(path / "stage.json", {"stamp": value, "lorex_version": __version__})
+                if result.checkpoint is not None:
+                    result.checkpoint.discard()
+            distributed.barrier()
             timings[label] = time.perf_counter() - tick
         models[label] = load_model(path, device)
         histories[label] = read_json(path / "history.json")["history"]

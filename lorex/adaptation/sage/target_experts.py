@@ -24,6 +24,7 @@ from lorex.data.market1501 import Market1501
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
+from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import make_optimizer
 from lorex.training.reid_objective import evaluate_reid
@@ -93,6 +94,8 @@ def adapt_source_expert(
         checkpoint=checkpoint,
         fingerprint={"source": str(source)},
     )
+    if not distributed.current().main:  # under torchrun rank 0 scores and writes
+        return {}
     scores = evaluate_reid(model, target, device)
     metrics = {
         **scores,
