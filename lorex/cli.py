@@ -160,10 +160,12 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
     print(f"{'name':<20} {'train':>7} {'test':>6} {'classes':>7}  description")
     for name, spec in BUILTINS.items():
-        train, test = load_dataset(name, "train"), load_dataset(name, "test")
-        print(
-            f"{name:<20} {len(train):>7} {len(test):>6} {len(train.classes):>7}  {spec.description}"
-        )
+        if spec.size is not None and spec.classes is not None:  # known without generating
+            sizes, classes = (spec.size("train"), spec.size("test")), len(spec.classes)
+        else:
+            train, test = load_dataset(name, "train"), load_dataset(name, "test")
+            sizes, classes = (len(train), len(test)), len(train.classes)
+        print(f"{name:<20} {sizes[0]:>7} {sizes[1]:>6} {classes:>7}  {spec.description}")
     print(f"\n{'re-ID':<9} {'ids':>4} {'cams':>4} {'train':>6} {'query':>6} {'gallery':>7}  style")
     for name, d in DOMAINS.items():
         n = split_sizes(name)

@@ -191,6 +191,12 @@ def test_registered_views_load():
     np.testing.assert_array_equal(rgb.images, full.rgb)
     with pytest.raises(LorexError, match="paired set"):
         load_dataset("rgbd/k1")
+    # what `lorex data list` prints without generating the data is what loading gives
+    from lorex.data import BUILTINS
+
+    spec = BUILTINS["rgbnir/a/nir"]
+    whole = load_dataset("rgbnir/a/nir", "test")
+    assert spec.size("test") == len(whole) and list(spec.classes) == whole.classes
 
 
 def test_subset_keeps_pairs_balanced():

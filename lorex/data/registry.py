@@ -27,6 +27,9 @@ class BuiltinDataset:
     make: Callable[[str], ImageDataset]
     description: str
     version: int = 1  # bump when the generator changes, so stale caches are not reused
+    # Known without generating the data (``lorex data list``): split -> size, and the classes.
+    size: Callable[[str], int] | None = None
+    classes: tuple[str, ...] | None = None
 
 
 BUILTINS: dict[str, BuiltinDataset] = {
@@ -82,6 +85,8 @@ def _paired_views() -> list[BuiltinDataset]:
                     _paired_view(spec.name, part),
                     f"{what} of the paired set {spec.name}",
                     rgbx_synth.VERSION,
+                    spec.size,
+                    tuple(spec.classes),
                 )
             )
     return views
