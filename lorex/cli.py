@@ -596,6 +596,8 @@ def cmd_adapt_classify(args: argparse.Namespace) -> int:
         work=args.work,
         checkpoint=_checkpoint_options(args, args.out),
     )
+    if not metrics:  # another rank than 0 under torchrun
+        return 0
     for name in ordered_variants(metrics["variants"]):
         v = metrics["variants"][name]
         print(f"{name:>16}: accuracy {100 * v['accuracy']:5.1f}")
@@ -1029,7 +1031,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Commands that run under torchrun: data-parallel training and adaptation, parallel experts.
-_DISTRIBUTED = {cmd_pretrain, cmd_train, cmd_adapt_reid, cmd_train_experts}
+_DISTRIBUTED = {
+    cmd_pretrain,
+    cmd_train,
+    cmd_adapt_reid,
+    cmd_adapt_classify,
+    cmd_train_experts,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

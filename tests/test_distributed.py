@@ -179,3 +179,34 @@ def test_reid_training_runs_data_parallel_with_whole_identities_per_rank(reid_so
     assert 0 <= metrics["mAP"] <= 1
     load_model(tmp_path / "two")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+
+
+def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
+    """SAGE on a classification target: LoRA experts and gates trained data-parallel, on class
+    pseudo-labels made by rank 0, end where one process ends (within float tolerance)."""
+    from lorex.training.loop import TrainConfig
+    from lorex.training.methods import METHODS
+    from lorex.training.run import train_expert
+
+    sources = []
+    for name in ("digits/mnist", "digits/optdigits"):
+        out = tmp_path / name.split("/")[1]
+        cfg = TrainConfig(epochs=1, max_samples=64)
+        train_expert(tiny_base, name, METHODS["full"](), out, cfg, progress=False)
+        sources.append(str(out))
+    args = ["adapt", "classify", "--sources", *sources, "--target", "digits/syn", "--epochs", "2",
+            "--iters", "3", "--batch-size", "15", "--num-instances", "5", "--gate-iters", "2",
+            "--max-target-samples", "64"]  # fmt: skip
+    lorex([*args, "--out", str(tmp_path / "one")])
+    torchrun(["-m", "lorex", *args, "--out", str(tmp_path / "two")])
+    one = load_file(tmp_path / "one/model.safetensors")
+    two = load_file(tmp_path / "two/model.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    for name in ("mnist", "optdigits"):  # the LoRA experts of stage 2
+        a = load_file(tmp_path / f"one.parts/experts/{name}/adapter/adapter_model.safetensors")
+        b = load_file(tmp_path / f"two.parts/experts/{name}/adapter/adapter_model.safetensors")
+        assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

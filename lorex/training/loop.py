@@ -380,14 +380,18 @@ class DataParallelStep(torch.nn.Module):
         return self.model.forward_cached(x) if cached else self.model(x)
 
     @classmethod
-    def wrap(cls, model: LorexModel, device: torch.device) -> torch.nn.Module:
+    def wrap(
+        cls, model: LorexModel, device: torch.device, find_unused: bool = False
+    ) -> torch.nn.Module:
+        """``find_unused``: a step may leave some trainable tensors out of the loss (SAGE's
+        stages train every bias); DDP must then not wait for their gradients."""
         step = cls(model)
         if not distributed.current().distributed:
             return step
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(step, device_ids=ids)
+        return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def diverged(exc: TrainingDiverged, ckpt: Checkpointer) -> TrainingDiverged:

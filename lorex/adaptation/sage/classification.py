@@ -49,8 +49,10 @@ from lorex.errors import LorexError
 from lorex.metrics.classification import accuracy
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel, load_model, save_model
+from lorex.training import distributed
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions
 from lorex.training.loop import (
+    DataParallelStep,
     TrainingDiverged,
     TrainResult,
     as_float,
@@ -137,11 +139,13 @@ def train_on_class_pseudo_labels(
         step, position, arrays = restored
         epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
         resumed = position, arrays["labels"]
+    world = distributed.current()
+    step_model = DataParallelStep.wrap(model, device, find_unused=True)
     bar = tqdm(
         total=epochs * iters,
         initial=step,
         desc=desc,
-        disable=progress is False or None,
+        disable=progress is False or None or not world.main,
         leave=False,
     )
     with PeakMemory(device=device) as mem:
@@ -149,40 +153,53 @@ def train_on_class_pseudo_labels(
         for epoch in range(epoch0, epochs):
             if resumed is None:
                 feats, probs = _features_and_probs(model, x, device)
-                labels = torch.from_numpy(class_pseudo_labels(feats, probs))
+                mine = class_pseudo_labels(feats, probs) if world.main else None
+                link = device if device.type == "cuda" else torch.device("cpu")
+                labels = torch.from_numpy(distributed.broadcast_array(mine, link))  # rank 0's
                 loss_sum, correct = 0.0, 0
             else:  # the epoch a checkpoint was taken in, with its labels
                 position, labels = resumed
                 loss_sum, correct = position["loss_sum"], position["correct"]
+                if not world.main:  # rank 0 carries the sums so far
+                    loss_sum, correct = 0.0, 0
                 resumed = None
             model.train()
             for b in range(batch0, iters):
-                idx = torch.randint(len(x), (cfg.batch_size,), generator=generator)
+                drawn = torch.randint(len(x), (cfg.batch_size,), generator=generator)
+                rows = distributed.shard_slice(len(drawn), world)
+                idx = drawn[rows]  # this rank's share of the global batch
                 batch = as_float(x[idx], device)
                 if cfg.augment:
-                    batch = random_shift(batch, 2, generator)
-                logits = model(batch)
+                    batch = random_shift(batch, 2, generator, (len(drawn), rows))
+                logits = step_model(batch, False)
                 loss = F.cross_entropy(
-                    logits, labels[idx].to(device), label_smoothing=cfg.label_smoothing
+                    logits,
+                    labels[idx].to(device),
+                    label_smoothing=cfg.label_smoothing,
+                    reduction="sum" if world.distributed else "mean",
                 )
+                if world.distributed:  # DDP averages over ranks: this makes it the batch mean
+                    loss = loss * (world.size / len(drawn))
                 try:
                     optimizer_step(loss, optimizer, scheduler, params, epoch)
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
                 step += 1
-                loss_sum += loss.item()
+                loss_sum += loss.item() / world.size
                 correct += int((logits.argmax(1).cpu() == labels[idx]).sum())
                 bar.update(1)
                 if ckpt.due(step) or step == epochs * iters:
+                    sums = distributed.all_sum([loss_sum, correct], device)
                     position = {
                         "epoch": epoch,
                         "batch": b + 1,
-                        "loss_sum": loss_sum,
-                        "correct": correct,
+                        "loss_sum": sums[0],
+                        "correct": int(sums[1]),
                         "history": result.history,
                     }
                     ckpt.save(step, position, {"labels": labels})
             batch0 = 0
+            loss_sum, correct = distributed.all_sum([loss_sum, correct], device)
             result.history.append(
                 {
                     "epoch": epoch + 1,
@@ -190,7 +207,7 @@ def train_on_class_pseudo_labels(
                     # the share of pseudo-labels that are right: a diagnostic nothing reads
                     "diagnostic_label_accuracy": float((labels == true).float().mean()),
                     # agreement with the pseudo-labels it trains on, as in the re-ID loop
-                    "train_accuracy": correct / (iters * cfg.batch_size),
+                    "train_accuracy": int(correct) / (iters * cfg.batch_size),
                 }
             )
         result.train_seconds = time.perf_counter() - start
@@ -246,6 +263,8 @@ def adapt_source_expert_classification(
         checkpoint,
         {"source": str(source)},
     )
+    if not distributed.current().main:  # under torchrun rank 0 writes
+        return {}
     metrics = {"history": result.history, "train_seconds": result.train_seconds}
     save_model(
         model,
@@ -332,6 +351,8 @@ def adapt_classification(
         timings,
         histories,
     )
+    if not distributed.current().main:  # under torchrun rank 0 measures and writes
+        return {}
     variants = {
         label: {"accuracy": _accuracy(model, test, device)} for label, model in models.items()
     }
