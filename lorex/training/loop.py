@@ -328,12 +328,9 @@ def fit(
                     if cfg.augment:
                         batch = random_shift(batch, 2, generator, (len(batch_idx), rows))
                     logits = step_model(batch, False)
-                if world.distributed:  # DDP averages over ranks: this makes it the batch mean
-                    loss = F.cross_entropy(
-                        logits, target, label_smoothing=cfg.label_smoothing, reduction="sum"
-                    ) * (world.size / len(batch_idx))
-                else:
-                    loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+                loss = share_of_batch_cross_entropy(
+                    logits, target, cfg.label_smoothing, len(batch_idx)
+                )
                 try:
                     optimizer_step(loss, optimizer, scheduler, params, epoch)
                 except TrainingDiverged as exc:
@@ -366,6 +363,19 @@ def fit(
     bar.close()
     result.checkpoint = ckpt
     return finish_training(model, result, mem)
+
+
+def share_of_batch_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, batch_size: int
+) -> torch.Tensor:
+    """The cross-entropy of one rank's share of a global batch of ``batch_size``, scaled so that
+    DDP's average over ranks is the mean over the whole batch (uneven shares included); the
+    plain mean in one process."""
+    world = distributed.current()
+    if not world.distributed:
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum")
+    return total * (world.size / batch_size)
 
 
 class DataParallelStep(torch.nn.Module):

@@ -63,6 +63,7 @@ from lorex.training.loop import (
     optimizer_step,
     predict,
     random_shift,
+    share_of_batch_cross_entropy,
 )
 
 log = logging.getLogger("lorex")
@@ -172,14 +173,9 @@ def train_on_class_pseudo_labels(
                 if cfg.augment:
                     batch = random_shift(batch, 2, generator, (len(drawn), rows))
                 logits = step_model(batch, False)
-                loss = F.cross_entropy(
-                    logits,
-                    labels[idx].to(device),
-                    label_smoothing=cfg.label_smoothing,
-                    reduction="sum" if world.distributed else "mean",
+                loss = share_of_batch_cross_entropy(
+                    logits, labels[idx].to(device), cfg.label_smoothing, len(drawn)
                 )
-                if world.distributed:  # DDP averages over ranks: this makes it the batch mean
-                    loss = loss * (world.size / len(drawn))
                 try:
                     optimizer_step(loss, optimizer, scheduler, params, epoch)
                 except TrainingDiverged as exc:
