@@ -50,6 +50,8 @@ def init(device: torch.device) -> World:
     if not launched_by_torchrun():
         return World()
     if not dist.is_initialized():
+        if device.type == "cuda":  # nccl's collectives and barriers use the current device
+            torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         if not current().main:  # only rank 0 logs
