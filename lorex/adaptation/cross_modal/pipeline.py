@@ -8,8 +8,6 @@ itself (SOCKET's protocol), and also reported on the held-out test split when th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -29,6 +27,7 @@ from lorex.adaptation.cross_modal.report import cross_modal_report, translations
 from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
 from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
+from lorex.adaptation.sage.stages import stamp  # what a stage was made from
 from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
@@ -141,7 +140,7 @@ def adapt_cross_modal(
             key = (m_cfg.tgmb_im_weight, m_cfg.adv_weight, m_cfg.rec_weight, m_cfg.tgmb_feat_weight)
             if key not in translators:
                 tick = time.perf_counter()
-                sub = ckpt and ckpt.sub("tgmb-" + stamp(fingerprint, key)[:12])
+                sub = ckpt and ckpt.sub("tgmb-" + stamp(inputs=fingerprint, tgmb=key)[:12])
                 net, history = train_translator(
                     model, ti_t, ti_rgb, x_tr, m_cfg, device, progress, ti_source_features, sub
                 )
@@ -162,7 +161,7 @@ def adapt_cross_modal(
                 source_stats=stats,
                 progress=progress,
                 desc=method.name,
-                checkpoint=ckpt and ckpt.sub(method.name + "-" + stamp(fingerprint)[:12]),
+                checkpoint=ckpt and ckpt.sub(method.name + "-" + stamp(inputs=fingerprint)[:12]),
             )
             record["history"] = result.history
             record["trainable_params"] = result.trainable_params
@@ -230,11 +229,6 @@ def adapt_cross_modal(
         shutil.rmtree(ckpt.directory, ignore_errors=True)
         remove_if_empty(ckpt.directory.parent)
     return metrics
-
-
-def stamp(*parts: Any) -> str:
-    """A short digest of the inputs a checkpoint belongs to (its sub-directory's name)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _test_split(name: str) -> PairedDataset | None:

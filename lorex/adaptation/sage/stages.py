@@ -24,6 +24,7 @@ from lorex.io import read_json, write_json
 from lorex.models import LorexModel, is_model_dir, load_model, save_model
 from lorex.models.store import file_sha256
 from lorex.training import distributed
+from lorex.training.checkpoint import work_directory
 from lorex.training.loop import TrainResult, as_float
 from lorex.training.reid_objective import _tensor, reid_embeddings
 from lorex.training.run import run_record
@@ -56,7 +57,7 @@ def check_sources(sources: Sequence[str | Path]) -> list[Path]:
 
 
 def work_dir(out: Path, work: str | Path | None) -> Path:
-    return Path(work) if work is not None else out.with_name(out.name + ".parts")
+    return Path(work) if work is not None else work_directory(out)
 
 
 def stamp(**settings: Any) -> str:
