@@ -958,7 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["tgmb-tgkt"],
         help="methods to run: source-only, shot, socket, tgmb-tgkt, the ablations "
-        "(tgmb-only, tgmb-tgkt-no-ti, -no-self, -no-adv, -no-im), 'all' (the four main ones) "
+        "(tgmb-only, tgmb-tgkt-paper-teacher, tgmb-tgkt-no-ti, -no-self, -no-adv, -no-im), "
+        "'all' (the four main ones) "
         "or 'ablations' (default: tgmb-tgkt)",
     )
     add_cross_modal_options(p)

@@ -136,7 +136,8 @@ def test_adaptation_never_reads_task_relevant_rgb(source, tmp_path, monkeypatch)
         source, str(target_dir), str(ti_dir), out, ["all", "ablations"], TINY, CPU
     )
     expected = {"source-only", "shot", "socket", "tgmb-tgkt", "tgmb-only", "tgmb-tgkt-no-ti",
-                "tgmb-tgkt-no-self", "tgmb-tgkt-no-adv", "tgmb-tgkt-no-im"}  # fmt: skip
+                "tgmb-tgkt-no-self", "tgmb-tgkt-no-adv", "tgmb-tgkt-no-im",
+                "tgmb-tgkt-paper-teacher"}  # fmt: skip
     assert set(metrics["methods"]) == expected
     for r in metrics["methods"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1

@@ -13,6 +13,7 @@ from lorex.adaptation.cross_modal.losses import (
     lsgan_critic_loss,
     lsgan_generator_loss,
     statistics_matching,
+    teacher_log_probs,
     token_statistics,
 )
 from lorex.adaptation.cross_modal.methods import MAIN_METHODS, METHODS, resolve_methods
@@ -80,6 +81,23 @@ def test_statistics_matching_by_hand():
     assert loss.item() == pytest.approx((10 * block0 + 0) / 2, rel=1e-6)
 
 
+def test_teacher_two_views_and_class_balance_by_hand():
+    # Two images, two classes; logits chosen so the softmaxes are round numbers.
+    translated = torch.log(torch.tensor([[0.8, 0.2], [0.6, 0.4]]))
+    raw = torch.log(torch.tensor([[0.4, 0.6], [1.0, 1e-9]]))
+    alone = teacher_log_probs(translated, balance=False).exp()
+    assert torch.allclose(alone, torch.tensor([[0.8, 0.2], [0.6, 0.4]]), atol=1e-6)
+    # Averaged views: [[0.6, 0.4], [0.8, 0.2]]; class means 0.7 and 0.3.
+    mixed = teacher_log_probs(translated, raw, balance=False).exp()
+    assert torch.allclose(mixed, torch.tensor([[0.6, 0.4], [0.8, 0.2]]), atol=1e-6)
+    # Balanced: row 1 is (0.6/0.7, 0.4/0.3) renormalised, row 2 (0.8/0.7, 0.2/0.3).
+    rows = [[0.6 / 0.7, 0.4 / 0.3], [0.8 / 0.7, 0.2 / 0.3]]
+    expected = torch.tensor([[a / (a + b), b / (a + b)] for a, b in rows])
+    balanced = teacher_log_probs(translated, raw, balance=True).exp()
+    assert torch.allclose(balanced, expected, atol=1e-6)
+    assert balanced[0].argmax() == 1  # the balance can flip a biased reading
+
+
 def test_lsgan_losses_by_hand():
     real, fake = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert lsgan_critic_loss(real, fake).item() == pytest.approx(0.5 * (0.5 + 0.5))
@@ -100,6 +118,9 @@ def test_methods_switch_terms_off_and_keep_the_rest():
     socket = METHODS["socket"].settings(cfg)
     assert socket.kd_weight == 0 and socket.ti_weight == 0.7
     assert METHODS["tgmb-tgkt-no-ti"].settings(cfg).kd_weight == 2.0
+    paper = METHODS["tgmb-tgkt-paper-teacher"].settings(cfg)
+    assert not paper.kd_raw_view and not paper.kd_balance and paper.kd_weight == 2.0
+    assert cfg.kd_raw_view and cfg.kd_balance  # lorex's teacher is the default
     assert [m.name for m in resolve_methods(["all", "shot"])] == list(MAIN_METHODS)
     with pytest.raises(LorexError, match="unknown cross-modal method"):
         resolve_methods(["sokcet"])

@@ -166,11 +166,7 @@ def run_cross_modal_bench(
                 "test_accuracy": r.get("test_accuracy"),
                 "seconds": r["seconds"],
                 "description": r["description"],
-                **(
-                    {"translated_accuracy": r["translated_accuracy"]}
-                    if "translated_accuracy" in r
-                    else {}
-                ),
+                **{k: r[k] for k in ("translated_accuracy", "teacher_accuracy") if k in r},
             }
             for name, r in metrics["methods"].items()
         }

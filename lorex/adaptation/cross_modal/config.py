@@ -34,6 +34,11 @@ class CrossModalConfig:
     kd_weight: float = 1.0  # the paper's alpha_d read as the KL-distillation weight (TGKT)
     kd_temperature: float = 1.0
     kd_confidence: bool = True  # weight each image's KL by the teacher's top probability
+    # The teacher (lorex's choice, docs/cross_modal.md): the source's reading of the translation
+    # averaged with its reading of the raw target image, then each class divided by its mean
+    # probability over the target set. Both off: the paper's teacher, the translation alone.
+    kd_raw_view: bool = True
+    kd_balance: bool = True
     # TGMB: the translator from the target modality to source-like RGB.
     translator: str = "tiny"  # conv1x1 -> BN -> ReLU -> conv3x3 (the published size) or "unet"
     translator_width: int = 32

@@ -37,6 +37,27 @@ def kl_distillation(
     return (weight * kl).mean() * temperature**2
 
 
+def teacher_log_probs(
+    translated_logits: torch.Tensor,
+    raw_logits: torch.Tensor | None = None,
+    balance: bool = True,
+) -> torch.Tensor:
+    """TGKT's teacher over the whole target set ``(N, C)``, as log-probabilities.
+
+    The source's softmax on the translated images, averaged with its softmax on the raw
+    (replicated) target images when ``raw_logits`` is given: two readings of one image whose
+    errors differ. ``balance`` divides each class by its mean probability over the set and
+    renormalises each row, removing the class bias either reading has; it is the same
+    uniform-marginal prior that information maximisation's diversity term assumes."""
+    probs = F.softmax(translated_logits.float(), dim=1)
+    if raw_logits is not None:
+        probs = (probs + F.softmax(raw_logits.float(), dim=1)) / 2
+    if balance:
+        probs = probs / probs.mean(0, keepdim=True).clamp_min(1e-12)
+        probs = probs / probs.sum(1, keepdim=True)
+    return torch.log(probs.clamp_min(1e-12))
+
+
 def feature_alignment(student: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """TI feature matching: the distance between the target model's features of TI target
     images and the frozen source model's features of their paired RGB images, as a root mean

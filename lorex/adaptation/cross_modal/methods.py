@@ -20,10 +20,13 @@ class CrossModalMethod:
     translator: bool = False  # runs TGMB (a translator from the target modality to RGB)
     trains_target: bool = True  # False: the source model is scored as it is
     zero: tuple[str, ...] = field(default=())  # config weights set to 0 for this method
+    switch_off: tuple[str, ...] = field(default=())  # config flags set to False
 
     def settings(self, cfg: CrossModalConfig) -> CrossModalConfig:
-        """``cfg`` with this method's switched-off terms at zero."""
-        return replace(cfg, **{name: 0.0 for name in self.zero})
+        """``cfg`` with this method's switched-off terms at zero and flags off."""
+        return replace(
+            cfg, **{name: 0.0 for name in self.zero}, **{name: False for name in self.switch_off}
+        )
 
 
 _NO_TGKT = ("kd_weight",)
@@ -47,7 +50,8 @@ METHODS: dict[str, CrossModalMethod] = {
         ),
         CrossModalMethod(
             "tgmb-tgkt",
-            "TGMB translator, then TGKT: KL from the source on translated images + SOCKET's terms",
+            "TGMB translator, then TGKT: KL from the source on translated (and raw) target images "
+            "+ SOCKET's terms",
             translator=True,
         ),
         # Ablations.
@@ -56,6 +60,12 @@ METHODS: dict[str, CrossModalMethod] = {
             "ablation: the source model on translated target images (no target training)",
             translator=True,
             trains_target=False,
+        ),
+        CrossModalMethod(
+            "tgmb-tgkt-paper-teacher",
+            "ablation: TGKT's teacher is the source on translated images alone (the paper's)",
+            translator=True,
+            switch_off=("kd_raw_view", "kd_balance"),
         ),
         CrossModalMethod(
             "tgmb-tgkt-no-ti",

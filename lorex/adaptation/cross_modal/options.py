@@ -22,6 +22,8 @@ HELP = {
     "kd_weight": "KL from the source on translated images (TGKT; alpha_d)",
     "kd_temperature": "distillation temperature",
     "kd_confidence": "weight each image's KL by the teacher's top probability",
+    "kd_raw_view": "average the teacher with the source on the raw target images (two views)",
+    "kd_balance": "divide the teacher's classes by their mean probability over the target set",
     "translator": "TGMB translator: tiny (the paper's size) or unet",
     "translator_width": "translator channels",
     "translator_steps": "TGMB Adam steps",

@@ -22,6 +22,7 @@ from torch import nn
 
 from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
+from lorex.adaptation.cross_modal.losses import teacher_log_probs
 from lorex.adaptation.cross_modal.methods import resolve_methods
 from lorex.adaptation.cross_modal.report import cross_modal_report, translations_png
 from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
@@ -37,9 +38,13 @@ from lorex.training.run import run_record
 log = logging.getLogger("lorex")
 
 
+def _agreement(scores: torch.Tensor, labels: np.ndarray) -> float:
+    return float((scores.argmax(1).numpy() == labels).mean())
+
+
 def _accuracy(model: LorexModel, images: torch.Tensor, labels: np.ndarray, device) -> float:
     _, logits = features_and_logits(model, images, device)
-    return float((logits.argmax(1).numpy() == labels).mean())
+    return _agreement(logits, labels)
 
 
 def check_inputs(source: LorexModel, path: Path, target: PairedDataset, ti: PairedDataset) -> None:
@@ -125,6 +130,7 @@ def adapt_cross_modal(
     ti_t, ti_rgb = ti_pairs.target_tensor(), ti_pairs.rgb_tensor()
     ti_source_features, _ = features_and_logits(model, ti_rgb, device)
     stats, stats_origin = _source_statistics(model, source_dir, ti_rgb, device)
+    _, raw_logits = features_and_logits(model, x_tr, device)  # the source on the raw target
 
     # A translator (and the source's logits on its translations) is shared by every method
     # whose TGMB settings are the same.
@@ -146,9 +152,13 @@ def adapt_cross_modal(
                 )
                 _, logits = features_and_logits(model, translate(net, x_tr, device), device)
                 translators[key] = (net, history, time.perf_counter() - tick, logits)
-            net, history, seconds, teacher = translators[key]
+            net, history, seconds, translated = translators[key]
             record.update(translator_history=history, translator_seconds=seconds)
-            record["translated_accuracy"] = float((teacher.argmax(1).numpy() == tr.labels).mean())
+            record["translated_accuracy"] = _agreement(translated, tr.labels)
+            teacher = teacher_log_probs(
+                translated, raw_logits if m_cfg.kd_raw_view else None, m_cfg.kd_balance
+            )
+            record["teacher_accuracy"] = _agreement(teacher, tr.labels)
         if method.trains_target:
             adapted, result = train_target_model(
                 model,

@@ -21,6 +21,7 @@ def method_rows(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
             _pct(r.get("accuracy")),
             _pct(r.get("test_accuracy")),
             _pct(r.get("translated_accuracy")),
+            _pct(r.get("teacher_accuracy")),
             f"{r.get('seconds', 0.0):.0f}",
             r["description"],
         ]
@@ -30,7 +31,15 @@ def method_rows(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 def cross_modal_report(metrics: dict[str, Any]) -> str:
     table = markdown_table(
-        ["method", "accuracy %", "test accuracy %", "source on translations %", "s", "what"],
+        [
+            "method",
+            "accuracy %",
+            "test accuracy %",
+            "source on translations %",
+            "TGKT teacher %",
+            "s",
+            "what",
+        ],
         method_rows(metrics["methods"]),
     )
     return (
