@@ -194,6 +194,10 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     task_metrics = json.loads((tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").read_text())
     assert task_metrics["saved_model"] == "tgmb-tgkt"  # the bench keeps the method's own model
     assert (tmp_path / "results.md").is_file() and (tmp_path / "translations.png").is_file()
+    for report in (tmp_path / "results.md", tmp_path / "tasks" / "rgbd_k1-to-k2" / "report.md"):
+        for table in report.read_text().split("\n\n"):  # every row as wide as its header
+            widths = {line.count("|") for line in table.splitlines() if line.startswith("|")}
+            assert len(widths) <= 1, (report.name, table)
     # A rerun reuses the finished source and task.
     stamp = (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns
     again = run_cross_modal_bench(tmp_path, settings=settings, base=tiny_base)

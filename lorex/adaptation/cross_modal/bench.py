@@ -20,7 +20,7 @@ from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS, METHODS
 from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
-from lorex.adaptation.cross_modal.report import method_rows
+from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
 from lorex.adaptation.sage.stages import reusable, stamp
 from lorex.io import read_json, write_json
 from lorex.models.store import file_sha256
@@ -249,14 +249,7 @@ def bench_report(summary: dict[str, Any], quick: bool) -> str:
             f"### {t}",
             "",
             markdown_table(
-                [
-                    "method",
-                    "accuracy %",
-                    "test accuracy %",
-                    "source on translations %",
-                    "s",
-                    "what",
-                ],
+                METHOD_COLUMNS,
                 rows,
             ),
             "",

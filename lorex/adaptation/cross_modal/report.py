@@ -14,6 +14,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+#: The columns of ``method_rows``.
+METHOD_COLUMNS = [
+    "method",
+    "accuracy %",
+    "test accuracy %",
+    "source on translations %",
+    "TGKT teacher %",
+    "s",
+    "what",
+]
+
+
 def method_rows(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
     return [
         [
@@ -31,15 +43,7 @@ def method_rows(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 def cross_modal_report(metrics: dict[str, Any]) -> str:
     table = markdown_table(
-        [
-            "method",
-            "accuracy %",
-            "test accuracy %",
-            "source on translations %",
-            "TGKT teacher %",
-            "s",
-            "what",
-        ],
+        METHOD_COLUMNS,
         method_rows(metrics["methods"]),
     )
     return (
