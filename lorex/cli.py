@@ -1025,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorex: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorex data list | head`: the reader left; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         from lorex.training import distributed
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -176,6 +177,24 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "missing" in proc.stderr
+
+
+def test_output_cut_short_by_its_reader_exits_quietly(tmp_path):
+    """``lorex data list | head -1``: no traceback when the reader has closed the pipe (here
+    before the first write, so the outcome does not depend on timing)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "LOREX_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorex", "data", "list"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "cache").exists()  # listing generates nothing
 
 
 def test_demo_end_to_end_on_tiny_settings(tmp_path):

@@ -35,6 +35,8 @@ def small_generators(monkeypatch):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_generator_shapes_balance_and_determinism(make, split, small_generators):
     a, b = make(split), make(split)
+    spec = BUILTINS[a.name]  # what `lorex data list` reports without generating
+    assert spec.size(split) == len(a) and list(spec.classes) == a.classes
     assert a.images.dtype == np.uint8 and a.images.shape[1:] == (32, 32, 3)
     assert a.labels.min() >= 0 and a.labels.max() < len(a.classes)
     counts = a.class_counts()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lorex.adapters.losa import LosaConfig, LosaSideNetwork, LowRankMixer, attach_losa
 from lorex.backbones import build_backbone, preset_config
-from lorex.data import ImageDataset, load_dataset
+from lorex.data import BUILTINS, ImageDataset, load_dataset
 from lorex.data.moving_digits import DIRECTIONS, FRAMES
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
@@ -246,6 +246,8 @@ def test_from_description_refuses_other_methods():
 def test_moving_digits_move_in_the_labelled_direction():
     data = load_dataset("video/moving-digits", "test")
     again = load_dataset("video/moving-digits", "test")
+    spec = BUILTINS["video/moving-digits"]  # what `lorex data list` reports without generating
+    assert spec.size("test") == len(data) and list(spec.classes) == data.classes
     assert np.array_equal(data.images, again.images)
     assert data.images.shape[1:] == (FRAMES, 32, 32, 3) and data.frames == FRAMES
     assert data.classes == DIRECTIONS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -298,10 +299,17 @@ def test_adapt_classification_scores_every_variant(tiny_base, tmp_path):
     assert model.classes == [str(i) for i in range(10)]
 
 
-def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path):
+def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path, monkeypatch):
     """``lorex bench sage``'s whole chain (people base, sources, leave-one-out target, report)
     at a toy size; the numbers mean nothing here, the structure does."""
     from lorex.adaptation.sage.bench import SageBenchSettings, run_sage_bench
+    from lorex.data import reid_synth
+
+    # Toy-sized built-in domains, in a cache of this test's own (never the session's).
+    monkeypatch.setenv("LOREX_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("reid/a", "reid/b", "reid/d", reid_synth.PRETRAIN_DOMAIN):
+        spec = reid_synth.DOMAINS[name]
+        monkeypatch.setitem(reid_synth.DOMAINS, name, dataclasses.replace(spec, num_ids=40))
 
     settings = SageBenchSettings(
         targets=("reid/a",),

@@ -26,6 +26,24 @@ def _mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return padded, y[idx]
 
 
+def _split_size(labels: np.ndarray, split: str) -> int:
+    train, test = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
+    return len(train if split == "train" else test)
+
+
+def mnist_size(split: str) -> int:
+    """The split's size without generating it (``lorex data list``): labels only."""
+    return _split_size(sources.mnist()[1], split)
+
+
+def optdigits_size(split: str) -> int:
+    return _split_size(sources.optdigits()[1], split)
+
+
+def syn_size(split: str) -> int:
+    return SYN_SIZES[split]
+
+
 def make_mnist(split: str) -> ImageDataset:
     grey, labels = _mnist_split(split)
     return ImageDataset(np.repeat(grey[..., None], 3, axis=-1), labels, DIGITS, "digits/mnist")

