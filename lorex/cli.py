@@ -714,7 +714,9 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("stage 4: the gate")
     g.add_argument("--gate", choices=("light", "published"), default=d.gate, help="(light)")
-    g.add_argument("--gate-iters", type=_positive_int, default=d.gate_iters, help="(41)")
+    g.add_argument(
+        "--gate-iters", type=_positive_int, default=d.gate_iters, help=f"({d.gate_iters})"
+    )
     g.add_argument("--gate-lr", type=_positive_float, default=d.gate_lr, help="Adam lr (1e-2)")
     p.add_argument("--seed", type=_seed, default=d.seed, help="random seed (0)")
 

@@ -31,7 +31,7 @@ class SageConfig:
     rho: float = 1.6e-3
     min_samples: int = 4
     # Stage 4: only the gate trains, on one clustering by the initial (uniform) model.
-    gate_iters: int = 41  # the authors' 10% of 400 + 1
+    gate_iters: int = 41  # the authors' 10% of 400 + 1 (400 was tried: docs/sage.md)
     gate_lr: float = 1e-2  # Adam: the published and light gates' gradients differ in scale
     gate: str = "light"  # the gate of the model written to --out; both are measured
     max_target_samples: int | None = None  # whole identities of the target train split
