@@ -184,7 +184,11 @@ def adapt_cross_modal(
                 x_read = translate(net, x_test, device)
                 record["test_accuracy"] = _accuracy(model, x_read, tr_test.labels, device)
         else:
-            record["accuracy"] = _accuracy(adapted, x_tr, tr.labels, device)
+            record["accuracy"] = (  # the untrained source's logits are already at hand
+                _agreement(raw_logits, tr.labels)
+                if adapted is model
+                else _accuracy(adapted, x_tr, tr.labels, device)
+            )
             if x_test is not None:
                 record["test_accuracy"] = _accuracy(adapted, x_test, tr_test.labels, device)
         if method.name == keep:  # only the model written is kept in memory
