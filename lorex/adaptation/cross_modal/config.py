@@ -39,8 +39,6 @@ class CrossModalConfig:
     # probability over the target set. Both off: the paper's teacher, the translation alone.
     kd_raw_view: bool = True
     kd_balance: bool = True
-    kd_flip: bool = False  # the teacher also reads the mirrored images (test-time flip)
-    kd_decay: bool = False  # the KL weight falls linearly to 0 over the training steps
     # TGMB: the translator from the target modality to source-like RGB.
     translator: str = "tiny"  # conv1x1 -> BN -> ReLU -> conv3x3 (the published size) or "unet"
     translator_width: int = 32

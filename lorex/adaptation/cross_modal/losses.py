@@ -37,13 +37,6 @@ def kl_distillation(
     return (weight * kl).mean() * temperature**2
 
 
-def mean_probability_logits(*views: torch.Tensor) -> torch.Tensor:
-    """Logits whose softmax is the mean of the views' softmaxes: several readings of one image
-    (for example it and its mirror) merged as one reading."""
-    probs = torch.stack([F.softmax(v.float(), dim=1) for v in views]).mean(0)
-    return torch.log(probs.clamp_min(1e-12))
-
-
 def teacher_log_probs(
     translated_logits: torch.Tensor,
     raw_logits: torch.Tensor | None = None,

@@ -24,8 +24,6 @@ HELP = {
     "kd_confidence": "weight each image's KL by the teacher's top probability",
     "kd_raw_view": "average the teacher with the source on the raw target images (two views)",
     "kd_balance": "divide the teacher's classes by their mean probability over the target set",
-    "kd_flip": "the teacher also reads the mirrored translated and raw images",
-    "kd_decay": "the KL weight falls linearly to 0 over the target training",
     "translator": "TGMB translator: tiny (the paper's size) or unet",
     "translator_width": "translator channels",
     "translator_steps": "TGMB Adam steps",

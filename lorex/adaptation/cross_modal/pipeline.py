@@ -22,7 +22,7 @@ from torch import nn
 
 from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
-from lorex.adaptation.cross_modal.losses import mean_probability_logits, teacher_log_probs
+from lorex.adaptation.cross_modal.losses import teacher_log_probs
 from lorex.adaptation.cross_modal.methods import resolve_methods
 from lorex.adaptation.cross_modal.report import cross_modal_report, translations_png
 from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
@@ -131,7 +131,6 @@ def adapt_cross_modal(
     ti_source_features, _ = features_and_logits(model, ti_rgb, device)
     stats, stats_origin = _source_statistics(model, source_dir, ti_rgb, device)
     _, raw_logits = features_and_logits(model, x_tr, device)  # the source on the raw target
-    raw_flipped: torch.Tensor | None = None
 
     # A translator (and the source's logits on its translations) is shared by every method
     # whose TGMB settings are the same.
@@ -156,17 +155,9 @@ def adapt_cross_modal(
             net, history, seconds, translated = translators[key]
             record.update(translator_history=history, translator_seconds=seconds)
             record["translated_accuracy"] = _agreement(translated, tr.labels)
-            raw_view = raw_logits if m_cfg.kd_raw_view else None
-            if m_cfg.kd_flip:  # test-time flip: each view also read mirrored
-                _, flipped = features_and_logits(
-                    model, translate(net, x_tr.flip(-1), device), device
-                )
-                translated = mean_probability_logits(translated, flipped)
-                if raw_view is not None:
-                    if raw_flipped is None:
-                        _, raw_flipped = features_and_logits(model, x_tr.flip(-1), device)
-                    raw_view = mean_probability_logits(raw_view, raw_flipped)
-            teacher = teacher_log_probs(translated, raw_view, m_cfg.kd_balance)
+            teacher = teacher_log_probs(
+                translated, raw_logits if m_cfg.kd_raw_view else None, m_cfg.kd_balance
+            )
             record["teacher_accuracy"] = _agreement(teacher, tr.labels)
         if method.trains_target:
             adapted, result = train_target_model(

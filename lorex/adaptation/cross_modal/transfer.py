@@ -177,16 +177,11 @@ def train_target_model(
                         tokens, *source_stats, cfg.first_layer_stats_factor
                     )
                 if cfg.kd_weight > 0:
-                    decay = 1.0 - done / max(1, total) if cfg.kd_decay else 1.0
-                    terms["kd"] = (
-                        cfg.kd_weight
-                        * decay
-                        * kl_distillation(
-                            logits,
-                            teacher_logits[idx].to(device),
-                            cfg.kd_temperature,
-                            cfg.kd_confidence,
-                        )
+                    terms["kd"] = cfg.kd_weight * kl_distillation(
+                        logits,
+                        teacher_logits[idx].to(device),
+                        cfg.kd_temperature,
+                        cfg.kd_confidence,
                     )
                 if cfg.ti_weight > 0:
                     ti_idx = torch.randint(len(ti_target), (len(idx),), generator=generator)
