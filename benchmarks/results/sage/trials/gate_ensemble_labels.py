@@ -41,6 +41,9 @@ for t in targets:
                 reid_embeddings(m, data.gallery.images, device=dev).numpy(),
             )
         )
+    if "--with-mix" in sys.argv:  # gate-ensemble-labels-with-mix.json
+        uni = gated_model(sources, experts, names, "light", dev)
+        ens.append(reid_embeddings(uni, images, device=dev).numpy())
     feats = np.concatenate(ens, 1) / np.sqrt(len(ens))
     qf = np.concatenate([q for q, _ in q_g], 1) / np.sqrt(len(q_g))
     gf = np.concatenate([g for _, g in q_g], 1) / np.sqrt(len(q_g))
