@@ -492,7 +492,9 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     """Every method's options; one left unset takes the chosen method's own default."""
     g = p.add_argument_group("method options (default: the method's own)")
     g.add_argument(
-        "--scale", type=float, help="lambda: task-arithmetic 0.3, dare 0.3, ties 1.0, dare-ties 1.0"
+        "--scale",
+        type=float,
+        help="lambda: task-arithmetic 0.3, dare 0.3, ties 1.0, dare-ties 1.0, iso-c 1.0, tsv-m 1.0",
     )
     g.add_argument("--density", type=float, help="ties: fraction kept per task vector (0.2)")
     g.add_argument("--merge-func", choices=("mean", "sum"), help="ties, dare-ties: (mean)")

@@ -574,3 +574,96 @@ def test_sharded_hugging_face_folders_and_pickled_ones(tmp_path):
     with pytest.raises(LorexError, match="reads safetensors only"):
         merge_models(method, tmp_path / "base", [pickled], tmp_path / "m2")
     assert not (tmp_path / "m2").exists()
+
+
+# float32 SVDs of the tiny zoo's matrices against float64 references: errors of a few 1e-7 per
+# entry, so agreement to 1e-5 is tight for updates of size 0.01-0.1.
+SVD_ATOL = 1e-5
+
+
+def _np_task_vectors(base_dir, experts):
+    base = {k: v.double().numpy() for k, v in backbone_state(base_dir).items()}
+    taus = [
+        {k: v.double().numpy() - base[k] for k, v in backbone_state(e).items()} for e in experts
+    ]
+    return base, taus
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_iso_c_matches_a_numpy_reference(zoo, tmp_path, scale):
+    import numpy as np
+
+    base_dir, experts = zoo
+    merge_models(
+        method_from_name("iso-c", scale=scale), base_dir, experts, tmp_path / "iso", progress=False
+    )
+    base, taus = _np_task_vectors(base_dir, experts)
+    reference = {}
+    for key, theta0 in base.items():
+        total = np.zeros_like(theta0)
+        for tau in taus:
+            total += tau[key]
+        if theta0.ndim == 2:
+            u, s, vh = np.linalg.svd(total, full_matrices=False)
+            update = u @ np.diag(np.full(len(s), s.mean())) @ vh
+            # the update's spectrum is flat: every singular value is the mean of the sum's
+            np.testing.assert_allclose(np.linalg.svd(update, compute_uv=False), s.mean())
+        else:
+            update = total / len(taus)
+        reference[key] = torch.from_numpy(theta0 + scale * update)
+    got = merged_state(tmp_path / "iso")
+    assert any(v.ndim == 2 for v in reference.values())
+    for k, want in reference.items():
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=SVD_ATOL, msg=k)
+
+
+def test_tsv_m_matches_a_scipy_polar_reference(zoo, tmp_path):
+    import numpy as np
+    from scipy.linalg import polar
+
+    base_dir, experts = zoo
+    merge_models(method_from_name("tsv-m"), base_dir, experts, tmp_path / "tsv", progress=False)
+    base, taus = _np_task_vectors(base_dir, experts)
+    n = len(taus)
+    got = merged_state(tmp_path / "tsv")
+    for key, theta0 in base.items():
+        if theta0.ndim != 2:
+            want = theta0 + sum(tau[key] for tau in taus) / n
+        else:
+            m, cols = theta0.shape
+            r = min(m, cols)
+            k = r // n
+            u_hat, s_hat, v_hat = np.zeros((m, r)), np.zeros(r), np.zeros((r, cols))
+            for i, tau in enumerate(taus):
+                u, s, vh = np.linalg.svd(tau[key], full_matrices=False)
+                for j in range(k):
+                    u_hat[:, i * k + j] = u[:, j]
+                    s_hat[i * k + j] = s[j]
+                    v_hat[i * k + j, :] = vh[j, :]
+            u_perp = polar(u_hat)[0]  # the unitary factor: nearest orthogonal matrix
+            v_perp = polar(v_hat.T)[0].T
+            want = theta0 + u_perp @ np.diag(s_hat) @ v_perp
+            # the merged update keeps each task's top k singular values
+            kept = np.sort(np.linalg.svd(want - theta0, compute_uv=False))[::-1][: n * k]
+            np.testing.assert_allclose(kept, np.sort(s_hat)[::-1], rtol=1e-10)
+        torch.testing.assert_close(
+            got[key].double(), torch.from_numpy(want), rtol=0, atol=SVD_ATOL, msg=key
+        )
+
+
+def test_tsv_m_keeps_the_mean_for_matrices_thinner_than_the_task_count():
+    from lorex.merging.methods.tsv_m import TsvM
+
+    base = torch.zeros(2, 5)
+    taus = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(TsvM().merge("w", base, taus.clone()), taus.mean(0))
+
+
+def test_iso_c_and_tsv_m_are_deterministic(zoo, tmp_path):
+    base_dir, experts = zoo
+    for name in ("iso-c", "tsv-m"):
+        for run in ("a", "b"):
+            merge_models(method_from_name(name), base_dir, experts, tmp_path / name / run)
+        assert (tmp_path / name / "a" / "model.safetensors").read_bytes() == (
+            tmp_path / name / "b" / "model.safetensors"
+        ).read_bytes()

@@ -26,6 +26,8 @@ METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("dare-ties", "dare-ties", {}),
     ("doge", "doge", {}),
     ("doge (eta auto)", "doge", {"eta": "auto"}),
+    ("iso-c", "iso-c", {}),
+    ("tsv-m", "tsv-m", {}),
 )
 
 

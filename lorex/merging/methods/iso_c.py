@@ -1,0 +1,36 @@
+"""``iso-c`` (Marczak et al., ICML 2025, "No Task Left Behind"): an isotropic task-vector sum.
+
+Per 2-D tensor: ``sum_i tau_i = U S V^T``; every singular value is replaced by their mean, so no
+direction of one task drowns the others: ``theta = theta_0 + scale * U mean(S) V^T``. Every other
+floating tensor (biases, norms, embeddings that are not 2-D) gets ``scale * mean_i tau_i``. As the
+official code, which treats every 2-D tensor this way; FusionBench's default ``scale`` is 1.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorex.merging.base import MergeMethod, register_merge_method
+
+
+@dataclass(frozen=True)
+class IsoCOptions:
+    scale: float = 1.0  # alpha; FusionBench's default (its CLIP docs use 1.5)
+
+
+def isotropic(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` with its spectrum flattened to the mean singular value."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u * s.mean()) @ vh
+
+
+@register_merge_method
+class IsoC(MergeMethod):
+    name = "iso-c"
+    Options = IsoCOptions
+
+    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        merged = isotropic(taus.sum(0)) if base.ndim == 2 else taus.mean(0)
+        return base + self.options.scale * merged

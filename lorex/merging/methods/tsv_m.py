@@ -1,0 +1,61 @@
+"""``tsv-m`` (Gargiulo et al., CVPR 2025, "Task Singular Vectors"): low-rank, decorrelated merging.
+
+Per 2-D tensor with ``r = min(shape)`` and N tasks:
+
+1. each ``tau_i = U_i S_i V_i^T`` keeps its top ``k = r // N`` singular triplets;
+2. they are placed side by side: ``U_hat = [U_1k ... U_Nk]`` (m x r, unused columns zero), the
+   singular values on one diagonal ``S_hat``, ``V_hat`` likewise;
+3. ``U_hat`` and ``V_hat`` are replaced by their nearest orthogonal matrices (the polar factor
+   ``P Q^T`` of ``P D Q^T = svd``), so the tasks' directions stop interfering;
+4. ``theta = theta_0 + scale * U_perp S_hat V_perp^T``.
+
+Every other floating tensor gets ``scale * mean_i tau_i``, as the official code does; so does a
+2-D tensor with fewer rows or columns than tasks (``k`` would be 0; the official code would zero it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorex.merging.base import MergeMethod, register_merge_method
+
+
+@dataclass(frozen=True)
+class TsvMOptions:
+    scale: float = 1.0  # alpha; the paper's and FusionBench's default
+
+
+def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``P Q^T`` of ``matrix = P D Q^T``."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def task_singular_vectors(taus: torch.Tensor) -> torch.Tensor:
+    """The merged update of one 2-D tensor from its task vectors ``(N, m, n)``."""
+    n_tasks, m, n = taus.shape
+    r = min(m, n)
+    k = r // n_tasks
+    u_hat = taus.new_zeros(m, r)
+    s_hat = taus.new_zeros(r)
+    v_hat = taus.new_zeros(r, n)
+    for i, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u_hat[:, i * k : (i + 1) * k] = u[:, :k]
+        s_hat[i * k : (i + 1) * k] = s[:k]
+        v_hat[i * k : (i + 1) * k] = vh[:k]
+    return (nearest_orthogonal(u_hat) * s_hat) @ nearest_orthogonal(v_hat)
+
+
+@register_merge_method
+class TsvM(MergeMethod):
+    name = "tsv-m"
+    Options = TsvMOptions
+
+    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        # a matrix thinner than the task count leaves no singular vector per task: the mean
+        low_rank = base.ndim == 2 and min(base.shape) >= len(taus)
+        merged = task_singular_vectors(taus) if low_rank else taus.mean(0)
+        return base + self.options.scale * merged
