@@ -667,3 +667,42 @@ def test_iso_c_and_tsv_m_are_deterministic(zoo, tmp_path):
         assert (tmp_path / name / "a" / "model.safetensors").read_bytes() == (
             tmp_path / name / "b" / "model.safetensors"
         ).read_bytes()
+
+
+def test_iso_c_and_tsv_m_keep_low_rank_updates_low_rank():
+    """LoRA experts' task vectors are low-rank: neither method may add round-off directions."""
+    from lorex.merging.methods.iso_c import IsoC
+    from lorex.merging.methods.tsv_m import TsvM
+
+    g = torch.Generator().manual_seed(0)
+    # three rank-1 task vectors of a 12 x 9 matrix: r = 9, so TSV-M's k = 3 > each rank
+    taus = torch.stack([torch.outer(torch.randn(12, generator=g), torch.randn(9, generator=g))])
+    taus = torch.cat(
+        [
+            taus,
+            *[
+                torch.outer(torch.randn(12, generator=g), torch.randn(9, generator=g))[None]
+                for _ in range(2)
+            ],
+        ]
+    )
+    base = torch.zeros(12, 9)
+    iso = IsoC().merge("w", base, taus.clone())
+    s_sum = torch.linalg.svdvals(taus.sum(0).double())
+    s_iso = torch.linalg.svdvals(iso.double())
+    assert int((s_iso > 1e-4 * s_iso[0]).sum()) == 3  # the sum's rank, no more
+    torch.testing.assert_close(s_iso[:3], s_sum[:3].mean().expand(3), rtol=1e-5, atol=0)
+
+    # TSV-M by hand from the three nonzero triplets: [u_1 u_2 u_3] and [v_1 v_2 v_3] made
+    # orthogonal (polar factor), each keeping its own singular value
+    us, ss, vs = [], [], []
+    for tau in taus.double():
+        u, s, vh = torch.linalg.svd(tau)
+        us.append(u[:, 0])
+        ss.append(s[0])
+        vs.append(vh[0])
+    p, _, qh = torch.linalg.svd(torch.stack(us, 1), full_matrices=False)
+    p2, _, qh2 = torch.linalg.svd(torch.stack(vs, 0), full_matrices=False)
+    want = (p @ qh) @ torch.diag(torch.stack(ss)) @ (p2 @ qh2)
+    got = TsvM().merge("w", base, taus.clone())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)

@@ -4,6 +4,8 @@ Per 2-D tensor: ``sum_i tau_i = U S V^T``; every singular value is replaced by t
 direction of one task drowns the others: ``theta = theta_0 + scale * U mean(S) V^T``. Every other
 floating tensor (biases, norms, embeddings that are not 2-D) gets ``scale * mean_i tau_i``. As the
 official code, which treats every 2-D tensor this way; FusionBench's default ``scale`` is 1.0.
+Lorex's one change: the mean is over the sum's numerical rank only, the same thing for full-rank
+sums, but a sum of low-rank (LoRA) updates is not filled up with arbitrary null-space directions.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ class IsoCOptions:
     scale: float = 1.0  # alpha; FusionBench's default (its CLIP docs use 1.5)
 
 
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """How many singular values ``s`` (descending) are above float32 round-off (NumPy's
+    ``matrix_rank`` tolerance)."""
+    if len(s) == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
+
+
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` with its spectrum flattened to the mean singular value."""
+    """``matrix`` with its spectrum flattened to the mean singular value, over its numerical rank:
+    a low-rank sum (LoRA experts) keeps its rank rather than gaining round-off directions."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u * s.mean()) @ vh
+    k = numerical_rank(s, tuple(matrix.shape))
+    return (u[:, :k] * s[:k].mean()) @ vh[:k] if k else torch.zeros_like(matrix)
 
 
 @register_merge_method

@@ -2,7 +2,9 @@
 
 Per 2-D tensor with ``r = min(shape)`` and N tasks:
 
-1. each ``tau_i = U_i S_i V_i^T`` keeps its top ``k = r // N`` singular triplets;
+1. each ``tau_i = U_i S_i V_i^T`` keeps its top ``k = r // N`` singular triplets (lorex: at most
+   its numerical rank, so a LoRA expert's round-off directions do not enter step 3; the same as
+   the official code for full-rank task vectors);
 2. they are placed side by side: ``U_hat = [U_1k ... U_Nk]`` (m x r, unused columns zero), the
    singular values on one diagonal ``S_hat``, ``V_hat`` likewise;
 3. ``U_hat`` and ``V_hat`` are replaced by their nearest orthogonal matrices (the polar factor
@@ -10,7 +12,7 @@ Per 2-D tensor with ``r = min(shape)`` and N tasks:
 4. ``theta = theta_0 + scale * U_perp S_hat V_perp^T``.
 
 Every other floating tensor gets ``scale * mean_i tau_i``, as the official code does; so does a
-2-D tensor with fewer rows or columns than tasks (``k`` would be 0; the official code would zero it).
+2-D tensor with fewer rows or columns than tasks (``k`` would be 0: the official code zeroes it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.methods.iso_c import numerical_rank
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ def task_singular_vectors(taus: torch.Tensor) -> torch.Tensor:
     v_hat = taus.new_zeros(r, n)
     for i, tau in enumerate(taus):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        u_hat[:, i * k : (i + 1) * k] = u[:, :k]
-        s_hat[i * k : (i + 1) * k] = s[:k]
-        v_hat[i * k : (i + 1) * k] = vh[:k]
+        kept = min(k, numerical_rank(s, (m, n)))  # round-off directions would skew step 3
+        u_hat[:, i * k : i * k + kept] = u[:, :kept]
+        s_hat[i * k : i * k + kept] = s[:kept]
+        v_hat[i * k : i * k + kept] = vh[:kept]
     return (nearest_orthogonal(u_hat) * s_hat) @ nearest_orthogonal(v_hat)
 
 
