@@ -64,7 +64,7 @@ class DemoSettings:
 # Sized so that the whole quick story, data generation included, runs in under 5 minutes on 2 cores.
 # DOGE's 400 Adam steps per matrix take about 40 s on the quick experts: the quick demo's merge
 # table leaves DOGE to `lorex bench merge --quick` to stay under 5 minutes.
-QUICK_MERGES = ("average", "task-arithmetic", "ties", "dare", "dare-ties")
+QUICK_MERGES = ("average", "task-arithmetic", "ties", "dare", "dare-ties", "iso-c", "tsv-m")
 QUICK = DemoSettings(
     preset="vit-micro",
     pretrain_samples=None,

@@ -245,7 +245,16 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     assert torch.equal(frozen.heads[key].weight, probe.heads[key].weight)
     assert "frozen-head experts" in text and set(metrics["merge"]) == {"full", "frozen-head"}
     merged = metrics["merge"]["full"]
-    assert list(merged) == ["experts", "average", "task-arithmetic", "ties", "dare", "dare-ties"]
+    assert list(merged) == [
+        "experts",
+        "average",
+        "task-arithmetic",
+        "ties",
+        "dare",
+        "dare-ties",
+        "iso-c",
+        "tsv-m",
+    ]
     for result in list(merged.values())[1:]:
         assert set(result["per_task"]) == {"mnist", "optdigits"}
         assert 0 <= result["normalized"] <= 200 and result["seconds"] >= 0
