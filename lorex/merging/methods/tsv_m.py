@@ -60,6 +60,6 @@ class TsvM(MergeMethod):
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         # a matrix thinner than the task count leaves no singular vector per task: the mean
-        low_rank = base.ndim == 2 and min(base.shape) >= len(taus)
-        merged = task_singular_vectors(taus) if low_rank else taus.mean(0)
+        splittable = base.ndim == 2 and min(base.shape) >= len(taus)
+        merged = task_singular_vectors(taus) if splittable else taus.mean(0)
         return base + self.options.scale * merged
