@@ -62,8 +62,8 @@ class DemoSettings:
 
 
 # Sized so that the whole quick story, data generation included, runs in under 5 minutes on 2 cores.
-# DOGE's 400 Adam steps per matrix take about 40 s on the quick experts: the quick demo's merge
-# table leaves DOGE to `lorex bench merge --quick` to stay under 5 minutes.
+# DOGE's 400 Adam steps per matrix take 16-23 s per merge on the quick experts
+# (benchmarks/results/merge): the quick demo's merge table leaves DOGE to `lorex bench merge`.
 QUICK_MERGES = ("average", "task-arithmetic", "ties", "dare", "dare-ties", "iso-c", "tsv-m")
 QUICK = DemoSettings(
     preset="vit-micro",

@@ -17,27 +17,27 @@ SPLIT_SEED = 1234  # fixed: the test split never changes between runs or machine
 TEST_FRACTION = 0.2
 
 
+def _split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """The fixed, stratified split of a real source's images."""
+    train, test = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
+    return train if split == "train" else test
+
+
 def _mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """MNIST padded from 28x28 to 32x32 (as the digit-DA literature does), one fixed split."""
     x, y = sources.mnist()
-    train, test = stratified_split(y, TEST_FRACTION, SPLIT_SEED)
-    idx = train if split == "train" else test
+    idx = _split_indices(y, split)
     padded = np.pad(x[idx], ((0, 0), (2, 2), (2, 2)))
     return padded, y[idx]
 
 
-def _split_size(labels: np.ndarray, split: str) -> int:
-    train, test = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
-    return len(train if split == "train" else test)
-
-
 def mnist_size(split: str) -> int:
     """The split's size without generating it (``lorex data list``): labels only."""
-    return _split_size(sources.mnist()[1], split)
+    return len(_split_indices(sources.mnist()[1], split))
 
 
 def optdigits_size(split: str) -> int:
-    return _split_size(sources.optdigits()[1], split)
+    return len(_split_indices(sources.optdigits()[1], split))
 
 
 def syn_size(split: str) -> int:
@@ -74,7 +74,7 @@ SYN_SIZES = {"train": 5000, "test": 1000}
 
 def make_syn(split: str) -> ImageDataset:
     """SynDigits style: 1-3 font digits (the centre one is the label) on cluttered backgrounds."""
-    n = SYN_SIZES[split]
+    n = syn_size(split)
     rng = np.random.default_rng([SPLIT_SEED, 2, split == "train"])
     fonts = sources.font_paths()
     labels = np.arange(n, dtype=np.int64) % 10
@@ -106,8 +106,7 @@ def make_syn(split: str) -> ImageDataset:
 def make_optdigits(split: str) -> ImageDataset:
     """UCI 8x8 digits (values 0..16) upsampled to 28x28 and padded to 32x32, like USPS for MNIST."""
     x, y = sources.optdigits()
-    train, test = stratified_split(y, TEST_FRACTION, SPLIT_SEED)
-    idx = train if split == "train" else test
+    idx = _split_indices(y, split)
     out = np.empty((len(idx), SIZE, SIZE, 3), dtype=np.uint8)
     for j, i in enumerate(idx):
         grey = Image.fromarray((x[i] * (255.0 / 16.0)).astype(np.uint8)).resize(

@@ -24,7 +24,7 @@ def chars_size(split: str) -> int:
 
 
 def make_chars(split: str) -> ImageDataset:
-    n = PER_CLASS[split] * len(CHARS)
+    n = chars_size(split)
     rng = np.random.default_rng([77, split == "train"])
     fonts = sources.font_paths()
     pool = sources.textures()
