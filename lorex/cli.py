@@ -962,7 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["tgmb-tgkt"],
         help="methods to run: source-only, shot, socket, tgmb-tgkt, the ablations "
-        "(tgmb-only, tgmb-tgkt-paper-teacher, tgmb-tgkt-no-ti, -no-self, -no-adv, -no-im), "
+        "(tgmb-only, tgmb-tgkt-paper-teacher, -fixed-teacher, -no-ti, -no-self, -no-adv, -no-im), "
         "'all' (the four main ones) "
         "or 'ablations' (default: tgmb-tgkt)",
     )

@@ -2,6 +2,7 @@
 pipeline's guarantee that task-relevant RGB is never read, the CLI and the bench."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,46 @@ def test_target_training_is_deterministic_and_keeps_the_classifier(source):
     )
 
 
+@pytest.mark.parametrize("refresh", [True, False])
+def test_the_refreshed_teacher_averages_in_the_models_own_reading(source, monkeypatch, refresh):
+    """Epoch 1 distils the fixed teacher; with kd_refresh, every later epoch distils the fixed
+    teacher's probabilities averaged with the model's reading at that epoch's start, balanced."""
+    from lorex.adaptation.cross_modal import transfer
+
+    model, target, ti_t, _, ti_feats = _inputs(source)
+    fixed = torch.randn(len(target), len(model.classes), generator=torch.Generator().manual_seed(1))
+    seen, readings = [], []
+    original_reading, original_kl = transfer.features_and_logits, transfer.kl_distillation
+
+    def reading(*args, **kwargs):
+        feats, logits = original_reading(*args, **kwargs)
+        readings.append(logits)
+        return feats, logits
+
+    def kl(student, teacher, *args):
+        seen.append((len(readings), teacher.clone()))
+        return original_kl(student, teacher, *args)
+
+    monkeypatch.setattr(transfer, "features_and_logits", reading)
+    monkeypatch.setattr(transfer, "kl_distillation", kl)
+    cfg = CrossModalConfig(epochs=2, batch_size=8, kd_refresh=refresh, kd_weight=1.0)
+    train_target_model(model, target, cfg, CPU, ti_t, ti_feats, fixed, load_statistics(source, CPU))
+    assert len(readings) == 2  # one reading per epoch start (the self-labels need it too)
+    # the expected teacher, computed here from the definition
+    p = (fixed.softmax(1) + readings[1].softmax(1)) / 2
+    p = p / p.mean(0, keepdim=True)
+    refreshed = torch.log(p / p.sum(1, keepdim=True))
+
+    def rows_of(batch, table):  # each row of the batch is one of the table's rows
+        return bool(((batch[:, None] - table[None]).abs().amax(-1).min(1).values < 1e-5).all())
+
+    first = [t for n, t in seen if n == 1]
+    later = [t for n, t in seen if n == 2]
+    assert first and later and all(rows_of(t, fixed) for t in first)
+    assert all(rows_of(t, refreshed if refresh else fixed) for t in later)
+    assert refresh == (not any(rows_of(t, fixed) for t in later))
+
+
 def test_a_weighted_term_needs_its_inputs(source):
     model, target, *_ = _inputs(source)
     with pytest.raises(ValueError, match="needs its inputs"):
@@ -137,7 +178,7 @@ def test_adaptation_never_reads_task_relevant_rgb(source, tmp_path, monkeypatch)
     )
     expected = {"source-only", "shot", "socket", "tgmb-tgkt", "tgmb-only", "tgmb-tgkt-no-ti",
                 "tgmb-tgkt-no-self", "tgmb-tgkt-no-adv", "tgmb-tgkt-no-im",
-                "tgmb-tgkt-paper-teacher"}  # fmt: skip
+                "tgmb-tgkt-paper-teacher", "tgmb-tgkt-fixed-teacher"}  # fmt: skip
     assert set(metrics["methods"]) == expected
     for r in metrics["methods"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
@@ -233,17 +274,18 @@ def test_adapt_cross_modal_stopped_mid_method_resumes_bit_identically(
     from lorex.training.checkpoint import CheckpointOptions
 
     methods = ["tgmb-tgkt", "shot"]
-    ref = adapt_cross_modal(source, "rgbd/k2", "rgbd/ti", tmp_path / "ref", methods, TINY, CPU)
+    cfg = replace(TINY, epochs=2)  # the second epoch's refreshed teacher must resume too
+    ref = adapt_cross_modal(source, "rgbd/k2", "rgbd/ti", tmp_path / "ref", methods, cfg, CPU)
     out = tmp_path / "out"
-    # saves 1-4: the translator; 5-7: TGMB + TGKT's target model; 8-10: SHOT
-    with pytest.raises(stop_after_saves(6)):
+    # saves 1-4: the translator; 5-10: TGMB + TGKT's target model (3 a epoch); 11-16: SHOT
+    with pytest.raises(stop_after_saves(9)):
         adapt_cross_modal(
-            source, "rgbd/k2", "rgbd/ti", out, methods, TINY, CPU,
+            source, "rgbd/k2", "rgbd/ti", out, methods, cfg, CPU,
             checkpoint=CheckpointOptions(every=1),
         )  # fmt: skip
     assert not out.exists()
     got = adapt_cross_modal(
-        source, "rgbd/k2", "rgbd/ti", out, methods, TINY, CPU,
+        source, "rgbd/k2", "rgbd/ti", out, methods, cfg, CPU,
         checkpoint=CheckpointOptions(every=1, resume=True),
     )  # fmt: skip
     for name in ("model.safetensors", "translator.safetensors"):

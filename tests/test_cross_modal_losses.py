@@ -119,8 +119,11 @@ def test_methods_switch_terms_off_and_keep_the_rest():
     assert socket.kd_weight == 0 and socket.ti_weight == 0.7
     assert METHODS["tgmb-tgkt-no-ti"].settings(cfg).kd_weight == 2.0
     paper = METHODS["tgmb-tgkt-paper-teacher"].settings(cfg)
-    assert not paper.kd_raw_view and not paper.kd_balance and paper.kd_weight == 2.0
-    assert cfg.kd_raw_view and cfg.kd_balance  # lorex's teacher is the default
+    assert not (paper.kd_raw_view or paper.kd_balance or paper.kd_refresh)
+    assert paper.kd_weight == 2.0
+    fixed = METHODS["tgmb-tgkt-fixed-teacher"].settings(cfg)
+    assert not fixed.kd_refresh and fixed.kd_raw_view and fixed.kd_balance
+    assert cfg.kd_raw_view and cfg.kd_balance and cfg.kd_refresh  # lorex's teacher is the default
     assert [m.name for m in resolve_methods(["all", "shot"])] == list(MAIN_METHODS)
     with pytest.raises(LorexError, match="unknown cross-modal method"):
         resolve_methods(["sokcet"])

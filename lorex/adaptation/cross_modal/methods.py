@@ -65,7 +65,13 @@ METHODS: dict[str, CrossModalMethod] = {
             "tgmb-tgkt-paper-teacher",
             "ablation: TGKT's teacher is the source on translated images alone (the paper's)",
             translator=True,
-            switch_off=("kd_raw_view", "kd_balance"),
+            switch_off=("kd_raw_view", "kd_balance", "kd_refresh"),
+        ),
+        CrossModalMethod(
+            "tgmb-tgkt-fixed-teacher",
+            "ablation: TGKT's teacher is not refreshed with the target model's own reading",
+            translator=True,
+            switch_off=("kd_refresh",),
         ),
         CrossModalMethod(
             "tgmb-tgkt-no-ti",

@@ -24,6 +24,7 @@ HELP = {
     "kd_confidence": "weight each image's KL by the teacher's top probability",
     "kd_raw_view": "average the teacher with the source on the raw target images (two views)",
     "kd_balance": "divide the teacher's classes by their mean probability over the target set",
+    "kd_refresh": "from the second epoch, average the teacher with the target model's own reading",
     "translator": "TGMB translator: tiny (the paper's size) or unet",
     "translator_width": "translator channels",
     "translator_steps": "TGMB Adam steps",

@@ -8,7 +8,8 @@ the backbone trains on the unlabelled task-relevant target images with
 - ``ti_weight``: its features of TI target images matched to the source's features of the
   paired TI RGB images (computed once: the source is frozen);
 - ``kd_weight``: KL distillation from the frozen source applied to the TGMB translations of
-  the same target images (computed once: source and translator are frozen).
+  the same target images (computed once: source and translator are frozen); with
+  ``kd_refresh`` each later epoch's teacher also averages the target model's own reading.
 A zero weight skips its term's computation.
 """
 
@@ -28,6 +29,7 @@ from lorex.adaptation.cross_modal.losses import (
     information_maximisation,
     kl_distillation,
     statistics_matching,
+    teacher_log_probs,
 )
 from lorex.adaptation.sage.classification import class_pseudo_labels
 from lorex.metrics.resources import PeakMemory
@@ -130,11 +132,14 @@ def train_target_model(
         {"batches": generator},
     )
     done, epoch0, step0, resumed = 0, 0, 0, None
+    refresh = cfg.kd_refresh and cfg.kd_weight > 0
+    teacher = teacher_logits
     restored = ckpt.restore()
     if restored is not None:
         done, position, arrays = restored
         epoch0, step0, result.history = position["epoch"], position["step"], position["history"]
         resumed = position["sums"], arrays["order"], arrays.get("labels")
+        teacher = arrays.get("teacher", teacher)
     bar = tqdm(
         total=total,
         initial=done,
@@ -148,10 +153,13 @@ def train_target_model(
         for epoch in range(epoch0, cfg.epochs):
             if resumed is None:
                 labels = None
-                if cfg.self_weight > 0:
+                if cfg.self_weight > 0 or (refresh and epoch > 0):
                     feats, logits = features_and_logits(model, target, device)
+                if cfg.self_weight > 0:
                     probs = F.softmax(logits, 1).numpy()
                     labels = torch.from_numpy(class_pseudo_labels(feats.numpy(), probs))
+                if refresh and epoch > 0:  # the fixed teacher's view and the model's own
+                    teacher = teacher_log_probs(teacher_logits, logits, cfg.kd_balance)
                 order = torch.randperm(len(target), generator=generator)
                 sums: dict[str, float] = {}
             else:  # the epoch a checkpoint was taken in: its labels and order as they were
@@ -179,7 +187,7 @@ def train_target_model(
                 if cfg.kd_weight > 0:
                     terms["kd"] = cfg.kd_weight * kl_distillation(
                         logits,
-                        teacher_logits[idx].to(device),
+                        teacher[idx].to(device),
                         cfg.kd_temperature,
                         cfg.kd_confidence,
                     )
@@ -207,6 +215,8 @@ def train_target_model(
                         "history": result.history,
                     }
                     arrays = {"order": order, **({"labels": labels} if labels is not None else {})}
+                    if refresh:
+                        arrays["teacher"] = teacher
                     ckpt.save(done, position, arrays)
             step0 = 0
             entry = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
