@@ -494,7 +494,8 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scale",
         type=float,
-        help="lambda: task-arithmetic 0.3, dare 0.3, ties 1.0, dare-ties 1.0, iso-c 1.0, tsv-m 1.0",
+        help="lambda: task-arithmetic 0.3, dare 0.3, ties 1.0, dare-ties 1.0, iso-c 1.0, "
+        "iso-cts 1.0, tsv-m 1.0, wudi 1.0",
     )
     g.add_argument("--density", type=float, help="ties: fraction kept per task vector (0.2)")
     g.add_argument("--merge-func", choices=("mean", "sum"), help="ties, dare-ties: (mean)")
@@ -509,8 +510,11 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
         "--subspace", type=_positive_int, help="doge: shared directions = rank / this (6)"
     )
     g.add_argument("--mask", type=float, help="doge: fraction kept by the global mask (0.3)")
-    g.add_argument("--steps", type=int, help="doge: Adam steps per matrix (400)")
-    g.add_argument("--lr", type=_positive_float, help="doge: Adam learning rate (1e-4)")
+    g.add_argument("--steps", type=int, help="doge, wudi: Adam steps per matrix (400, 300)")
+    g.add_argument("--lr", type=_positive_float, help="doge, wudi: Adam learning rate (1e-4, 1e-5)")
+    g.add_argument(
+        "--common", type=float, help="iso-cts: fraction of the rank kept as common subspace (0.8)"
+    )
 
 
 def cmd_bench_merge(args: argparse.Namespace) -> int:

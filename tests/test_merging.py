@@ -706,3 +706,140 @@ def test_iso_c_and_tsv_m_keep_low_rank_updates_low_rank():
     want = (p @ qh) @ torch.diag(torch.stack(ss)) @ (p2 @ qh2)
     got = TsvM().merge("w", base, taus.clone())
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def reference_wudi_matrix(taus, steps, lr):
+    """WUDI for one matrix: the loss's gradient by entry-wise loops, Adam by its equations."""
+    tt = [t.double() for t in taus]
+    m, cols = tt[0].shape
+    weights = [1.0 / sum(float(v) ** 2 for v in t.flatten()) for t in tt]
+    merged = sum(tt)
+    first, second = torch.zeros_like(merged), torch.zeros_like(merged)
+    for step in range(1, steps + 1):
+        grad = torch.zeros_like(merged)
+        for w, t in zip(weights, tt, strict=True):
+            # L_t = w ||(merged - t) t^T||^2; d/d merged[a, b] = 2 w sum_c E[a, c] t[c, b]
+            gap = merged - t
+            e = [[float(gap[a] @ t[c]) for c in range(m)] for a in range(m)]
+            for a in range(m):
+                for b in range(cols):
+                    grad[a, b] += 2 * w * sum(e[a][c] * float(t[c, b]) for c in range(m))
+        first = 0.9 * first + 0.1 * grad
+        second = 0.999 * second + 0.001 * grad**2
+        m_hat, v_hat = first / (1 - 0.9**step), second / (1 - 0.999**step)
+        merged = merged - lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return merged
+
+
+def test_wudi_matches_a_loop_reference_and_lowers_its_loss(zoo, tmp_path):
+    from lorex.merging.methods.wudi import interference_loss
+
+    base_dir, experts = zoo
+    steps, lr = 15, 2e-3
+    method = method_from_name("wudi", steps=steps, lr=lr, scale=0.8)
+    merge_models(method, base_dir, experts, tmp_path / "wudi", progress=False)
+    base = backbone_state(base_dir)
+    experts_sd = [backbone_state(e) for e in experts]
+    got = merged_state(tmp_path / "wudi")
+    matrices = {k for k in base if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2}
+    assert len(matrices) == 4
+    for k, theta0 in base.items():
+        taus = [e[k].double() - theta0.double() for e in experts_sd]
+        if k in matrices:
+            # the LoRA expert's task vector on its adapted matrices is low-rank, elsewhere zero
+            nonzero = [t for t in taus if float(t.abs().max()) > 0]
+            update = reference_wudi_matrix(nonzero, steps, lr)
+            start = sum(taus)
+            stacked = torch.stack(taus)
+            assert interference_loss(update, stacked) < 0.9 * interference_loss(start, stacked)
+        else:
+            update = sum(taus) / len(taus)
+        want = theta0.double() + 0.8 * update
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=2e-6, msg=k)
+
+
+def test_wudi_loss_is_the_sum_written_out():
+    from lorex.merging.methods.wudi import interference_loss
+
+    g = torch.Generator().manual_seed(1)
+    taus = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    taus[2] = 0  # an expert that left this matrix alone adds nothing
+    merged = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    want = 0.0
+    for t in taus[:2]:
+        norm_sq = sum(float(v) ** 2 for v in t.flatten())
+        for a in range(4):
+            for c in range(4):
+                want += sum((merged[a, b] - t[a, b]) * t[c, b] for b in range(5)) ** 2 / norm_sq
+    torch.testing.assert_close(interference_loss(merged, taus), torch.tensor(float(want)).double())
+
+
+@pytest.mark.parametrize("common", [0.8, 0.5])
+def test_iso_cts_matches_a_numpy_reference(zoo, tmp_path, common):
+    import numpy as np
+    from scipy.linalg import polar
+
+    base_dir, experts = zoo
+    full = experts[:3]  # full-rank sums: the official allocation over min(shape)
+    method = method_from_name("iso-cts", common=common, scale=1.5)
+    merge_models(method, base_dir, full, tmp_path / "cts", progress=False)
+    base, taus = _np_task_vectors(base_dir, full)
+    n = len(taus)
+    got = merged_state(tmp_path / "cts")
+    for key, theta0 in base.items():
+        if theta0.ndim != 2:
+            update = sum(tau[key] for tau in taus) / n
+        else:
+            r = min(theta0.shape)
+            per_task = min(r // n, round((r - int(r * common)) / n))
+            k_c = r - n * per_task
+            u, s, vh = np.linalg.svd(sum(tau[key] for tau in taus), full_matrices=False)
+            u_cols, v_rows, values = list(u[:, :k_c].T), list(vh[:k_c]), list(s[:k_c])
+            for tau in taus:
+                residual = tau[key].copy()
+                for j in range(k_c):  # project out each common direction in turn
+                    residual -= np.outer(u[:, j], u[:, j] @ tau[key])
+                ut, st, vth = np.linalg.svd(residual, full_matrices=False)
+                u_cols += list(ut[:, :per_task].T)
+                v_rows += list(vth[:per_task])
+                values += list(st[:per_task])
+            assert len(values) == r
+            u_perp = polar(np.stack(u_cols, 1))[0]
+            v_perp = polar(np.stack(v_rows, 0).T)[0].T
+            update = u_perp @ v_perp * np.mean(values)
+            np.testing.assert_allclose(np.linalg.svd(update, compute_uv=False), np.mean(values))
+        want = torch.from_numpy(theta0 + 1.5 * update)
+        torch.testing.assert_close(got[key].double(), want, rtol=0, atol=SVD_ATOL, msg=key)
+
+
+def test_iso_cts_keeps_low_rank_updates_low_rank():
+    """Three rank-2 (LoRA-like) task vectors of a 12 x 9 matrix: the sum has rank 6 < 9, and the
+    update must have rank 6 with one flat singular value, not 9 with round-off directions."""
+    from lorex.merging.methods.iso_cts import IsoCts
+
+    g = torch.Generator().manual_seed(0)
+    taus = torch.stack(
+        [torch.randn(12, 2, generator=g) @ torch.randn(2, 9, generator=g) for _ in range(3)]
+    )
+    got = IsoCts(IsoCts.Options(common=0.5)).merge("w", torch.zeros(12, 9), taus.clone())
+    s = torch.linalg.svdvals(got.double())
+    assert int((s > 1e-4 * s[0]).sum()) == 6
+    # rank 6: 3 common directions of the sum, then 1 per task from what the common ones miss
+    u, s_sum, _ = torch.linalg.svd(taus.sum(0).double())
+    u_c = u[:, :3]
+    kept = list(s_sum[:3])
+    for tau in taus.double():
+        kept.append(torch.linalg.svdvals(tau - u_c @ (u_c.T @ tau))[0])
+    torch.testing.assert_close(s[:6], torch.stack(kept).mean().expand(6), rtol=1e-5, atol=0)
+
+
+def test_iso_cts_and_wudi_are_deterministic(zoo, tmp_path):
+    base_dir, experts = zoo
+    for name, options in (("iso-cts", {}), ("wudi", {"steps": 5, "lr": 1e-3})):
+        for run in ("a", "b"):
+            merge_models(
+                method_from_name(name, **options), base_dir, experts, tmp_path / name / run
+            )
+        assert (tmp_path / name / "a" / "model.safetensors").read_bytes() == (
+            tmp_path / name / "b" / "model.safetensors"
+        ).read_bytes()

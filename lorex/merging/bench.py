@@ -27,7 +27,9 @@ METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("doge", "doge", {}),
     ("doge (eta auto)", "doge", {"eta": "auto"}),
     ("iso-c", "iso-c", {}),
+    ("iso-cts", "iso-cts", {}),
     ("tsv-m", "tsv-m", {}),
+    ("wudi", "wudi", {}),
 )
 
 
