@@ -522,14 +522,15 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
 
     from lorex.demo import FULL, QUICK, run_demo
     from lorex.io import read_json
-    from lorex.merging.bench import write_merge_report
+    from lorex.merging.bench import SMALL_LR, write_merge_report
     from lorex.training.run import resolve_device, run_record
 
     settings = replace(
         QUICK if args.quick else FULL,
-        merge_kinds=("full", "frozen-head", "lora"),
+        merge_kinds=("full", "frozen-head", "frozen-head-small-lr", "lora"),
         merge_methods=None,
         frozen_head_experts=True,
+        small_lr=SMALL_LR,
     )
     demo = args.out / "demo"
     run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)

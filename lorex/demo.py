@@ -54,6 +54,9 @@ class DemoSettings:
     # Also fine-tune each domain's backbone under its linear probe's frozen head ("frozen-head"
     # experts, the way Task Arithmetic's experts are made): they merge better (docs/merging.md).
     frozen_head_experts: bool = False
+    # And frozen-head experts fine-tuned at this smaller step ("frozen-head-small-lr"): they stay
+    # closer to the base and merge better still (docs/merging.md). None: not trained.
+    small_lr: float | None = None
     domains: tuple[str, ...] = tuple(DIGIT_DOMAINS)
     # A small SAGE-reID run (two re-ID source experts adapted to reid/a; docs/sage.md).
     reid: bool = True
@@ -229,17 +232,20 @@ def run_demo(
             if adapter.is_file():
                 experts[domain][method]["adapter_bytes"] = adapter.stat().st_size
 
-    if s.frozen_head_experts:
+    frozen_kinds = [("frozen-head", s.full_lr)] if s.frozen_head_experts else []
+    if s.small_lr is not None:
+        frozen_kinds.append(("frozen-head-small-lr", s.small_lr))
+    for kind, lr in frozen_kinds:
         cfg = TrainConfig(
             epochs=s.expert_epochs,
             batch_size=s.batch_size,
-            lr=s.full_lr,
+            lr=lr,
             seed=seed,
             max_samples=s.expert_samples,
         )
         for domain in s.domains:
             probe = out / "experts" / short(domain) / "linear"
-            target = out / "experts" / short(domain) / "frozen-head"
+            target = out / "experts" / short(domain) / kind
             stamp = {
                 "stage": "train",
                 "domain": domain,
@@ -251,13 +257,14 @@ def run_demo(
             _stage(
                 target,
                 stamp,
-                lambda d=domain, p=probe, t=target: train_expert(
-                    base, d, METHODS["full"](), t, cfg, device, head_from=p, freeze_head=True
+                lambda d=domain, p=probe, t=target, c=cfg: train_expert(
+                    base, d, METHODS["full"](), t, c, device, head_from=p, freeze_head=True
                 ),
-                f"full expert under the probe's frozen head on {domain}",
+                f"full expert under the probe's frozen head on {domain}"
+                + ("" if kind == "frozen-head" else f", lr {lr:g}"),
                 timings,
             )
-            experts[domain]["frozen-head"] = read_json(target / "metrics.json")
+            experts[domain][kind] = read_json(target / "metrics.json")
 
     _say("evaluating every expert on every domain ...")
     start = time.perf_counter()

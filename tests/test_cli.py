@@ -210,7 +210,8 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         test_samples=40,
         domains=("digits/mnist", "digits/optdigits"),
         frozen_head_experts=True,
-        merge_kinds=("full", "frozen-head"),
+        small_lr=1e-4,
+        merge_kinds=("full", "frozen-head", "frozen-head-small-lr"),
         reid=False,  # tests/test_sage.py runs the re-ID part (lorex bench sage) on tiny settings
         cross_modal=False,  # tests/test_cross_modal.py runs lorex bench cross-modal on tiny ones
     )
@@ -243,7 +244,19 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     probe = load_model(tmp_path / "demo" / "experts" / "mnist" / "linear")
     key = probe.active_head
     assert torch.equal(frozen.heads[key].weight, probe.heads[key].weight)
-    assert "frozen-head experts" in text and set(metrics["merge"]) == {"full", "frozen-head"}
+    assert "frozen-head experts" in text and "frozen-head-small-lr experts" in text
+    assert set(metrics["merge"]) == {"full", "frozen-head", "frozen-head-small-lr"}
+    # the small-step experts: under the same frozen head, and a tenth of the step moves the
+    # backbone far less from the base
+    small = load_model(tmp_path / "demo" / "experts" / "mnist" / "frozen-head-small-lr")
+    assert torch.equal(small.heads[key].weight, probe.heads[key].weight)
+    base = load_model(tmp_path / "demo" / "base").backbone.state_dict()
+
+    def distance(model):
+        state = model.backbone.state_dict()
+        return sum(float((state[k] - base[k]).square().sum()) for k in base) ** 0.5
+
+    assert 0 < distance(small) < 0.5 * distance(frozen)
     merged = metrics["merge"]["full"]
     assert list(merged) == [
         "experts",

@@ -32,6 +32,10 @@ METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("wudi", "wudi", {}),
 )
 
+#: The step of the bench's "frozen-head-small-lr" experts: a tenth of the full fine-tuning step
+#: (1e-3). Experts that stay closer to the base merge better (docs/merging.md).
+SMALL_LR = 1e-4
+
 
 def _short(domain: str) -> str:
     return domain.split("/")[-1]
