@@ -78,5 +78,6 @@ class IsoCts(MergeMethod):
     Options = IsoCtsOptions
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        merged = common_and_task_specific(taus, self.options.common) if base.ndim == 2 else None
-        return base + self.options.scale * (taus.mean(0) if merged is None else merged)
+        if base.ndim == 2:
+            return base + self.options.scale * common_and_task_specific(taus, self.options.common)
+        return base + self.options.scale * taus.mean(0)
