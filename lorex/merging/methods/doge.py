@@ -29,6 +29,12 @@ from lorex.merging.methods.ties import global_thresholds
 BLOCK = re.compile(r"(^|\.)(blocks|layers?)\.\d+\.")
 
 
+def is_block_matrix(key: str, shape: tuple[int, ...]) -> bool:
+    """A 2-D weight inside a transformer block: what DOGE and WUDI optimise (the official
+    codes' filter); every other tensor is handled otherwise."""
+    return len(shape) == 2 and key.endswith("weight") and BLOCK.search(key) is not None
+
+
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
 #: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
 AUTO_ETA_SCALE = 0.3
@@ -130,12 +136,7 @@ class Doge(MergeMethod):
     Options = DogeOptions
 
     def merges(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-        return (
-            dtype.is_floating_point
-            and len(shape) == 2
-            and key.endswith("weight")
-            and BLOCK.search(key) is not None
-        )
+        return dtype.is_floating_point and is_block_matrix(key, shape)
 
     def prepare(self, ctx: MergeContext) -> None:
         if not ctx.keys:

@@ -22,13 +22,17 @@ class IsoCOptions:
     scale: float = 1.0  # alpha; FusionBench's default (its CLIP docs use 1.5)
 
 
+def roundoff(s: torch.Tensor, shape: tuple[int, ...]) -> float:
+    """The float32 round-off level of a matrix with singular values ``s`` (descending): NumPy's
+    ``matrix_rank`` tolerance."""
+    return float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+
+
 def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
-    """How many singular values ``s`` (descending) are above float32 round-off (NumPy's
-    ``matrix_rank`` tolerance)."""
+    """How many singular values ``s`` (descending) are above float32 round-off."""
     if len(s) == 0 or float(s[0]) == 0.0:
         return 0
-    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
-    return int((s > tol).sum())
+    return int((s > roundoff(s, shape)).sum())
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from lorex.errors import LorexError
 from lorex.merging.base import MergeMethod, register_merge_method
-from lorex.merging.methods.iso_c import numerical_rank
+from lorex.merging.methods.iso_c import numerical_rank, roundoff
 from lorex.merging.methods.tsv_m import nearest_orthogonal
 
 
@@ -59,7 +59,7 @@ def common_and_task_specific(taus: torch.Tensor, common: float) -> torch.Tensor:
     k_c, k_task = subspace_split(rank, n_tasks, common)
     us, ss, vs = [u[:, :k_c]], [s[:k_c]], [vh[:k_c]]
     u_c = u[:, :k_c]
-    tol = float(s[0]) * max(m, n) * torch.finfo(torch.float32).eps  # round-off, as in rank
+    tol = roundoff(s, (m, n))  # the sum's round-off level, as in its rank
     for tau in taus:
         residual = tau - u_c @ (u_c.T @ tau)
         ut, st, vth = torch.linalg.svd(residual, full_matrices=False)

@@ -27,7 +27,7 @@ import torch
 
 from lorex.errors import LorexError
 from lorex.merging.base import MergeMethod, register_merge_method
-from lorex.merging.methods.doge import BLOCK
+from lorex.merging.methods.doge import is_block_matrix
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Wudi(MergeMethod):
     Options = WudiOptions
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if base.ndim == 2 and key.endswith("weight") and BLOCK.search(key) is not None:
+        if is_block_matrix(key, tuple(base.shape)):
             with torch.enable_grad():
                 merged = wudi_adam(taus, self.options.steps, self.options.lr)
         else:
