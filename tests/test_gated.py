@@ -78,6 +78,30 @@ def test_gate_gradient_equals_the_explicit_one(k):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["published", "light"])
+def test_inference_cache_follows_every_change_of_the_parameters(kind):
+    """Under no_grad the parameter-only products are reused; an optimiser step on the gate, a
+    new expert or a cast must each rebuild them (the explicit sum is the reference)."""
+    layer, x = _layer(3, kind, seed=21)
+    mark_gate_trainable(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _explicit(layer, x)[0], rtol=1e-10, atol=1e-10)
+    cached = layer._cache[1][0]
+    with torch.no_grad():
+        layer(x)
+    assert layer._cache[1][0] is cached  # reused while nothing changed
+    layer(x).square().sum().backward()
+    torch.optim.SGD([layer.gate], lr=0.5).step()
+    layer.set_expert(1, torch.randn(3, 6, dtype=torch.float64), layer.lora_B[1].clone())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _explicit(layer, x)[0], rtol=1e-10, atol=1e-10)
+    layer.float()
+    with torch.no_grad():
+        got, want = layer(x.float()), _explicit(layer, x.float())[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_gate_is_the_uniform_mix():
     layer, x = _layer(3, "published")
     reset_gate(layer)

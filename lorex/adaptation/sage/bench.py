@@ -193,10 +193,10 @@ def digits_leave_one_out(
 
 
 def gated_time_at_vit_b(
-    num_experts: int = 3, r: int = 8, batch: int = 16, device="cpu"
+    num_experts: int = 3, r: int = 8, batch: int = 16, device="cpu", rounds: int = 3
 ) -> dict[str, Any]:
     """Inference ms per image of a plain ViT-B (256x128) and of the same with K rank-r experts
-    under each gate, measured side by side; random weights."""
+    under each gate, measured side by side (best of ``rounds``); random weights."""
     device = torch.device(device)
     torch.manual_seed(0)
     models: dict[str, LorexModel] = {}
@@ -228,13 +228,14 @@ def gated_time_at_vit_b(
     for m in models.values():
         m.to(device)
     images = (np.random.default_rng(0).random((batch, 256, 128, 3)) * 255).astype(np.uint8)
-    times = interleaved_ms_per_image(models, images, device, rounds=3)
+    times = interleaved_ms_per_image(models, images, device, rounds=rounds)
     backbone = sum(p.numel() for p in single.backbone.parameters())
     return {
         "config": VIT_B_REID,
         "experts": num_experts,
         "rank": r,
         "batch": batch,
+        "device": str(device),
         "ms_per_image": times,
         "ratio_to_single": {k: times[k] / times["single"] for k in GATE_VARIANTS.values()},
         "ensemble_ratio_to_single": float(num_experts),

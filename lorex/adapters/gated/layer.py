@@ -16,6 +16,10 @@ branches plus O(K r^2) per token, not O(K out) per token; every expert is handle
 batched products (no Python loop over experts). ``tests/test_gated.py`` checks it against the
 explicit per-expert sum. With ``g = 0`` (the initial gate) every sample gets ``w = 1/K``: the
 uniform mix of the experts.
+
+Under ``torch.no_grad`` the products that depend on the parameters alone (Gram matrices, ``B^T g``,
+the stacked ``s B``) are kept between calls and rebuilt when a parameter changes: on a GPU a
+gated layer's extra cost is mostly kernel launches, and these are half of them.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class GatedLoraLinear(nn.Module):
         self.tau = nn.Parameter(torch.ones((), **factory))
         self.kind, self.scaling, self.eps, self.r = kind, float(scaling), float(eps), r
         self.recorder: list[torch.Tensor] | None = None  # set by ``record_gate_weights``
+        self._cache: tuple | None = None  # (parameters' versions, _products()) for inference
 
     @property
     def num_experts(self) -> int:
@@ -68,29 +73,49 @@ class GatedLoraLinear(nn.Module):
         k, r, i = self.lora_A.shape
         return F.linear(x, self.lora_A.reshape(k * r, i)).unflatten(-1, (k, r))
 
-    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _products(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(stats, bg, b_stack)``: the matrices that depend on the parameters alone.
+
+        ``stats`` turns a token's stacked ``h`` into every expert's ``B_k^T B_k h_k``
+        (block-diagonal Gram matrices, (K r, K r)) and, for the light gate, its ``<B_k h_k, g>``
+        (K more columns). ``bg`` (N, K, r) is the published gate's ``B_k^T g[n]`` (None for the
+        light gate). ``b_stack`` (K r, out), row ``k r + j`` = ``s B_k[:, j]``, is contiguous so
+        that the mixing product runs at full speed.
+        """
+        k, o, r = self.lora_B.shape
+        bt = self.lora_B.transpose(1, 2)
+        stats, bg = torch.block_diag(*(bt @ self.lora_B)), None
+        if self.kind == "light":
+            columns = torch.block_diag(*(bt @ self.gate)[:, :, None])  # (K r, K)
+            stats = torch.cat((stats, columns), 1)
+        else:
+            bg = torch.einsum("kor,no->nkr", self.lora_B, self.gate)
+        return stats, bg, bt.reshape(k * r, o) * self.scaling
+
+    def _cached_products(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``_products`` for inference, rebuilt only when a parameter was changed in place
+        (its version counter moves), moved or cast."""
+        params = (self.lora_A, self.lora_B, self.gate)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._products())
+        return self._cache[1]
+
+    def gate_logits(self, h: torch.Tensor, products: tuple | None = None) -> torch.Tensor:
         """``e`` ``(B, K)`` from ``h`` ``(B, N, K, r)``, in rank space (see the module doc)."""
         b, n, k, r = h.shape
         if self.kind == "published" and n != self.gate.shape[0]:
             raise LorexError(
                 f"the published gate is sized for {self.gate.shape[0]} tokens, got {n}"
             )
-        # One product gives every token's B_k^T B_k h_k (block-diagonal Gram matrices) and, for
-        # the light gate, its <B_k h_k, g> (one column per expert).
-        gram = torch.block_diag(*(self.lora_B.transpose(1, 2) @ self.lora_B))  # (K r, K r)
+        stats, bg, _ = products if products is not None else self._products()
         flat = h.reshape(b * n, k * r)
-        if self.kind == "light":
-            bg = self.lora_B.transpose(1, 2) @ self.gate  # (K, r): B_k^T g
-            columns = torch.block_diag(*bg[:, :, None])  # (K r, K)
-            stats = flat @ torch.cat((gram, columns), 1)
-            dot = stats[:, k * r :].reshape(b, n, k)
-        else:
-            stats = flat @ gram
-            bg = torch.einsum("kor,no->nkr", self.lora_B, self.gate)  # (N, K, r): B_k^T g[n]
-            dot = (h * bg).sum(-1)
-        sq_norm = (stats[:, : k * r].reshape(b, n, k, r) * h).sum(-1)
-        s = self.scaling
-        score = s * dot / (s * sq_norm.clamp(min=1e-24).sqrt() + self.eps)  # <omega_k[n], g[n]>
+        stats = flat @ stats
+        # Written to launch few kernels: strided views are read in place, never copied.
+        sq_norm = (stats[:, : k * r] * flat).reshape(b * n, k, r).sum(-1)
+        dot = stats[:, k * r :] if self.kind == "light" else (h * bg).sum(-1).reshape(b * n, k)
+        # <omega_k[n], g[n]> = s <h, B^T g> / (s ||B h|| + eps), with s divided out.
+        score = (dot / (sq_norm.clamp(min=1e-24).sqrt() + self.eps / self.scaling)).reshape(b, n, k)
         return score.sum(1) if self.kind == "published" else score.mean(1)
 
     def mix_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,15 +131,15 @@ class GatedLoraLinear(nn.Module):
             raise LorexError(f"a gated layer takes (B, N, in) or (B, in), got {tuple(x.shape)}")
         b, n, _ = x.shape
         k, o, r = self.lora_B.shape
+        products = self._products() if torch.is_grad_enabled() else self._cached_products()
         base = self.base_layer(x).reshape(b * n, o)
         h = self.low_rank(x)
-        w = torch.softmax(self.gate_logits(h) / self.tau, dim=-1)
+        w = torch.softmax(self.gate_logits(h, products) / self.tau, dim=-1)
         if self.recorder is not None:
             self.recorder.append(w.detach().float().cpu())
         mixed = (h * w[:, None, :, None]).reshape(b * n, k * r)
-        # (K r, out), row k r + j = s B_k[:, j]: contiguous, so the product runs at full speed.
-        b_stack = self.lora_B.transpose(1, 2).reshape(k * r, o) * self.scaling
-        y = base.addmm_(mixed, b_stack).reshape(b, n, o)  # in place: no second output-sized pass
+        # in place: no second output-sized pass
+        y = base.addmm_(mixed, products[2]).reshape(b, n, o)
         return y[:, 0] if squeeze else y
 
     def set_expert(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
