@@ -210,3 +210,22 @@ def test_gate_refuses_bad_settings():
     attach_gate(model.backbone, config)
     with pytest.raises(LorexError, match="expert 'b' has no LoRA weights"):
         load_experts(model.backbone, experts)
+
+
+@pytest.mark.parametrize("out", [7, 2])
+def test_gate_with_a_silent_expert_and_fewer_outputs_than_ranks(out):
+    """An expert whose B is zero (a layer it never changed) has delta = 0, so omega = 0 and no
+    NaN; with out < r the QR factor is (out, r). Values and gradients against the explicit sum."""
+    layer, x = _layer(3, "light", seed=30, o=out)
+    with torch.no_grad():
+        layer.lora_B[1].zero_()
+    mark_gate_trainable(layer)
+    y = layer(x)
+    torch.testing.assert_close(y, _explicit(layer, x)[0], rtol=1e-10, atol=1e-10)
+    y.square().sum().backward()
+    fast = [p.grad.clone() for p in (layer.gate, layer.tau)]
+    layer.zero_grad()
+    _explicit(layer, x)[0].square().sum().backward()
+    for got, want in zip(fast, (layer.gate.grad, layer.tau.grad), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

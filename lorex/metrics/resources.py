@@ -2,7 +2,8 @@
 
 ``ru_maxrss`` is a lifetime high-water mark that cannot be reset, so a sampler that starts at the
 block gives the peak of the block itself; the difference to the RSS at its start is the memory the
-work needed (activations, gradients, optimiser state).
+work needed (activations, gradients, optimiser state). On a CUDA device that memory is on the
+device, so there the difference is taken from PyTorch's allocator instead of the RSS.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ MB = 1024 * 1024
 
 
 class PeakMemory:
-    """``with PeakMemory() as pm: ...`` then ``pm.peak_rss_mb`` and ``pm.peak_delta_mb``."""
+    """``with PeakMemory() as pm: ...`` then ``pm.peak_rss_mb`` and ``pm.peak_delta_mb`` (the
+    device's allocator on CUDA, the process's RSS elsewhere)."""
 
     def __init__(self, interval: float = 0.005, device: torch.device | str = "cpu"):
         self.interval = interval
@@ -27,6 +29,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self.start_rss = self.peak_rss = 0
         self.peak_device_mb: float | None = None
+        self.start_device_mb = 0.0
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
@@ -36,6 +39,7 @@ class PeakMemory:
         self.start_rss = self.peak_rss = self._proc.memory_info().rss
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_device_mb = torch.cuda.memory_allocated(self.device) / MB
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -53,6 +57,8 @@ class PeakMemory:
 
     @property
     def peak_delta_mb(self) -> float:
+        if self.peak_device_mb is not None:
+            return max(0.0, self.peak_device_mb - self.start_device_mb)
         return max(0.0, (self.peak_rss - self.start_rss) / MB)
 
 

@@ -10,16 +10,16 @@ SAGE-reID's gated layer (brief, Part A, stage 4), for any K and any token count:
     y       = W x + b + sum_k w_k delta_k
 
 Why it runs in rank space: ``delta_k`` is never built. With ``h_k = A_k x`` (r numbers per
-token), ``||delta_k|| = s sqrt(h_k^T (B_k^T B_k) h_k)`` and ``<delta_k, g> = s h_k^T (B_k^T g)``,
-and the mix is one matrix product over the K*r stacked ranks. The cost is that of K LoRA
-branches plus O(K r^2) per token, not O(K out) per token; every expert is handled in the same
-batched products (no Python loop over experts). ``tests/test_gated.py`` checks it against the
-explicit per-expert sum. With ``g = 0`` (the initial gate) every sample gets ``w = 1/K``: the
-uniform mix of the experts.
+token) and ``B_k = Q_k R_k`` (QR), ``||delta_k|| = s ||R_k h_k||`` and
+``<delta_k, g> = s h_k^T (B_k^T g)``, and the mix is one matrix product over the K*r stacked
+ranks. The cost is that of K LoRA branches plus O(K r^2) per token, not O(K out) per token;
+every expert is handled in the same batched products (no Python loop over experts).
+``tests/test_gated.py`` checks it against the explicit per-expert sum. With ``g = 0`` (the
+initial gate) every sample gets ``w = 1/K``: the uniform mix of the experts.
 
-Under ``torch.no_grad`` the products that depend on the parameters alone (Gram matrices, ``B^T g``,
+Under ``torch.no_grad`` the products that depend on the parameters alone (``R_k``, ``B^T g``,
 the stacked ``s B``) are kept between calls and rebuilt when a parameter changes: on a GPU a
-gated layer's extra cost is mostly kernel launches, and these are half of them.
+gated layer's extra cost is mostly kernel launches, and these were half of them.
 """
 
 from __future__ import annotations
@@ -76,52 +76,54 @@ class GatedLoraLinear(nn.Module):
     def _products(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``(stats, bg, b_stack)``: the matrices that depend on the parameters alone.
 
-        ``stats`` turns a token's stacked ``h`` into every expert's ``B_k^T B_k h_k``
-        (block-diagonal Gram matrices, (K r, K r)) and, for the light gate, its ``<B_k h_k, g>``
-        (K more columns). ``bg`` (N, K, r) is the published gate's ``B_k^T g[n]`` (None for the
-        light gate). ``b_stack`` (K r, out), row ``k r + j`` = ``s B_k[:, j]``, is contiguous so
-        that the mixing product runs at full speed.
+        ``stats`` maps a token's stacked ``h`` to every expert's ``R_k h_k``, where ``R_k`` is the
+        triangular factor of ``B_k = Q_k R_k``, so that ``||B_k h_k|| = ||R_k h_k||`` costs r
+        numbers per expert; for the light gate K more columns give ``<B_k h_k, g> / tau``. ``bg``
+        (N, K, r) is the published gate's ``B_k^T g[n] / tau`` (None for the light gate).
+        ``b_stack`` (K r, out), row ``k r + j`` = ``s B_k[:, j]``, is contiguous so that the
+        mixing product runs at full speed.
         """
         k, o, r = self.lora_B.shape
         bt = self.lora_B.transpose(1, 2)
-        stats, bg = torch.block_diag(*(bt @ self.lora_B)), None
+        triangular = torch.linalg.qr(self.lora_B, mode="r")[1]  # (K, min(out, r), r)
+        stats, bg = torch.block_diag(*triangular.transpose(1, 2)), None
         if self.kind == "light":
-            columns = torch.block_diag(*(bt @ self.gate)[:, :, None])  # (K r, K)
+            columns = torch.block_diag(*(bt @ (self.gate / self.tau))[:, :, None])  # (K r, K)
             stats = torch.cat((stats, columns), 1)
         else:
-            bg = torch.einsum("kor,no->nkr", self.lora_B, self.gate)
+            bg = torch.einsum("kor,no->nkr", self.lora_B, self.gate / self.tau)
         return stats, bg, bt.reshape(k * r, o) * self.scaling
 
     def _cached_products(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``_products`` for inference, rebuilt only when a parameter was changed in place
         (its version counter moves), moved or cast."""
-        params = (self.lora_A, self.lora_B, self.gate)
+        params = (self.lora_A, self.lora_B, self.gate, self.tau)
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._products())
         return self._cache[1]
 
     def gate_logits(self, h: torch.Tensor, products: tuple | None = None) -> torch.Tensor:
-        """``e`` ``(B, K)`` from ``h`` ``(B, N, K, r)``, in rank space (see the module doc)."""
+        """``e / tau`` ``(B, K)`` from ``h`` ``(B, N, K, r)``, in rank space (see the module
+        doc). Written to launch few kernels: strided views are read in place, never copied."""
         b, n, k, r = h.shape
         if self.kind == "published" and n != self.gate.shape[0]:
             raise LorexError(
                 f"the published gate is sized for {self.gate.shape[0]} tokens, got {n}"
             )
         stats, bg, _ = products if products is not None else self._products()
-        flat = h.reshape(b * n, k * r)
-        stats = flat @ stats
-        # Written to launch few kernels: strided views are read in place, never copied.
-        sq_norm = (stats[:, : k * r] * flat).reshape(b * n, k, r).sum(-1)
-        dot = stats[:, k * r :] if self.kind == "light" else (h * bg).sum(-1).reshape(b * n, k)
+        m = stats.shape[1] // k - (self.kind == "light")  # min(out, r)
+        stats = h.reshape(b * n, k * r) @ stats
+        norm = torch.linalg.vector_norm(stats[:, : k * m].view(b * n, k, m), dim=-1)  # ||B h||
+        dot = stats[:, k * m :] if self.kind == "light" else (h * bg).sum(-1).reshape(b * n, k)
         # <omega_k[n], g[n]> = s <h, B^T g> / (s ||B h|| + eps), with s divided out.
-        score = (dot / (sq_norm.clamp(min=1e-24).sqrt() + self.eps / self.scaling)).reshape(b, n, k)
+        score = (dot / (norm + self.eps / self.scaling)).reshape(b, n, k)
         return score.sum(1) if self.kind == "published" else score.mean(1)
 
     def mix_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's per-sample weights ``(B, K)`` for input ``x``."""
         h = self.low_rank(x if x.ndim == 3 else x[:, None])
-        return torch.softmax(self.gate_logits(h) / self.tau, dim=-1)
+        return torch.softmax(self.gate_logits(h), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeeze = x.ndim == 2
@@ -134,7 +136,7 @@ class GatedLoraLinear(nn.Module):
         products = self._products() if torch.is_grad_enabled() else self._cached_products()
         base = self.base_layer(x).reshape(b * n, o)
         h = self.low_rank(x)
-        w = torch.softmax(self.gate_logits(h, products) / self.tau, dim=-1)
+        w = torch.softmax(self.gate_logits(h, products), dim=-1)
         if self.recorder is not None:
             self.recorder.append(w.detach().float().cpu())
         mixed = (h * w[:, None, :, None]).reshape(b * n, k * r)
