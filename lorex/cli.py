@@ -987,7 +987,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument(
-        "--quick", action="store_true", help="fewer epochs and samples: under 5 minutes on 2 cores"
+        "--quick",
+        action="store_true",
+        help="fewer epochs and samples (about 11 minutes on 2 cores from an empty cache)",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="backbone preset (default vit-micro)")
     p.add_argument("--seed", type=_seed, default=0)
