@@ -112,7 +112,7 @@ class GatedLoraLinear(nn.Module):
                 f"the published gate is sized for {self.gate.shape[0]} tokens, got {n}"
             )
         stats, bg, _ = products if products is not None else self._products()
-        m = stats.shape[1] // k - (self.kind == "light")  # min(out, r)
+        m = min(self.lora_B.shape[1], r)  # rows of R_k
         stats = h.reshape(b * n, k * r) @ stats
         norm = torch.linalg.vector_norm(stats[:, : k * m].view(b * n, k, m), dim=-1)  # ||B h||
         dot = stats[:, k * m :] if self.kind == "light" else (h * bg).sum(-1).reshape(b * n, k)
