@@ -725,6 +725,19 @@ def _add_sage_options(p: argparse.ArgumentParser) -> None:
         "--gate-iters", type=_positive_int, default=d.gate_iters, help=f"({d.gate_iters})"
     )
     g.add_argument("--gate-lr", type=_positive_float, default=d.gate_lr, help="Adam lr (1e-2)")
+    g.add_argument(
+        "--gate-camera",
+        action=argparse.BooleanOptionalAction,
+        default=d.gate_camera,
+        help="re-ID targets: the gate also lowers the features' between-camera share, read "
+        "from the target's camera ids (on; docs/sage.md)",
+    )
+    g.add_argument(
+        "--gate-camera-batch",
+        type=_positive_int,
+        default=d.gate_camera_batch,
+        help=f"random target images per gate step for the camera term ({d.gate_camera_batch})",
+    )
     p.add_argument("--seed", type=_seed, default=d.seed, help="random seed (0)")
 
 

@@ -172,6 +172,40 @@ def test_gate_training_moves_only_the_gate_and_is_deterministic(sources, experts
     )
 
 
+def test_gate_camera_term_is_used_recorded_and_deterministic(sources, experts, domains):
+    names = source_names(sources)
+    train = load_reid_data(str(domains["c"])).train
+    cpu = torch.device("cpu")
+    states, histories = [], []
+    for cams in (train.cams, train.cams, None):
+        model = gated_model(sources, experts, names, "light")
+        result = train_gate(model, train.images, CFG, cpu, False, camera_ids=cams)
+        states.append({k: v for k, v in model.state_dict().items() if k.endswith(".gate")})
+        histories.append(result.history)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+    assert 0 < histories[0][0]["camera_share"] < 1
+    assert "camera_share" not in histories[2][0]
+    with pytest.raises(LorexError, match="camera ids"):
+        model = gated_model(sources, experts, names, "light")
+        train_gate(model, train.images, CFG, cpu, False, camera_ids=train.cams[:-1])
+
+
+def test_adapt_reid_refuses_a_one_camera_target_unless_the_camera_term_is_off(
+    sources, domains, tmp_path
+):
+    data = load_reid_data(str(domains["c"]))
+    data.train.cams = np.ones_like(data.train.cams)
+    write_market1501(tmp_path / "one-camera", data)
+    target = str(tmp_path / "one-camera")
+    with pytest.raises(LorexError, match="same camera id.*--no-gate-camera"):
+        adapt_reid(sources[:2], target, tmp_path / "o", CFG, progress=False)
+    assert not (tmp_path / "o").exists()
+    off = dataclasses.replace(CFG, gate_camera=False)
+    metrics = adapt_reid(sources[:2], target, tmp_path / "o", off, progress=False)
+    assert "camera_share" not in metrics["histories"]["gated-light"][0]
+
+
 def test_adapt_reid_writes_a_loadable_model_and_every_variant(sources, domains, tmp_path):
     out = tmp_path / "adapted"
     metrics = adapt_reid(sources[:2], str(domains["c"]), out, CFG, progress=False)
@@ -344,16 +378,19 @@ def _same_files(a, b, names=("model.safetensors",)):
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+@pytest.mark.parametrize("saves", [3, 9])
 def test_adapt_reid_stopped_mid_stage_resumes_bit_identically(
-    sources, domains, tmp_path, stop_after_saves
+    sources, domains, tmp_path, stop_after_saves, saves
 ):
+    """Stopped in the first expert's second epoch (3 saves), or after the first step of the
+    first gate (9: 4 steps per expert, then the gate's camera term and its first values)."""
     from lorex.training.checkpoint import CheckpointOptions
 
     cfg = SageConfig(epochs=2, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)
     target = str(domains["c"])
     ref = adapt_reid(sources[:2], target, tmp_path / "ref", cfg, progress=False)
     out, every = tmp_path / "out", CheckpointOptions(every=1)
-    with pytest.raises(stop_after_saves(3)):  # the first expert, in its second epoch
+    with pytest.raises(stop_after_saves(saves)):
         adapt_reid(sources[:2], target, out, cfg, progress=False, checkpoint=every)
     assert not out.exists()
     resume = CheckpointOptions(every=1, resume=True)

@@ -343,8 +343,9 @@ class EpochStats:
         values = [*self.sums.values(), self.correct, self.seen, self.steps]
         total = distributed.all_sum(values, device)
         out = EpochStats()
-        out.sums = dict(zip(self.sums, total[:3], strict=True))
-        out.correct, out.seen, out.steps = (int(v) for v in total[3:])
+        n = len(self.sums)
+        out.sums = dict(zip(self.sums, total[:n], strict=True))
+        out.correct, out.seen, out.steps = (int(v) for v in total[n:])
         return out
 
     def summary(self) -> dict[str, float]:

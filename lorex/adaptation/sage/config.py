@@ -34,6 +34,9 @@ class SageConfig:
     gate_iters: int = 41  # the authors' 10% of 400 + 1 (400 was tried: docs/sage.md)
     gate_lr: float = 1e-2  # Adam: the published and light gates' gradients differ in scale
     gate: str = "light"  # the gate of the model written to --out; both are measured
+    # The gate also lowers the features' between-camera share (target camera ids; docs/sage.md).
+    gate_camera: bool = True
+    gate_camera_batch: int = 128  # random target images per step for that term
     max_target_samples: int | None = None  # whole identities of the target train split
     seed: int = 0
 
@@ -56,6 +59,8 @@ class SageConfig:
             "gate_iters": self.gate_iters >= 1,
             "gate_lr": self.gate_lr > 0 and math.isfinite(self.gate_lr),
             "gate": self.gate in GATE_KINDS,
+            "gate_camera_batch": isinstance(self.gate_camera_batch, int)
+            and self.gate_camera_batch >= 8,
             "max_target_samples": self.max_target_samples is None or self.max_target_samples >= 8,
         }
         for name, ok in checks.items():

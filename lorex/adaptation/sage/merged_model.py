@@ -211,11 +211,15 @@ def train_gate(
     progress: bool | None = None,
     true_ids: np.ndarray | None = None,
     checkpoint: CheckpointOptions | None = None,
+    camera_ids: np.ndarray | None = None,
 ) -> TrainResult:
     """Stage 4: one clustering by the initial (uniform) model, then ``gate_iters`` Adam steps on
     the gate vectors and temperatures only. Experts, backbone, BN-neck and classifier are frozen,
     the BN-neck's running statistics included: in the authors' code they kept updating, and in
-    our first benchmark run that alone cost 0.8 mAP on reid/c (docs/sage.md)."""
+    our first benchmark run that alone cost 0.8 mAP on reid/c (docs/sage.md).
+
+    ``camera_ids`` (the target train images' cameras): the loss also lowers the features'
+    between-camera share (``train_on_pseudo_labels``; our addition, docs/sage.md)."""
     params = mark_gate_trainable(model.backbone)
     model.heads.requires_grad_(False)
 
@@ -238,4 +242,6 @@ def train_gate(
         freeze_neck=True,
         checkpoint=checkpoint,
         fingerprint={"gate": model.backbone.gate_config.kind},
+        camera_ids=camera_ids,
+        camera_batch=cfg.gate_camera_batch,
     )

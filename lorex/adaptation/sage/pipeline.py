@@ -30,6 +30,7 @@ from lorex.adaptation.sage.stages import (
     write_adapted,
 )
 from lorex.adaptation.sage.target_experts import adapt_source_expert
+from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
@@ -65,6 +66,12 @@ def adapt_reid(
     data.train = subset_ids(data.train, cfg.max_target_samples, cfg.seed)
     images = data.train.images
     true_ids = data.train.ids if diagnostics else None
+    cameras = data.train.cams if cfg.gate_camera else None
+    if cameras is not None and len(np.unique(cameras)) < 2:
+        raise LorexError(
+            f"{target}: every target train image has the same camera id; the gate's camera term "
+            "needs two or more cameras (--no-gate-camera turns it off)"
+        )
     names = source_names(sources)
     timings: dict[str, float] = {}
 
@@ -92,6 +99,7 @@ def adapt_reid(
             progress,
             true_ids,
             ckpt and ckpt.sub(label.replace("/", "-")),
+            cameras,
         ),
         device,
         timings,

@@ -5,6 +5,10 @@ features -> k-reciprocal Jaccard distance -> DBSCAN, eps fixed on the first clus
 the outliers, resets the classifier to the normalised cluster centroids (a fixed prototype
 classifier, as SAGE's code does), then takes ``iters`` steps of label-smoothed cross-entropy +
 batch-hard soft triplet on P x K batches of the clustered images.
+
+With the target's camera ids (the gate stage), each step also measures the between-camera share
+of the features' variance on random target images and adds it to the loss
+(``lorex.adaptation.camera_invariance``); docs/sage.md has the reason and the measurements.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorex.adaptation.camera_invariance import camera_share
 from lorex.adaptation.pseudo_labels import PseudoLabeler, centroids
 from lorex.adaptation.sage.config import SageConfig
 from lorex.errors import LorexError
@@ -133,8 +138,15 @@ def train_on_pseudo_labels(
     freeze_neck: bool = False,
     checkpoint: CheckpointOptions | None = None,
     fingerprint: dict[str, Any] | None = None,
+    camera_ids: np.ndarray | None = None,
+    camera_batch: int = 128,
 ) -> TrainResult:
     """Train ``params`` of ``model`` for ``epochs`` x ``iters`` steps on re-labelled images.
+
+    ``camera_ids`` (N,): each step also embeds ``camera_batch`` random target images (in the
+    same forward) and the loss becomes ``L / L_0 + S / S_0``, with ``L`` the pseudo-label loss,
+    ``S`` the features' between-camera share and ``_0`` their values at the first step, so that
+    neither term carries a tuned weight. The history then records each epoch's mean ``S``.
 
     ``true_ids`` (synthetic data only) adds each clustering's adjusted Rand index to the
     history as a diagnostic; nothing reads it. ``freeze_neck`` keeps the BN-neck in eval mode,
@@ -148,7 +160,16 @@ def train_on_pseudo_labels(
     torch.manual_seed(cfg.seed)
     world = distributed.current()
     generator = torch.Generator().manual_seed(cfg.seed)
+    generators = {"augment": generator}
     x = _tensor(images)
+    cameras = None
+    if camera_ids is not None:
+        cameras = torch.as_tensor(np.asarray(camera_ids, np.int64))
+        if cameras.shape != (len(images),):
+            raise LorexError(f"camera ids: {len(cameras)} for {len(images)} target images")
+        generators["camera"] = torch.Generator().manual_seed(cfg.seed + 1)
+        camera_batch = min(camera_batch, len(images))
+    first: dict[str, float] = {}  # each loss term's value at the first step
     optimizer, scheduler = make_optimizer(epochs * iters)
     result = TrainResult(
         trainable_params=sum(p.numel() for p in params), total_params=count_parameters(model)
@@ -167,7 +188,7 @@ def train_on_pseudo_labels(
         model,
         optimizer,
         scheduler,
-        {"augment": generator},
+        generators,
     )
 
     def rebuild_classifier(position: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
@@ -179,6 +200,7 @@ def train_on_pseudo_labels(
         step, position, arrays = restored
         epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
         labeler.eps = position["eps"]
+        first = position.get("first", {})
         resumed = position, arrays
     forward = ReidForward.wrap(model, head, device)
     bar = tqdm(
@@ -218,17 +240,27 @@ def train_on_pseudo_labels(
                 batch = as_float(x[torch.from_numpy(idx_np)], device)
                 if cfg.augment:
                     batch = augment_batch(batch, generator, part)
+                share = None
+                if cameras is not None:  # this rank's share of the same random images
+                    rows = torch.randperm(len(images), generator=generators["camera"])
+                    rows = rows[:camera_batch][distributed.shard_slice(camera_batch, world)]
+                    batch = torch.cat((batch, as_float(x[rows], device)))
                 feats, logits = forward(batch)
+                if cameras is not None:
+                    n = len(idx_np)
+                    share = camera_share(head.bn(feats[n:]), cameras[rows].to(device))
+                    feats, logits = feats[:n], logits[:n]
+                    stats.sums["camera_share"] = stats.sums.get("camera_share", 0.0) + share.item()
+
+                def step_on(loss: torch.Tensor, e: int = epoch, share=share) -> None:
+                    if share is not None:
+                        first.setdefault("loss", loss.item())
+                        first.setdefault("camera_share", share.item())
+                        loss = loss / first["loss"] + share / max(first["camera_share"], 1e-12)
+                    optimizer_step(loss, optimizer, scheduler, params, e)
+
                 try:
-                    reid_step(
-                        feats,
-                        head,
-                        target,
-                        cfg.label_smoothing,
-                        lambda v, e=epoch: optimizer_step(v, optimizer, scheduler, params, e),
-                        stats,
-                        logits,
-                    )
+                    reid_step(feats, head, target, cfg.label_smoothing, step_on, stats, logits)
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
                 step += 1
@@ -242,6 +274,7 @@ def train_on_pseudo_labels(
                         "history": result.history,
                         "eps": float(labeler.eps),
                         "label_seconds": label_seconds,
+                        "first": first,
                     }
                     arrays = {
                         "labels": torch.from_numpy(labels),

@@ -31,7 +31,7 @@ from lorex.training.run import run_record
 
 log = logging.getLogger("lorex")
 GATE_VARIANTS = {"published": "gated", "light": "gated-light"}
-GATE_RECIPE = 2  # bumped when stage 4 changes (2: the BN-neck's statistics frozen)
+GATE_RECIPE = 3  # bumped when stage 4 changes (2: BN-neck statistics frozen; 3: camera term)
 
 
 def source_names(sources: Sequence[str | Path]) -> list[str]:
