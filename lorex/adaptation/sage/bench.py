@@ -426,6 +426,8 @@ def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
         cost_rows,
     )
     first = summary["details"][targets[0]]["costs"] if targets else {}
+    camera = summary["settings"]["sage"].get("gate_camera", False)
+    objective = "pseudo-labels + the camera term" if camera else "pseudo-labels only"
     return f"""# SAGE-reID on the synthetic re-ID domains ({"quick" if quick else "full"})
 
 Leave one domain out: each target's three other domains give the source experts. Scores in %,
@@ -433,7 +435,8 @@ on the target's query vs gallery; they are reported, never used to select anythi
 `direct/X`: X's source expert as it is; `averaged`: the mean of the source backbones;
 `lora/X`: X's expert adapted to the target with LoRA on pseudo-labels; `uniform`: the LoRA
 experts mixed with equal weights on the averaged backbone (the gate at initialisation);
-`gated`: the published gate trained; `gated-light`: the token-pooled gate trained.
+`gated`: the published gate trained; `gated-light`: the token-pooled gate trained (both on
+{objective}, docs/sage.md).
 
 {table}
 

@@ -45,10 +45,12 @@ def sage_report(metrics: dict[str, Any]) -> str:
         variant_rows(metrics),
     )
     ratio = costs["time_ratio_to_single"]
+    camera = metrics.get("config", {}).get("gate_camera", False)
+    objective = "pseudo-labels and the camera term" if camera else "pseudo-labels only"
     return f"""# SAGE-reID: {", ".join(metrics["names"])} -> {metrics["target"]}
 
 Scores in %, on the target's query vs gallery (reporting only: nothing was selected on them).
-The model in this directory is the `{metrics["gate"]}` gate's.
+The model in this directory is the `{metrics["gate"]}` gate's; the gates trained on {objective}.
 
 {table}
 
