@@ -210,3 +210,23 @@ def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
         assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_adapt_reid_with_the_camera_term_runs_data_parallel(reid_source, tmp_path):
+    """The gate's camera term under DDP: its images share the P x K batch's forward, each rank
+    takes its slice of them, and the first-step scales are averaged over the ranks."""
+    import shutil
+
+    source, _ = reid_source
+    twin = tmp_path / "src-twin"
+    shutil.copytree(source, twin)
+    args = ["adapt", "reid", "--sources", str(source), str(twin)]
+    args += ["--target", str(source.parent / "c"), "--epochs", "1", "--iters", "2"]
+    args += ["--batch-size", "16", "--num-instances", "2", "--min-samples", "2"]
+    args += ["--rho", "0.05", "--k1", "10", "--gate-iters", "2"]
+    torchrun(["-m", "lorex", *args, "--out", str(tmp_path / "two")])
+    metrics = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert {"gated", "gated-light"} <= set(metrics["variants"])
+    for label in ("gated", "gated-light"):
+        (epoch,) = metrics["histories"][label]
+        assert 0 < epoch["camera_share"] < 1 and np.isfinite(epoch["loss"])

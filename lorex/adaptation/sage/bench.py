@@ -88,7 +88,7 @@ QUICK = SageBenchSettings(
     pretrain_samples=None,
     timing_batch=4,
 )
-# `lorex demo`'s re-ID part: QUICK with two sources and no ViT-B timing (about 2.5 minutes).
+# `lorex demo`'s re-ID part: QUICK with two sources and no ViT-B timing (about 3 minutes).
 DEMO = replace(QUICK, vit_b_timing=False, domains=("reid/a", "reid/b", "reid/d"))
 
 

@@ -164,6 +164,8 @@ def train_on_pseudo_labels(
     x = _tensor(images)
     cameras = None
     if camera_ids is not None:
+        if not freeze_neck:  # the extra images go through the BN-neck: it must not learn them
+            raise LorexError("the camera term needs the BN-neck frozen (freeze_neck=True)")
         cameras = torch.as_tensor(np.asarray(camera_ids, np.int64))
         if cameras.shape != (len(images),):
             raise LorexError(f"camera ids: {len(cameras)} for {len(images)} target images")
@@ -254,8 +256,9 @@ def train_on_pseudo_labels(
 
                 def step_on(loss: torch.Tensor, e: int = epoch, share=share) -> None:
                     if share is not None:
-                        first.setdefault("loss", loss.item())
-                        first.setdefault("camera_share", share.item())
+                        if not first:  # the mean over ranks: one scale everywhere
+                            total = distributed.all_sum([loss.item(), share.item()], device)
+                            first["loss"], first["camera_share"] = (v / world.size for v in total)
                         loss = loss / first["loss"] + share / max(first["camera_share"], 1e-12)
                     optimizer_step(loss, optimizer, scheduler, params, e)
 
