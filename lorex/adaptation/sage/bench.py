@@ -21,7 +21,7 @@ import torch
 from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.pipeline import adapt_reid
-from lorex.adaptation.sage.report import gate_weights_png, ordered_variants
+from lorex.adaptation.sage.report import gate_objective, gate_weights_png, ordered_variants
 from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image, reusable, stamp
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
@@ -426,8 +426,7 @@ def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
         cost_rows,
     )
     first = summary["details"][targets[0]]["costs"] if targets else {}
-    camera = summary["settings"]["sage"].get("gate_camera", False)
-    objective = "pseudo-labels + the camera term" if camera else "pseudo-labels only"
+    objective = gate_objective(summary["settings"]["sage"])
     return f"""# SAGE-reID on the synthetic re-ID domains ({"quick" if quick else "full"})
 
 Leave one domain out: each target's three other domains give the source experts. Scores in %,

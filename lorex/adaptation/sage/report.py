@@ -38,6 +38,12 @@ def variant_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def gate_objective(sage_settings: dict[str, Any]) -> str:
+    """What the gates trained on, from a run's ``SageConfig`` as a dict."""
+    camera = sage_settings.get("gate_camera", False)
+    return "pseudo-labels and the camera term" if camera else "pseudo-labels only"
+
+
 def sage_report(metrics: dict[str, Any]) -> str:
     costs = metrics["costs"]
     table = markdown_table(
@@ -45,8 +51,7 @@ def sage_report(metrics: dict[str, Any]) -> str:
         variant_rows(metrics),
     )
     ratio = costs["time_ratio_to_single"]
-    camera = metrics.get("config", {}).get("gate_camera", False)
-    objective = "pseudo-labels and the camera term" if camera else "pseudo-labels only"
+    objective = gate_objective(metrics.get("config", {}))
     return f"""# SAGE-reID: {", ".join(metrics["names"])} -> {metrics["target"]}
 
 Scores in %, on the target's query vs gallery (reporting only: nothing was selected on them).
