@@ -476,20 +476,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     record = merge_models(
         method, args.base, args.experts, args.out, device=resolve_device(args.device)
     )
+    counts = ", ".join(f"{rule} {len(keys)}" for rule, keys in record["rules"].items())
     print(
         f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
-        f"base) in {record['seconds']:.1f} s"
+        f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
     )
     return 0
 
 
-def _eta(text: str) -> float | str:
+def _auto_or_positive(text: str) -> float | str:
     return text if text == "auto" else _positive_float(text)
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     """Every method's options; one left unset takes the chosen method's own default."""
+    from lorex.merging.methods.doge import LR_RELATIVE as DOGE_LR_RELATIVE
+    from lorex.merging.methods.wudi import LR_RELATIVE as WUDI_LR_RELATIVE
+
     g = p.add_argument_group("method options (default: the method's own)")
     g.add_argument(
         "--scale",
@@ -503,15 +507,33 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_seed, help="dare, dare-ties: seed of the drop masks (0)")
     g.add_argument(
         "--eta",
-        type=_eta,
-        help="doge: lambda_i = eta / ||tau_i|| (0.07), or 'auto': 0.3 x the mean ||tau_i||",
+        type=_auto_or_positive,
+        help="doge: lambda_i = eta / ||tau_i||; 'auto' (default): 0.3 x the mean ||tau_i||; "
+        "the paper's 0.07 fits CLIP-sized task vectors",
     )
     g.add_argument(
         "--subspace", type=_positive_int, help="doge: shared directions = rank / this (6)"
     )
     g.add_argument("--mask", type=float, help="doge: fraction kept by the global mask (0.3)")
     g.add_argument("--steps", type=int, help="doge, wudi: Adam steps per matrix (400, 300)")
-    g.add_argument("--lr", type=_positive_float, help="doge, wudi: Adam learning rate (1e-4, 1e-5)")
+    g.add_argument(
+        "--lr",
+        type=_auto_or_positive,
+        help="doge, wudi: Adam step; 'auto' (default) follows each matrix's task vectors "
+        "(--lr-relative x their RMS entry); the papers' absolute steps are 1e-4 and 1e-5",
+    )
+    g.add_argument(
+        "--lr-relative",
+        type=_positive_float,
+        help="doge, wudi: the auto step relative to the matrix's RMS task-vector entry "
+        f"({DOGE_LR_RELATIVE}, {WUDI_LR_RELATIVE}; chosen on validation data)",
+    )
+    g.add_argument(
+        "--blocks",
+        metavar="REGEX",
+        help="doge, wudi: the tensors inside blocks are those whose names match REGEX "
+        "(default: the repeated, numbered blocks found from the names, e.g. 'h.N.', 'layers.N.')",
+    )
     g.add_argument(
         "--common", type=float, help="iso-cts: fraction of the rank kept as common subspace (0.8)"
     )

@@ -17,7 +17,8 @@ from lorex.merging.methods import doge
 from lorex.models import LorexModel, load_model
 from lorex.models.store import save_model
 
-TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2)
+# Two blocks: the block-wise methods (DOGE, WUDI) look for repeated blocks (lorex.merging.blocks).
+TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
 TASKS = ("t0", "t1", "t2")
 
 
@@ -249,7 +250,9 @@ def test_doge_matches_reference_and_keeps_norms_and_embeddings(zoo, tmp_path):
         k for k in base if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2
     )
     assert matrices == [
-        f"backbone.blocks.0.{m}.weight" for m in ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
+        f"backbone.blocks.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
     ]
     for k in base:  # norms, biases, embeddings, patch projection: the base's values
         if k not in matrices:
@@ -742,7 +745,7 @@ def test_wudi_matches_a_loop_reference_and_lowers_its_loss(zoo, tmp_path):
     experts_sd = [backbone_state(e) for e in experts]
     got = merged_state(tmp_path / "wudi")
     matrices = {k for k in base if ".blocks." in k and k.endswith("weight") and base[k].ndim == 2}
-    assert len(matrices) == 4
+    assert len(matrices) == 8
     for k, theta0 in base.items():
         taus = [e[k].double() - theta0.double() for e in experts_sd]
         if k in matrices:

@@ -17,9 +17,16 @@ from typing import Any, ClassVar
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.sources import ModelSource
+from lorex.merging.blocks import BlockMatcher, compile_blocks
+from lorex.merging.sources import ModelSource, Spec
 
 MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+
+#: The rules that are no method's own maths. A method whose own rule applies to no tensor of a
+#: checkpoint stops rather than hand back one of these under its name.
+KEPT = "kept_from_base"
+MEAN = "mean_task_vector"
+GENERIC_RULES = (KEPT, MEAN)
 
 
 def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
@@ -77,9 +84,32 @@ class MergeMethod(abc.ABC):
     def settings(self) -> dict[str, Any]:
         return asdict(self.options)
 
-    def merges(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-        """Whether ``key`` is merged; the rest keeps the base's value. Default: float tensors."""
-        return dtype.is_floating_point
+    def rule(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], n_tasks: int) -> str:
+        """The rule ``key`` gets: the method's own (its name), ``MEAN`` or ``KEPT``. Default:
+        every floating tensor gets the method's own."""
+        return self.name if dtype.is_floating_point else KEPT
+
+    def looks_for(self) -> str:
+        """What the method's own rule applies to, in words (the error when nothing is)."""
+        return "floating-point tensors"
+
+    def plan(self, specs: dict[str, Spec], n_tasks: int) -> dict[str, str]:
+        """The rule of every tensor, before any is read; stops when the method's own rule
+        applies to none of them (it would merge under its name without doing its maths)."""
+        rules = {
+            k: self.rule(k, dtype, tuple(shape), n_tasks) for k, (dtype, shape) in specs.items()
+        }
+        if all(r in GENERIC_RULES for r in rules.values()):
+            seen = ", ".join(list(specs)[:4]) or "none"
+            raise LorexError(
+                f"{self.name}: no tensor gets its own rule: it looks for {self.looks_for()}; "
+                f"keys seen: {seen}"
+            )
+        return rules
+
+    def report(self) -> dict[str, Any]:
+        """What the method resolved while merging, for merge.json (nothing by default)."""
+        return {}
 
     def prepare(self, ctx: MergeContext) -> None:
         """Whole-model statistics before the per-tensor pass (none by default)."""
@@ -89,3 +119,34 @@ class MergeMethod(abc.ABC):
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         """The merged value of one tensor (float32), from the base and the stacked task vectors
         ``(N, *shape)``, which the method owns and may overwrite."""
+
+
+class BlockwiseMethod(MergeMethod):
+    """A method whose own rule optimises the 2-D weights inside a checkpoint's repeated blocks
+    (``lorex.merging.blocks``); its options carry ``blocks`` (a regex, or None to detect)."""
+
+    #: What every other floating tensor gets: ``KEPT`` or ``MEAN``.
+    other_rule: ClassVar[str]
+
+    def plan(self, specs: dict[str, Spec], n_tasks: int) -> dict[str, str]:
+        self.blocks = BlockMatcher(specs, self.options.blocks)
+        return super().plan(specs, n_tasks)
+
+    def rule(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], n_tasks: int) -> str:
+        if not dtype.is_floating_point:
+            return KEPT
+        if len(shape) == 2 and key.endswith("weight") and key in self.blocks:
+            return self.name
+        return self.other_rule
+
+    def looks_for(self) -> str:
+        return f"2-D weights inside {self.blocks.describe()}"
+
+    def report(self) -> dict[str, Any]:
+        return {"blocks": self.blocks.pattern or self.blocks.stacks}
+
+
+def check_blocks_option(blocks: str | None) -> None:
+    """``blocks`` must be None (detect) or a regular expression."""
+    if blocks is not None:
+        compile_blocks(blocks)

@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 from lorex import __version__
 from lorex.errors import LorexError
 from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
-from lorex.merging.base import MERGE_METHODS, MergeContext, MergeMethod
+from lorex.merging.base import KEPT, MERGE_METHODS, MergeContext, MergeMethod
 from lorex.merging.sources import ModelSource
 from lorex.metrics.resources import PeakMemory
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
 
 HF_EXTRA_FILES = ("preprocessor_config.json",)
+#: The rule of an expert's own head, copied as it is (it has no counterpart in the base).
+HEAD_RULE = "copied_from_expert"
 
 
 def _backbone_keys(source: ModelSource) -> list[str]:
@@ -98,7 +100,9 @@ def merge_models(
     The per-tensor work (DOGE's optimisation above all) runs on ``device``; files stay on disk.
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
-    seconds, and whatever the method reports (DOGE: its loss before and after per matrix).
+    seconds, ``rules`` (each rule applied -> the tensors that got it; every written tensor is in
+    exactly one list), and whatever the method reports (DOGE: its loss before and after per
+    matrix; DOGE and WUDI: the blocks found and the step each matrix resolved to).
     """
     if len(experts) < 1:
         raise LorexError("merge needs at least one expert")
@@ -129,7 +133,8 @@ def _merge(
     expert_srcs = [ModelSource(e) for e in experts]
     keys = check_experts(base_src, expert_srcs)
     heads, head_owner = _expert_heads(expert_srcs)
-    merged_keys = [k for k in keys if method.merges(k, *base_src.spec(k))]
+    rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
+    merged_keys = [k for k in keys if rules[k] != KEPT]
     ctx = MergeContext(base_src, expert_srcs, merged_keys, device)
     method.prepare(ctx)
 
@@ -141,6 +146,11 @@ def _merge(
     ]
     specs = [(k, *base_src.spec(k)) for k in keys]
     specs += [(name, *src.spec(name)) for name, src in head_tensors]
+    by_rule: dict[str, list[str]] = {}
+    for key, rule in rules.items():
+        by_rule.setdefault(rule, []).append(key)
+    if head_tensors:
+        by_rule[HEAD_RULE] = [name for name, _ in head_tensors]
     record: dict[str, Any] = {
         "command": "merge",
         "method": method.name,
@@ -149,6 +159,7 @@ def _merge(
         "experts": [{"path": str(Path(e.path)), "sha256": e.sha256()} for e in expert_srcs],
         "merged_tensors": len(merged_keys),
         "kept_from_base": len(keys) - len(merged_keys),
+        "rules": by_rule,
         "lorex_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -177,11 +188,7 @@ def _merge(
         # Recorded here, inside the temporary directory: nothing is written to ``out`` after the
         # rename (the merged tensors are all written, so the peak is reached by now).
         record["peak_added_mb"] = round(memory.peak_delta_mb, 1) if memory is not None else None
-        if hasattr(method, "losses"):
-            record["doge_eta"] = method.eta
-            record["doge_loss"] = {
-                k: {"before": a, "after": b} for k, (a, b) in method.losses.items()
-            }
+        record.update(method.report())
         if base_src.kind == "lorex":
             first = next(iter(heads), None)
             write_json(

@@ -1,62 +1,70 @@
 """``doge``: DOGE-TA (Wei et al., ICML 2025), as the official code does it (docs/merging.md).
 
-Per weight matrix W (2-D weights inside transformer blocks; everything else keeps theta_0):
+Per weight matrix W (2-D weights inside the checkpoint's repeated blocks, found from its key
+structure by ``lorex.merging.blocks``; everything else keeps theta_0; a checkpoint without such
+matrices is refused):
 
-- ``lambda_i = eta / ||tau_i||_F`` (task-aware, training-free coefficients);
+- ``lambda_i = eta / ||tau_i||_F`` (task-aware, training-free coefficients); lorex's default
+  ``eta="auto"`` is 0.3 x the mean ``||tau_i||`` over tasks and matrices, the paper's 0.07 is
+  ``--eta 0.07`` (it assumes CLIP-sized task vectors);
 - a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
   their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
-- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps at ``lr`` on the
+- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps on the
   data-free loss ``sum_j sum_rows <tau_j, tau_j - sum_i lambda_i (tau_i + Delta)>^2`` (row-wise
   inner products), its gradient projected off the shared subspace, ``g - U_c (U_c^T g)``, before
-  each step;
+  each step; the step follows each matrix's task vectors (``lr="auto"``,
+  ``lorex.merging.steps``), the paper's absolute 1e-4 is ``--lr 1e-4``;
 - a global top-``mask`` magnitude mask per task, computed on ``tau_i`` over all merged matrices;
 - ``theta = theta_0 + sum_i lambda_i (tau_i + Delta) * M_i``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.base import MergeContext, MergeMethod, register_merge_method
+from lorex.merging.base import (
+    KEPT,
+    BlockwiseMethod,
+    MergeContext,
+    check_blocks_option,
+    register_merge_method,
+)
 from lorex.merging.methods.ties import global_thresholds
-
-# A transformer block's weight matrices: lorex/timm `blocks.N.`, Hugging Face `layer(s).N.`.
-BLOCK = re.compile(r"(^|\.)(blocks|layers?)\.\d+\.")
-
-
-def is_block_matrix(key: str, shape: tuple[int, ...]) -> bool:
-    """A 2-D weight inside a transformer block: what DOGE and WUDI optimise (the official
-    codes' filter); every other tensor is handled otherwise."""
-    return len(shape) == 2 and key.endswith("weight") and BLOCK.search(key) is not None
-
+from lorex.merging.steps import AUTO, check_step, solver_units
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
 #: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
 AUTO_ETA_SCALE = 0.3
 
+#: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
+#: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
+LR_RELATIVE = 0.01
+
 
 @dataclass(frozen=True)
 class DogeOptions:
-    eta: float | str = 0.07
+    eta: float | str = AUTO  # "auto": 0.3 x the mean ||tau_i||; the paper's 0.07 is absolute
     subspace: int = 6
     mask: float = 0.3
     steps: int = 400
-    lr: float = 1e-4
+    lr: float | str = AUTO  # Adam step: "auto" follows each matrix's task vectors
+    lr_relative: float = LR_RELATIVE  # auto's step, relative to the RMS task-vector entry
+    blocks: str | None = None  # a regex naming the block tensors; None: found from the keys
 
     def __post_init__(self) -> None:
-        if self.eta != "auto" and not (isinstance(self.eta, int | float) and self.eta > 0):
+        if self.eta != AUTO and not (isinstance(self.eta, int | float) and self.eta > 0):
             raise LorexError(f"eta: must be a positive number or 'auto', got {self.eta!r}")
         if self.subspace < 1:
             raise LorexError(f"subspace: must be at least 1, got {self.subspace}")
         if not 0 < self.mask <= 1:
             raise LorexError(f"mask: must be in (0, 1], got {self.mask}")
-        if self.steps < 0 or not self.lr > 0:
-            raise LorexError("steps must be >= 0 and lr > 0")
+        check_step(self.lr, self.lr_relative, self.steps)
+        check_blocks_option(self.blocks)
 
 
 def coefficients(taus: list[torch.Tensor], eta: float) -> torch.Tensor:
@@ -131,20 +139,17 @@ def optimise_delta(
 
 
 @register_merge_method
-class Doge(MergeMethod):
+class Doge(BlockwiseMethod):
     name = "doge"
     Options = DogeOptions
-
-    def merges(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-        return dtype.is_floating_point and is_block_matrix(key, shape)
+    other_rule = KEPT
 
     def prepare(self, ctx: MergeContext) -> None:
-        if not ctx.keys:
-            raise LorexError("doge: the base has no 2-D weights inside transformer blocks")
         self.thresholds = global_thresholds(ctx, self.options.mask)
         self.losses: dict[str, tuple[float, float]] = {}
+        self.lr_resolved: dict[str, float] = {}
         self.eta = self.options.eta
-        if self.eta == "auto":
+        if self.eta == AUTO:
             norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
             self.eta = AUTO_ETA_SCALE * sum(norms) / len(norms)
 
@@ -152,7 +157,17 @@ class Doge(MergeMethod):
         o = self.options
         lambdas = coefficients(list(taus), self.eta)
         basis = shared_basis(list(taus), o.subspace)
-        delta, losses = optimise_delta(taus, lambdas, basis, o.steps, o.lr)
-        self.losses[key] = (losses[0], losses[-1])
+        unit, step = solver_units(taus, o.lr, o.lr_relative)
+        delta, losses = optimise_delta(taus / unit, lambdas, basis, o.steps, step)
+        self.lr_resolved[key] = unit * step
+        self.losses[key] = (losses[0] * unit**4, losses[-1] * unit**4)  # the loss is quartic
         masks = torch.stack([t.abs() >= th for t, th in zip(taus, self.thresholds, strict=True)])
-        return base + (lambdas[:, None, None] * (taus + delta) * masks).sum(0)
+        return base + (lambdas[:, None, None] * (taus + unit * delta) * masks).sum(0)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            **super().report(),
+            "doge_eta": self.eta,
+            "doge_loss": {k: {"before": a, "after": b} for k, (a, b) in self.losses.items()},
+            "lr_resolved": self.lr_resolved,
+        }

@@ -6,70 +6,97 @@ interference it causes on those inputs,
 
     L(tau_m) = sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2,
 
-with no data. Per 2-D weight inside a transformer block (the official code's attention and MLP
-matrices); every other floating tensor gets the mean task vector; ``theta = theta_0 + scale *
-merged``.
+with no data. Per 2-D weight inside the checkpoint's repeated blocks (``lorex.merging.blocks``: the
+official code's attention and MLP matrices); every other floating tensor gets the mean task
+vector; ``theta = theta_0 + scale * merged``. A checkpoint without such matrices is refused.
 
-The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps at
-``lr`` (the official 300 at 1e-5). That early stop is part of the method, not a shortcut: the loss
-only sees each task's row space, and its exact minimiser (least-norm, ``R M^+`` from the normal
-equations) fits every task there at any cost elsewhere. On the full benchmark's frozen-head
-experts it had 70x the sum's norm on an MLP matrix (413 against 5.9) and merged to chance (10%
-average accuracy; docs/merging.md), so lorex offers no exact solver. The distance Adam moves from
-the sum is ``lr * steps`` in absolute units, so ``lr`` should follow the task vectors' scale.
+The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps
+(the official 300). That early stop is part of the method, not a shortcut: the loss only sees
+each task's row space, and its exact minimiser (least-norm, ``R M^+`` from the normal equations)
+fits every task there at any cost elsewhere. On the full benchmark's frozen-head experts it had
+70x the sum's norm on an MLP matrix (413 against 5.9) and merged to chance (10% average
+accuracy; docs/merging.md), so lorex offers no exact solver. The distance Adam moves from the
+sum is about ``lr * steps`` per entry, so the step follows each matrix's task vectors
+(``lr="auto"``, ``lorex.merging.steps``); the official absolute 1e-5 is ``--lr 1e-5``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from lorex.errors import LorexError
-from lorex.merging.base import MergeMethod, register_merge_method
-from lorex.merging.methods.doge import is_block_matrix
+from lorex.merging.base import MEAN, BlockwiseMethod, check_blocks_option, register_merge_method
+from lorex.merging.steps import AUTO, check_step, solver_units
+
+#: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
+#: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
+LR_RELATIVE = 0.01
 
 
 @dataclass(frozen=True)
 class WudiOptions:
     scale: float = 1.0  # the official code's scaling of the merged vector
     steps: int = 300  # the official code's Adam iterations
-    lr: float = 1e-5  # the official code's Adam step
+    lr: float | str = AUTO  # Adam step: "auto" follows each matrix's task vectors
+    lr_relative: float = LR_RELATIVE  # auto's step, relative to the RMS task-vector entry
+    blocks: str | None = None  # a regex naming the block tensors; None: found from the keys
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or not self.lr > 0:
-            raise LorexError("steps must be >= 0 and lr > 0")
+        check_step(self.lr, self.lr_relative, self.steps)
+        check_blocks_option(self.blocks)
 
 
-def interference_loss(merged: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-    """``sum_i ||(merged - tau_i) tau_i^T||^2 / ||tau_i||^2``; an all-zero ``tau_i`` (a LoRA
-    expert that left this matrix alone) adds nothing."""
+def inverse_square_norms(taus: torch.Tensor) -> torch.Tensor:
+    """``1 / ||tau_i||^2`` per task; 0 for an all-zero ``tau_i`` (a LoRA expert that left this
+    matrix alone adds nothing to the loss)."""
     sq_norms = taus.flatten(1).square().sum(1)
-    weights = torch.where(sq_norms > 0, 1.0 / sq_norms.clamp(min=1e-30), 0.0)
+    return torch.where(sq_norms > 0, 1.0 / sq_norms.clamp(min=1e-30), 0.0)
+
+
+def interference_loss(
+    merged: torch.Tensor, taus: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_i ||(merged - tau_i) tau_i^T||^2 / ||tau_i||^2``; ``weights`` are the task vectors'
+    :func:`inverse_square_norms`, computed here when not given."""
+    weights = inverse_square_norms(taus) if weights is None else weights
     residual = (merged.unsqueeze(0) - taus) @ taus.transpose(1, 2)
     return (weights * residual.square().flatten(1).sum(1)).sum()
 
 
 def wudi_adam(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """Adam on :func:`interference_loss` from the task vectors' sum."""
+    """Adam on :func:`interference_loss` from the task vectors' sum (their norms taken once)."""
+    weights = inverse_square_norms(taus)
     merged = taus.sum(0).clone().requires_grad_(True)
     optimiser = torch.optim.Adam([merged], lr=lr)
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)
-        interference_loss(merged, taus).backward()
+        interference_loss(merged, taus, weights).backward()
         optimiser.step()
     return merged.detach()
 
 
 @register_merge_method
-class Wudi(MergeMethod):
+class Wudi(BlockwiseMethod):
     name = "wudi"
     Options = WudiOptions
+    other_rule = MEAN
+
+    def plan(self, specs, n_tasks):
+        self.lr_resolved: dict[str, float] = {}
+        return super().plan(specs, n_tasks)
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if is_block_matrix(key, tuple(base.shape)):
+        o = self.options
+        if self.rule(key, base.dtype, tuple(base.shape), len(taus)) == self.name:
+            unit, step = solver_units(taus, o.lr, o.lr_relative)
+            self.lr_resolved[key] = unit * step
             with torch.enable_grad():
-                merged = wudi_adam(taus, self.options.steps, self.options.lr)
+                merged = wudi_adam(taus / unit, o.steps, step) * unit
         else:
             merged = taus.mean(0)
-        return base + self.options.scale * merged
+        return base + o.scale * merged
+
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), "lr_resolved": self.lr_resolved}
