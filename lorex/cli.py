@@ -491,6 +491,7 @@ def _auto_or_positive(text: str) -> float | str:
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     """Every method's options; one left unset takes the chosen method's own default."""
+    from lorex.merging.methods.doge import ETA_RELATIVE as DOGE_ETA_RELATIVE
     from lorex.merging.methods.doge import LR_RELATIVE as DOGE_LR_RELATIVE
     from lorex.merging.methods.wudi import LR_RELATIVE as WUDI_LR_RELATIVE
 
@@ -508,8 +509,13 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eta",
         type=_auto_or_positive,
-        help="doge: lambda_i = eta / ||tau_i||; 'auto' (default): 0.3 x the mean ||tau_i||; "
-        "the paper's 0.07 fits CLIP-sized task vectors",
+        help="doge: lambda_i = eta / ||tau_i||; 'auto' (default): --eta-relative x the mean "
+        "||tau_i||; the paper's 0.07 fits CLIP-sized task vectors",
+    )
+    g.add_argument(
+        "--eta-relative",
+        type=_positive_float,
+        help=f"doge: auto's eta relative to the mean ||tau_i|| ({DOGE_ETA_RELATIVE})",
     )
     g.add_argument(
         "--subspace", type=_positive_int, help="doge: shared directions = rank / this (6)"

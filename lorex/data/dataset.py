@@ -47,10 +47,10 @@ class ImageDataset:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.classes))
 
-    def subset(self, max_samples: int | None, seed: int = 0) -> ImageDataset:
-        """A class-balanced, seeded subset of at most ``max_samples`` images (order preserved)."""
+    def subset_indices(self, max_samples: int | None, seed: int = 0) -> np.ndarray:
+        """The sorted indices :meth:`subset` keeps."""
         if max_samples is None or max_samples >= len(self):
-            return self
+            return np.arange(len(self), dtype=np.int64)
         rng = np.random.default_rng(seed)
         per_class = [
             rng.permutation(np.flatnonzero(self.labels == c)) for c in range(len(self.classes))
@@ -66,7 +66,22 @@ class ImageDataset:
             if not took:
                 break
             rank += 1
-        keep = np.sort(np.asarray(picked, dtype=np.int64))
+        return np.sort(np.asarray(picked, dtype=np.int64))
+
+    def subset(self, max_samples: int | None, seed: int = 0) -> ImageDataset:
+        """A class-balanced, seeded subset of at most ``max_samples`` images (order preserved)."""
+        if max_samples is None or max_samples >= len(self):
+            return self
+        return self._take(self.subset_indices(max_samples, seed))
+
+    def held_out(self, max_samples: int | None, seed: int = 0) -> ImageDataset:
+        """The images ``subset(max_samples, seed)`` leaves out: data a model trained on that
+        subset never saw, for choosing settings without reading the test split."""
+        rest = np.ones(len(self), dtype=bool)
+        rest[self.subset_indices(max_samples, seed)] = False
+        return self._take(np.flatnonzero(rest))
+
+    def _take(self, keep: np.ndarray) -> ImageDataset:
         return ImageDataset(self.images[keep], self.labels[keep], self.classes, self.name)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:

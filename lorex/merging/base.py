@@ -121,6 +121,31 @@ class MergeMethod(abc.ABC):
         ``(N, *shape)``, which the method owns and may overwrite."""
 
 
+class MatrixMethod(MergeMethod):
+    """A method whose own rule is for 2-D tensors, every other floating tensor getting the mean
+    task vector (Iso-C, Iso-CTS, TSV-M); ``theta = theta_0 + scale * merged``."""
+
+    def is_own_matrix(self, shape: tuple[int, ...], n_tasks: int) -> bool:
+        return len(shape) == 2
+
+    def rule(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], n_tasks: int) -> str:
+        if not dtype.is_floating_point:
+            return KEPT
+        return self.name if self.is_own_matrix(shape, n_tasks) else MEAN
+
+    def looks_for(self) -> str:
+        return "2-D tensors"
+
+    @abc.abstractmethod
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        """The merged update of one 2-D tensor from its task vectors ``(N, m, n)``."""
+
+    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+        if self.rule(key, base.dtype, tuple(base.shape), len(taus)) == self.name:
+            return base + self.options.scale * self.merge_matrix(taus)
+        return base + self.options.scale * taus.mean(0)
+
+
 class BlockwiseMethod(MergeMethod):
     """A method whose own rule optimises the 2-D weights inside a checkpoint's repeated blocks
     (``lorex.merging.blocks``); its options carry ``blocks`` (a regex, or None to detect)."""

@@ -5,7 +5,8 @@ structure by ``lorex.merging.blocks``; everything else keeps theta_0; a checkpoi
 matrices is refused):
 
 - ``lambda_i = eta / ||tau_i||_F`` (task-aware, training-free coefficients); lorex's default
-  ``eta="auto"`` is 0.3 x the mean ``||tau_i||`` over tasks and matrices, the paper's 0.07 is
+  ``eta="auto"`` is ``eta_relative`` (0.3) x the mean ``||tau_i||`` over tasks and matrices, so
+  equal norms get task arithmetic's 0.3; the paper's 0.07 is
   ``--eta 0.07`` (it assumes CLIP-sized task vectors);
 - a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
   their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
@@ -39,7 +40,7 @@ from lorex.merging.steps import AUTO, check_step, solver_units
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
 #: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
-AUTO_ETA_SCALE = 0.3
+ETA_RELATIVE = 0.3
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
@@ -48,7 +49,8 @@ LR_RELATIVE = 0.01
 
 @dataclass(frozen=True)
 class DogeOptions:
-    eta: float | str = AUTO  # "auto": 0.3 x the mean ||tau_i||; the paper's 0.07 is absolute
+    eta: float | str = AUTO  # "auto": eta_relative x the mean ||tau_i||; the paper's 0.07
+    eta_relative: float = ETA_RELATIVE  # auto's eta, relative to the mean ||tau_i||
     subspace: int = 6
     mask: float = 0.3
     steps: int = 400
@@ -59,6 +61,8 @@ class DogeOptions:
     def __post_init__(self) -> None:
         if self.eta != AUTO and not (isinstance(self.eta, int | float) and self.eta > 0):
             raise LorexError(f"eta: must be a positive number or 'auto', got {self.eta!r}")
+        if not self.eta_relative > 0:
+            raise LorexError(f"eta-relative: must be positive, got {self.eta_relative}")
         if self.subspace < 1:
             raise LorexError(f"subspace: must be at least 1, got {self.subspace}")
         if not 0 < self.mask <= 1:
@@ -151,7 +155,7 @@ class Doge(BlockwiseMethod):
         self.eta = self.options.eta
         if self.eta == AUTO:
             norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
-            self.eta = AUTO_ETA_SCALE * sum(norms) / len(norms)
+            self.eta = self.options.eta_relative * sum(norms) / len(norms)
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.base import MatrixMethod, register_merge_method
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,9 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
 
 
 @register_merge_method
-class IsoC(MergeMethod):
+class IsoC(MatrixMethod):
     name = "iso-c"
     Options = IsoCOptions
 
-    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        merged = isotropic(taus.sum(0)) if base.ndim == 2 else taus.mean(0)
-        return base + self.options.scale * merged
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return isotropic(taus.sum(0))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.base import MatrixMethod, register_merge_method
 from lorex.merging.methods.iso_c import numerical_rank, roundoff
 from lorex.merging.methods.tsv_m import nearest_orthogonal
 
@@ -73,11 +73,9 @@ def common_and_task_specific(taus: torch.Tensor, common: float) -> torch.Tensor:
 
 
 @register_merge_method
-class IsoCts(MergeMethod):
+class IsoCts(MatrixMethod):
     name = "iso-cts"
     Options = IsoCtsOptions
 
-    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        if base.ndim == 2:
-            return base + self.options.scale * common_and_task_specific(taus, self.options.common)
-        return base + self.options.scale * taus.mean(0)
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return common_and_task_specific(taus, self.options.common)

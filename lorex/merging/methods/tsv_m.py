@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.base import MatrixMethod, register_merge_method
 from lorex.merging.methods.iso_c import numerical_rank
 
 
@@ -54,12 +54,16 @@ def task_singular_vectors(taus: torch.Tensor) -> torch.Tensor:
 
 
 @register_merge_method
-class TsvM(MergeMethod):
+class TsvM(MatrixMethod):
     name = "tsv-m"
     Options = TsvMOptions
 
-    def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    def is_own_matrix(self, shape: tuple[int, ...], n_tasks: int) -> bool:
         # a matrix thinner than the task count leaves no singular vector per task: the mean
-        splittable = base.ndim == 2 and min(base.shape) >= len(taus)
-        merged = task_singular_vectors(taus) if splittable else taus.mean(0)
-        return base + self.options.scale * merged
+        return len(shape) == 2 and min(shape) >= n_tasks
+
+    def looks_for(self) -> str:
+        return "2-D tensors with at least as many rows and columns as tasks"
+
+    def merge_matrix(self, taus: torch.Tensor) -> torch.Tensor:
+        return task_singular_vectors(taus)
