@@ -6,6 +6,7 @@ Normalised accuracy is the mean over tasks of merged accuracy / the task's own e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from lorex.merging.run import merge_models, method_from_name
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table
 
-# (label, method, options): every method at its defaults, and DOGE also with eta scaled to the
-# experts' task vectors (docs/merging.md: the paper's eta assumes CLIP-sized fine-tuning steps).
+# (label, method, options): every method at its defaults, and DOGE and WUDI also at the papers'
+# absolute settings (their defaults follow the task vectors' scale: docs/merging.md).
 METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("average", "average", {}),
     ("task-arithmetic", "task-arithmetic", {}),
@@ -25,11 +26,12 @@ METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("dare", "dare", {}),
     ("dare-ties", "dare-ties", {}),
     ("doge", "doge", {}),
-    ("doge (eta auto)", "doge", {"eta": "auto"}),
+    ("doge (paper: eta 0.07, lr 1e-4)", "doge", {"eta": 0.07, "lr": 1e-4}),
     ("iso-c", "iso-c", {}),
     ("iso-cts", "iso-cts", {}),
     ("tsv-m", "tsv-m", {}),
     ("wudi", "wudi", {}),
+    ("wudi (paper: lr 1e-5)", "wudi", {"lr": 1e-5}),
 )
 
 #: The step of the bench's "frozen-head-small-lr" experts: a tenth of the full fine-tuning step
@@ -50,27 +52,40 @@ def score_merges(
     device: torch.device | str = "cpu",
     test_samples: int | None = None,
     seed: int = 0,
+    eval_sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``{"experts": {task: acc}, <method>: {"per_task", "average", "normalized", "seconds",
-    "peak_mb"}}`` for the ``expert_kind`` ("full" or "lora") experts under ``demo_dir``."""
+    "peak_mb"}}`` for the ``expert_kind`` ("full" or "lora") experts under ``demo_dir``.
+
+    ``eval_sets`` (domain -> dataset) scores on other data than the test split, a validation set
+    for choosing settings: the experts' own accuracy is then measured on it too, and only its
+    domains are scored (the merge still takes every domain's expert).
+    """
     from lorex.data import load_dataset
     from lorex.training.run import evaluate
 
     base = demo_dir / "base"
-    experts = [demo_dir / "experts" / _short(d) / expert_kind for d in domains]
-    tests = {d: load_dataset(d, "test", test_samples, seed) for d in domains}
-    own = {
-        _short(d): float(read_json(e / "metrics.json")["accuracy"])
-        for d, e in zip(domains, experts, strict=True)
-    }
+    experts = {d: demo_dir / "experts" / _short(d) / expert_kind for d in domains}
+    if eval_sets is None:
+        tests = {d: load_dataset(d, "test", test_samples, seed) for d in domains}
+        own = {
+            _short(d): float(read_json(e / "metrics.json")["accuracy"]) for d, e in experts.items()
+        }
+    else:
+        tests = eval_sets
+        own = {}
+        for d, data in tests.items():
+            expert = load_model(experts[d], device)
+            expert.set_head(d)
+            own[_short(d)] = evaluate(expert, data, device)
     results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
     for label, name, options in methods:
-        target = out / expert_kind / label.replace(" ", "-").replace("(", "").replace(")", "")
+        target = out / expert_kind / re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
         method = method_from_name(name, **options)
-        record = merge_models(method, base, experts, target, device=device)
+        record = merge_models(method, base, list(experts.values()), target, device=device)
         model = load_model(target, device)
         per_task = {}
-        for d in domains:
+        for d in tests:
             model.set_head(d)
             per_task[_short(d)] = evaluate(model, tests[d], device)
         results[label] = {

@@ -1,0 +1,126 @@
+"""The README's and docs' result tables, generated from committed results files.
+
+A table lives in a Markdown file between ``<!-- table: NAME -->`` and ``<!-- /table -->``; this
+script rewrites every such block from its results file, so no figure is copied by hand.
+
+    python benchmarks/tables.py           # rewrite the blocks
+    python benchmarks/tables.py --check   # exit 1 if a committed block differs (CI runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = ("README.md", "docs/merging.md")
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+KIND_COLUMNS = (
+    ("full", "full experts"),
+    ("frozen-head", "frozen-head experts"),
+    ("frozen-head-small-lr", "frozen-head, lr / 10"),
+    ("lora", "LoRA experts"),
+)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def merge_table(results_dir: Path) -> str:
+    """Average accuracy over the domains per method and expert kind, normalised in brackets."""
+    results = _read(RESULTS / results_dir / "results.json")
+    kinds = {
+        "full": {k: v for k, v in results.items() if k not in dict(KIND_COLUMNS) and k != "run"}
+    }
+    kinds.update({k: results[k] for k, _ in KIND_COLUMNS[1:] if k in results})
+    columns = [(k, title) for k, title in KIND_COLUMNS if k in kinds]
+    own = []
+    for kind, _ in columns:
+        accs = kinds[kind]["experts"].values()
+        own.append(f"{sum(accs) / len(accs):.1f}")
+    rows = [["experts, each on its own domain", *own]]
+    for method in kinds["full"]:
+        if method == "experts":
+            continue
+        cells = []
+        for kind, _ in columns:
+            r = kinds[kind].get(method)
+            cells.append(f"{r['average']:.1f} ({r['normalized']:.1f})" if r else "")
+        rows.append([f"`{method}`", *cells])
+    return _markdown(["method", *[title for _, title in columns]], rows)
+
+
+def relative_steps_trial() -> str:
+    """The validation scores behind DOGE's and WUDI's relative constants, and the picks."""
+    record = _read(RESULTS / "merge" / "trials" / "relative-steps.json")
+    kinds = [k for k, _ in KIND_COLUMNS]
+    titles = dict(KIND_COLUMNS)
+    rows = []
+    for label, entry in record["candidates"].items():
+        cells = [f"{entry['per_kind'][k]:.1f}" for k in kinds]
+        rows.append([label, *cells, f"{entry['mean']:.2f}"])
+    header = ["candidate", *[f"{titles[k]} (val)" for k in kinds], "mean"]
+    picks = ", ".join(f"{k} = {v}" for k, v in record["pick"].items())
+    return _markdown(header, rows) + f"\nPicked on validation data: {picks}.\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "merge-quick": lambda: merge_table(Path("merge")),
+    "merge-full": lambda: merge_table(Path("merge-full")),
+    "merge-relative-steps": relative_steps_trial,
+}
+
+
+def render(text: str, where: str) -> str:
+    def fill(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise SystemExit(f"{where}: unknown table '{name}' (known: {', '.join(TABLES)})")
+        return match.group(1) + TABLES[name]() + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def stale_documents() -> list[str]:
+    """The documents whose table blocks differ from what their results files give."""
+    return [
+        doc
+        for doc in DOCUMENTS
+        if render((ROOT / doc).read_text(encoding="utf-8"), doc)
+        != (ROOT / doc).read_text(encoding="utf-8")
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if a block is out of date")
+    args = parser.parse_args(argv)
+    stale = stale_documents()
+    if args.check:
+        for doc in stale:
+            print(f"{doc}: a table differs from its results file; run benchmarks/tables.py")
+        return 1 if stale else 0
+    for doc in stale:
+        path = ROOT / doc
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(render(path.read_text(encoding="utf-8"), doc), encoding="utf-8")
+        tmp.replace(path)
+        print(f"rewrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
