@@ -559,6 +559,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
         merge_methods=None,
         frozen_head_experts=True,
         small_lr=SMALL_LR,
+        reid=False,  # the merge bench needs the digit experts only
+        cross_modal=False,
     )
     demo = args.out / "demo"
     run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)

@@ -44,7 +44,7 @@ ETA_RELATIVE = 0.3
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
-LR_RELATIVE = 0.01
+LR_RELATIVE = 0.003
 
 
 @dataclass(frozen=True)
