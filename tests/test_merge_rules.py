@@ -393,3 +393,13 @@ def test_held_out_is_exactly_what_subset_leaves_out():
     rest = {int(v) for v in data.held_out(20, seed=3).images[:, 0, 0, 0]}
     assert len(used) == 20 and used.isdisjoint(rest) and used | rest == set(range(50))
     assert len(data.held_out(None)) == 0 and math.isclose(len(data.held_out(10, 0)), 40)
+
+
+def test_cli_refuses_a_bad_blocks_regex_and_blocks_for_other_methods(vit_zoo, tmp_path, capsys):
+    base, experts = vit_zoo
+    common = ["--base", base, "--experts", *experts, "--out", tmp_path / "m"]
+    code, _, err = run(capsys, "merge", "--method", "wudi", "--blocks", "net.(", *common)
+    assert code == 2 and "blocks: 'net.(' is not a regular expression" in err
+    code, _, err = run(capsys, "merge", "--method", "ties", "--blocks", "x", *common)
+    assert code == 2 and "--blocks does not apply to ties" in err
+    assert not (tmp_path / "m").exists()
