@@ -6,8 +6,8 @@ matrices is refused):
 
 - ``lambda_i = eta / ||tau_i||_F`` (task-aware, training-free coefficients); lorex's default
   ``eta="auto"`` is ``eta_relative`` (0.3) x the mean ``||tau_i||`` over tasks and matrices, so
-  equal norms get task arithmetic's 0.3; the paper's 0.07 is
-  ``--eta 0.07`` (it assumes CLIP-sized task vectors);
+  equal norms get task arithmetic's 0.3; the paper's ``--eta 0.07`` assumes CLIP-sized task
+  vectors;
 - a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
   their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
 - one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps on the
