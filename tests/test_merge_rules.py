@@ -23,6 +23,7 @@ from lorex.models.store import save_model
 
 TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
 BLOCKWISE = ("doge", "wudi")
+SCALES = (0.01, 0.1, 10.0, 100.0)  # experts base + c * tau_i
 
 
 def run(capsys, *argv):
@@ -348,7 +349,7 @@ def scaled_zoos(tmp_path_factory):
     base's values, and a zero base keeps the float32 round-off of storing ``base + c tau`` out of
     the comparison (it would be relative to the base, not to ``c tau``)."""
     root = tmp_path_factory.mktemp("scaled")
-    return {c: _lorex_zoo(root / f"c{c}", c, zero_base=True) for c in (1.0, 0.1, 10.0)}
+    return {c: _lorex_zoo(root / f"c{c}", c, zero_base=True) for c in (1.0, *SCALES)}
 
 
 def _merged_update(zoo, out: Path, method: str, options: dict) -> torch.Tensor:
@@ -366,7 +367,7 @@ def _scale_error(scaled_zoos, tmp_path, method, options, c) -> float:
     return float((scaled - c * one).norm() / (c * one).norm())
 
 
-@pytest.mark.parametrize("c", [0.1, 10.0])
+@pytest.mark.parametrize("c", SCALES)
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_every_method_is_scale_equivariant_at_its_defaults(scaled_zoos, tmp_path, method, c):
     assert _scale_error(scaled_zoos, tmp_path, method, {}, c) < 1e-3
