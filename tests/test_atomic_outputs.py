@@ -29,6 +29,9 @@ from lorex.backbones.vit import VisionTransformer, ViTConfig
 from lorex.cli import main
 from lorex.models import LorexModel, save_model
 
+# Subprocesses killed mid-run: `pytest -m "not slow"` leaves them out; CI runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
 MARKS = ("config.json", "model.safetensors", "train")  # what a complete output holds

@@ -197,6 +197,7 @@ def test_output_cut_short_by_its_reader_exits_quietly(tmp_path):
     assert not (tmp_path / "cache").exists()  # listing generates nothing
 
 
+@pytest.mark.slow  # the whole demo
 def test_demo_end_to_end_on_tiny_settings(tmp_path):
     from lorex.demo import QUICK, replace, run_demo
 

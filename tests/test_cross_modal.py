@@ -218,6 +218,7 @@ def test_a_source_with_other_classes_is_refused(tiny_base, tmp_path, capsys):
     assert code == 2 and "differ from the source head's" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole bench
 def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     settings = CrossModalBenchSettings(
         tasks=(Task("rgbd k1->k2", "rgbd/k1/rgb", "rgbd/k2", "rgbd/ti"),),

@@ -17,6 +17,9 @@ from lorex.errors import LorexError
 from lorex.training import distributed
 from lorex.training.distributed import World
 
+# End to end under torchrun: `pytest -m "not slow"` leaves them out; CI runs them.
+pytestmark = pytest.mark.slow
+
 # One thread per process in both runs: torchrun sets it too, and float sums depend on it.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

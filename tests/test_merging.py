@@ -423,6 +423,7 @@ def test_experts_that_do_not_fit_are_refused_in_one_line(zoo, tmp_path, capsys, 
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing written
 
 
+@pytest.mark.slow  # fresh subprocesses
 def test_streaming_memory_does_not_grow_with_the_number_of_experts(tmp_path):
     """Peak RSS of a merge (fresh subprocess each) with 2 and with 6 experts of a 36 MB model."""
     import json

@@ -74,6 +74,7 @@ def same_weights(a: Path, b: Path) -> None:
         assert torch.equal(x[k], y[k]), k
 
 
+@pytest.mark.slow  # subprocesses killed
 def test_sigkill_at_three_random_steps_then_resume_is_bit_identical(tiny_base, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     common = ["train", "--base", str(tiny_base), *TRAIN]

@@ -333,6 +333,7 @@ def test_adapt_classification_scores_every_variant(tiny_base, tmp_path):
     assert model.classes == [str(i) for i in range(10)]
 
 
+@pytest.mark.slow  # a whole bench
 def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path, monkeypatch):
     """``lorex bench sage``'s whole chain (people base, sources, leave-one-out target, report)
     at a toy size; the numbers mean nothing here, the structure does."""
@@ -378,6 +379,7 @@ def _same_files(a, b, names=("model.safetensors",)):
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+@pytest.mark.slow  # whole adaptations, twice
 @pytest.mark.parametrize("saves", [3, 9])
 def test_adapt_reid_stopped_mid_stage_resumes_bit_identically(
     sources, domains, tmp_path, stop_after_saves, saves
