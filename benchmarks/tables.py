@@ -74,7 +74,11 @@ def relative_steps_trial() -> str:
         rows.append([label, *cells, f"{entry['mean']:.2f}"])
     header = ["candidate", *[f"{titles[k]} (val)" for k in kinds], "mean"]
     picks = ", ".join(f"{k} = {v}" for k, v in record["pick"].items())
-    return _markdown(header, rows) + f"\nPicked on validation data: {picks}.\n"
+    text = _markdown(header, rows) + f"\nPicked on validation data: {picks}.\n"
+    if "baseline_best" in record:
+        best = ", ".join(f"{k} = {v}" for k, v in record["baseline_best"].items())
+        text += f"Best of the same budget for the baselines (recorded, not adopted): {best}.\n"
+    return text
 
 
 TABLES: dict[str, Callable[[], str]] = {

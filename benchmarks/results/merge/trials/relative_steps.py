@@ -3,7 +3,8 @@ chosen on validation data.
 
 ``lr="auto"`` takes each matrix's Adam step as ``lr_relative`` x its RMS task-vector entry, and
 DOGE's ``eta="auto"`` is ``eta_relative`` x the mean ``||tau_i||`` (lorex.merging.steps). This
-trial picks ``lr_relative`` for each method, then DOGE's ``eta_relative`` at that step, on the
+trial picks ``lr_relative`` for each method, then DOGE's ``eta_relative`` at that step (and gives
+task arithmetic's scale and TIES' density the same budget, recorded but not adopted), on the
 quick merge bench's experts (``benchmarks/results/merge/demo``, which ``lorex bench merge
 --quick`` leaves behind) of all four kinds.
 
@@ -36,6 +37,12 @@ RECORD = Path(__file__).with_name("relative-steps.json")
 KINDS = ("full", "frozen-head", "frozen-head-small-lr", "lora")
 LR_CANDIDATES = (0.001, 0.003, 0.01, 0.03, 0.1)
 ETA_CANDIDATES = (0.15, 0.3, 0.6)
+# The same budget (five candidates, default included) for the baselines DOGE's paper compares
+# with. Recorded, not adopted: the bench reports every method at its library default.
+BASELINES = {
+    "task-arithmetic": ("scale", (0.1, 0.2, 0.3, 0.5, 1.0)),
+    "ties": ("density", (0.1, 0.2, 0.4, 0.7, 1.0)),
+}
 VAL_SAMPLES = 1000
 
 
@@ -93,8 +100,16 @@ def main(work: Path) -> None:
         key=lambda e: record["candidates"][f"doge lr_relative={lr} eta_relative={e}"]["mean"],
     )
     record["pick"] = picks
+    best = {}
+    for method, (option, values) in BASELINES.items():
+        for value in tqdm(values, desc=f"{method} {option}", unit="candidate"):
+            score(record, f"{method} {option}={value}", method, {option: value}, val, work)
+        best[f"{method} {option}"] = max(
+            values, key=lambda v, m=method, o=option: record["candidates"][f"{m} {o}={v}"]["mean"]
+        )
+    record["baseline_best"] = best
     write_json(RECORD, record)
-    print(json.dumps(picks))
+    print(json.dumps(picks), json.dumps(best))
 
 
 if __name__ == "__main__":
