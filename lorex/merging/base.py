@@ -19,6 +19,7 @@ import torch
 from lorex.errors import LorexError
 from lorex.merging.blocks import BlockMatcher, compile_blocks
 from lorex.merging.sources import ModelSource, Spec
+from lorex.merging.steps import solver_units
 
 MERGE_METHODS: dict[str, type[MergeMethod]] = {}
 
@@ -148,14 +149,22 @@ class MatrixMethod(MergeMethod):
 
 class BlockwiseMethod(MergeMethod):
     """A method whose own rule optimises the 2-D weights inside a checkpoint's repeated blocks
-    (``lorex.merging.blocks``); its options carry ``blocks`` (a regex, or None to detect)."""
+    (``lorex.merging.blocks``) with Adam; its options carry ``blocks`` (a regex, or None to
+    detect), ``lr`` and ``lr_relative`` (``lorex.merging.steps``)."""
 
     #: What every other floating tensor gets: ``KEPT`` or ``MEAN``.
     other_rule: ClassVar[str]
 
     def plan(self, specs: dict[str, Spec], n_tasks: int) -> dict[str, str]:
         self.blocks = BlockMatcher(specs, self.options.blocks)
+        self.lr_resolved: dict[str, float] = {}
         return super().plan(specs, n_tasks)
+
+    def solver_units(self, key: str, taus: torch.Tensor) -> tuple[float, float]:
+        """``lorex.merging.steps.solver_units`` for this matrix, its absolute step recorded."""
+        unit, step = solver_units(taus, self.options.lr, self.options.lr_relative)
+        self.lr_resolved[key] = unit * step
+        return unit, step
 
     def rule(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], n_tasks: int) -> str:
         if not dtype.is_floating_point:
@@ -168,7 +177,10 @@ class BlockwiseMethod(MergeMethod):
         return f"2-D weights inside {self.blocks.describe()}"
 
     def report(self) -> dict[str, Any]:
-        return {"blocks": self.blocks.pattern or self.blocks.stacks}
+        return {
+            "blocks": self.blocks.pattern or self.blocks.stacks,
+            "lr_resolved": self.lr_resolved,
+        }
 
 
 def check_blocks_option(blocks: str | None) -> None:

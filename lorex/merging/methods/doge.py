@@ -36,7 +36,7 @@ from lorex.merging.base import (
     register_merge_method,
 )
 from lorex.merging.methods.ties import global_thresholds
-from lorex.merging.steps import AUTO, check_step, solver_units
+from lorex.merging.steps import AUTO, check_step
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
 #: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
@@ -151,7 +151,6 @@ class Doge(BlockwiseMethod):
     def prepare(self, ctx: MergeContext) -> None:
         self.thresholds = global_thresholds(ctx, self.options.mask)
         self.losses: dict[str, tuple[float, float]] = {}
-        self.lr_resolved: dict[str, float] = {}
         self.eta = self.options.eta
         if self.eta == AUTO:
             norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
@@ -161,9 +160,8 @@ class Doge(BlockwiseMethod):
         o = self.options
         lambdas = coefficients(list(taus), self.eta)
         basis = shared_basis(list(taus), o.subspace)
-        unit, step = solver_units(taus, o.lr, o.lr_relative)
+        unit, step = self.solver_units(key, taus)
         delta, losses = optimise_delta(taus / unit, lambdas, basis, o.steps, step)
-        self.lr_resolved[key] = unit * step
         self.losses[key] = (losses[0] * unit**4, losses[-1] * unit**4)  # the loss is quartic
         masks = torch.stack([t.abs() >= th for t, th in zip(taus, self.thresholds, strict=True)])
         return base + (lambdas[:, None, None] * (taus + unit * delta) * masks).sum(0)
@@ -173,5 +171,4 @@ class Doge(BlockwiseMethod):
             **super().report(),
             "doge_eta": self.eta,
             "doge_loss": {k: {"before": a, "after": b} for k, (a, b) in self.losses.items()},
-            "lr_resolved": self.lr_resolved,
         }

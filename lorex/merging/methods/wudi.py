@@ -23,12 +23,11 @@ sum is about ``lr * steps`` per entry, so the step follows each matrix's task ve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from lorex.merging.base import MEAN, BlockwiseMethod, check_blocks_option, register_merge_method
-from lorex.merging.steps import AUTO, check_step, solver_units
+from lorex.merging.steps import AUTO, check_step
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
@@ -83,20 +82,12 @@ class Wudi(BlockwiseMethod):
     Options = WudiOptions
     other_rule = MEAN
 
-    def plan(self, specs, n_tasks):
-        self.lr_resolved: dict[str, float] = {}
-        return super().plan(specs, n_tasks)
-
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         if self.rule(key, base.dtype, tuple(base.shape), len(taus)) == self.name:
-            unit, step = solver_units(taus, o.lr, o.lr_relative)
-            self.lr_resolved[key] = unit * step
+            unit, step = self.solver_units(key, taus)
             with torch.enable_grad():
                 merged = wudi_adam(taus / unit, o.steps, step) * unit
         else:
             merged = taus.mean(0)
         return base + o.scale * merged
-
-    def report(self) -> dict[str, Any]:
-        return {**super().report(), "lr_resolved": self.lr_resolved}

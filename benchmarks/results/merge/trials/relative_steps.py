@@ -76,7 +76,6 @@ def main(work: Path) -> None:
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     record.setdefault("protocol", __doc__.split("\n\n")[2].replace("\n", " "))
     record.setdefault("candidates", {})
-    record["val_samples"] = {}
     val = validation_sets()
     record["val_samples"] = {d: len(v) for d, v in val.items()}
     picks = {}
