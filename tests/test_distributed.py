@@ -98,6 +98,7 @@ model = start_from_source(sys.argv[1], images.shape[1:3], device)
 labels, cents = relabel(model, images, PseudoLabeler(k1=10, k2=4, rho=0.05), device)
 np.savez(sys.argv[3] + f"-{world.rank}.npz", labels=labels, cents=cents,
          classifier=model.heads[model.active_head].classifier.weight.detach().numpy())
+distributed.leave()  # as the CLI does: exiting inside the group can abort gloo's threads
 """
 
 
