@@ -22,12 +22,16 @@ from lorex.data import DIGIT_DOMAINS, cache_dir, load_dataset
 from lorex.io import read_json, write_json
 from lorex.merging.bench import METHOD_ORDER, merge_table, score_merges
 from lorex.models import is_model_dir, load_model
+from lorex.pretrained import find_shipped, install_shipped, recipe_of
 from lorex.report import accuracy_table, heatmap_png, markdown_table
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.run import evaluate, pretrain, run_record, train_expert
 
 log = logging.getLogger("lorex")
+
+#: The quick base shipped as package data (``lorex.pretrained``; recipe.json says how to remake it).
+SHIPPED_BASE = "chars-vit-micro"
 
 
 @dataclass(frozen=True)
@@ -138,11 +142,9 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_base(
-    s: DemoSettings, seed: int, out: Path, device: torch.device, timings: dict[str, float]
-) -> Path:
-    """Pretrain the base once per settings (cached under the cache dir) and copy it into ``out``."""
-    stamp = {
+def base_stamp(s: DemoSettings, seed: int) -> dict:
+    """What decides the base: equal stamps give the same model, bit for bit, on the CPU."""
+    return {
         "stage": "pretrain",
         "preset": s.preset,
         "samples": s.pretrain_samples,
@@ -153,6 +155,18 @@ def ensure_base(
         "seed": seed,
         "lorex_version": __version__,
     }
+
+
+def base_recipe(s: DemoSettings, seed: int) -> dict:
+    """The stamp without the version: what a shipped base must have been made with."""
+    return {k: v for k, v in base_stamp(s, seed).items() if k != "lorex_version"}
+
+
+def ensure_base(
+    s: DemoSettings, seed: int, out: Path, device: torch.device, timings: dict[str, float]
+) -> Path:
+    """Pretrain the base once per settings (cached under the cache dir) and copy it into ``out``."""
+    stamp = base_stamp(s, seed)
     cached = cache_dir() / "models" / f"base-{s.preset}-{_settings_hash(stamp)}"
     cfg = TrainConfig(
         epochs=s.pretrain_epochs,
@@ -162,8 +176,18 @@ def ensure_base(
         max_samples=s.pretrain_samples,
         augment=s.pretrain_augment,
     )
-    label = f"pretrain {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs)"
-    _stage(cached, stamp, lambda: pretrain(s.preset, cached, cfg, device=device), label, timings)
+    shipped = find_shipped(SHIPPED_BASE, base_recipe(s, seed))
+    if (
+        shipped is not None
+    ):  # the same model, bit for bit, without the two minutes (lorex.pretrained)
+        label = (
+            f"base {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs), shipped with lorex"
+        )
+        make = lambda: install_shipped(shipped, cached)  # noqa: E731
+    else:
+        label = f"pretrain {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs)"
+        make = lambda: pretrain(s.preset, cached, cfg, device=device)  # noqa: E731
+    _stage(cached, stamp, make, label, timings)
     target = out / "base"
     if not _done(target, stamp):
         if target.exists():
@@ -321,6 +345,14 @@ def run_demo(
     return _write_report(out, s, seed, base, experts, matrix, probe, merges, timings, reid, cross)
 
 
+def _shipped_line(s: DemoSettings, seed: int) -> str:
+    """Says so when these settings are those of the base shipped with lorex."""
+    if find_shipped(SHIPPED_BASE, base_recipe(s, seed)) is None:
+        return ""
+    command = recipe_of(SHIPPED_BASE)["command"]
+    return f"\nIt is the base shipped with lorex; `{command}` reproduces it bit for bit."
+
+
 def _write_report(
     out: Path,
     s: DemoSettings,
@@ -378,10 +410,11 @@ def _write_report(
         ]
         for n, dom, p, d, o in zip(names, s.domains, probe, diagonal, off, strict=True)
     ]
+    shipped = _shipped_line(s, seed)
     text = f"""# Lorex demo: one expert per digit domain
 
 Base: `{s.preset}` pretrained on `pretrain/chars` ({base_metrics["train_samples"]} images,
-{s.pretrain_epochs} epochs; {100 * base_metrics["accuracy"]:.1f}% on its own test split).
+{s.pretrain_epochs} epochs; {100 * base_metrics["accuracy"]:.1f}% on its own test split).{shipped}
 Each domain gets a linear probe of the frozen base, a fully fine-tuned expert, a LoRA expert
 (rank 8 on every block's qkv, proj, fc1, fc2, saved as a PEFT adapter) and a LoSA side network
 (docs/losa.md; all three {s.expert_epochs} epochs,
@@ -425,12 +458,28 @@ The diagonal is the expert's own domain; off-diagonal cells show the domain shif
 {_merge_section(merges or {})}
 {_reid_section(reid)}
 {_cross_modal_section(cross)}
+{_timing_section(timings or {})}
 Per-run details (loss curves, parameters, memory, time) are in `experts/<domain>/<method>/`.
 Memory figures there compare only between runs in separate processes (`lorex train`):
 within one demo process, later stages reuse memory that earlier ones already took.
 """
     (out / "report.md").write_text(text, encoding="utf-8")
     return out / "report.md"
+
+
+def _timing_section(timings: dict[str, float]) -> str:
+    """Seconds per stage: where a first run's time goes (0 for a stage reused from disk)."""
+    if not timings:
+        return ""
+    rows = [[label, f"{seconds:.1f}"] for label, seconds in timings.items()]
+    rows.append(["all stages", f"{sum(timings.values()):.1f}"])
+    return f"""## Where the time went
+
+Seconds per stage in this run (data generation counts in the first stage that loads each
+dataset; a stage reused from an earlier run shows 0; start-up and this report are not counted).
+
+{markdown_table(["stage", "seconds"], rows)}
+"""
 
 
 def _reid_section(reid: dict | None) -> str:

@@ -127,6 +127,27 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with _atomic_file(Path(path)) as tmp:
         save_file(clean, tmp, metadata=metadata)
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header with ``__metadata__``'s keys sorted, in place and at the same length.
+
+    safetensors writes the metadata from a Rust hash map, whose order changes from process to
+    process: without this, two runs that train the same weights would write different bytes."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw, object_pairs_hook=dict)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (size - len(text))
+        if len(text) != size:  # never change the layout; an unsorted header is still valid
+            return
+        fh.seek(8)
+        fh.write(text)
 
 
 def check_tensors_match(
