@@ -81,7 +81,104 @@ def relative_steps_trial() -> str:
     return text
 
 
+def _demo() -> dict:
+    return _read(RESULTS / "demo_quick.json")
+
+
+def _short(domain: str) -> str:
+    return domain.split("/")[-1]
+
+
+def demo_quick_time() -> str:
+    """The sentence that says how long the quick demo takes, from the measured runs."""
+    d = _demo()
+    walls = " and ".join(f"{r['wall_seconds']:.0f} s" for r in d["runs"])
+    return (
+        f"The quick demo takes **{d['wall_seconds']:.0f} s** on {d['cpu_count']} CPU cores from an "
+        f"empty cache ({len(d['runs'])} runs on {d['date']}: {walls}; "
+        "`benchmarks/results/demo_quick.md`).\n"
+    )
+
+
+def demo_quick_domains() -> str:
+    d = _demo()
+    acc = d["method_accuracy"]
+    rows = [
+        [
+            _short(dom),
+            f"{100 * d['base_linear_probe_accuracy'][dom]:.1f}",
+            f"**{100 * acc['full'][dom]:.1f}**",
+            f"{100 * d['mean_off_domain_accuracy'][dom]:.1f}",
+            f"{100 * acc['lora'][dom]:.1f}",
+            f"{100 * acc['losa'][dom]:.1f}",
+        ]
+        for dom in d["domains"]
+    ]
+    header = ["domain", "base linear probe %", "full expert % (own domain)"]
+    header += ["expert on other domains, mean %", "LoRA r8 expert %", "LoSA expert %"]
+    return _markdown(header, rows)
+
+
+def demo_quick_matrix() -> str:
+    d = _demo()
+    names = [_short(x) for x in d["domains"]]
+    rows = [
+        [names[i], *(f"**{100 * v:.1f}**" if i == j else f"{100 * v:.1f}" for j, v in enumerate(r))]
+        for i, r in enumerate(d["accuracy_matrix"])
+    ]
+    return _markdown(["trained on \\ tested on", *names], rows)
+
+
+def demo_quick_efficiency() -> str:
+    d = _demo()
+    rows = []
+    for method, costs in d["method_costs"].items():
+        accs = d["method_accuracy"][method].values()
+        rows.append(
+            [
+                method,
+                f"{100 * sum(accs) / len(accs):.1f}",
+                f"{costs['trainable_params']:,.0f}",
+                f"{costs['train_seconds']:.1f}",
+                f"{costs['infer_ms_per_image']:.3f}",
+            ]
+        )
+    return _markdown(["method", "accuracy %", "trainable params", "train s", "infer ms/img"], rows)
+
+
+def _part(stage: str) -> str:
+    if stage.startswith(("base ", "pretrain ")):
+        return "base (shipped with lorex, or pretrained)"
+    if " expert " in stage:
+        return "digit experts (16 trainings, data generation included)"
+    if stage == "evaluation" or stage.startswith("merge "):
+        return "evaluation and merging"
+    if stage.startswith("re-ID"):
+        return "re-ID adaptation (SAGE)"
+    if stage.startswith("cross-modal"):
+        return "cross-modal transfer"
+    return "other"
+
+
+def demo_quick_stages() -> str:
+    """Each run's seconds per part of the demo, from its time per stage."""
+    d = _demo()
+    parts: dict[str, list[float]] = {}
+    for i, run in enumerate(d["runs"]):
+        for stage, seconds in run["stage_seconds"].items():
+            parts.setdefault(_part(stage), [0.0] * len(d["runs"]))[i] += seconds
+    rows = [[part, *(f"{v:.0f}" for v in values)] for part, values in parts.items()]
+    rows.append(["wall time (start-up and report included)"])
+    rows[-1] += [f"{r['wall_seconds']:.0f}" for r in d["runs"]]
+    return _markdown(["part", *[f"run {i + 1}, s" for i in range(len(d["runs"]))]], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "demo-quick-time": demo_quick_time,
+    "demo-quick": demo_quick_domains,
+    "demo-quick-matrix": demo_quick_matrix,
+    "demo-quick-efficiency": demo_quick_efficiency,
+    "demo-quick-stages": demo_quick_stages,
     "merge-quick": lambda: merge_table(Path("merge")),
     "merge-full": lambda: merge_table(Path("merge-full")),
     "merge-relative-steps": relative_steps_trial,

@@ -545,12 +545,24 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_full_results(p: argparse.ArgumentParser, bench: str) -> None:
+    default = Path("benchmarks") / "results" / bench / "results.json"
+    p.add_argument(
+        "--full-results",
+        type=Path,
+        default=default,
+        help=f"a full run's results.json that a --quick run compares its order with ({default})",
+    )
+
+
 def cmd_bench_merge(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from lorex.data import load_dataset
     from lorex.demo import FULL, QUICK, run_demo
     from lorex.io import read_json
-    from lorex.merging.bench import SMALL_LR, write_merge_report
+    from lorex.merging.bench import SMALL_LR, merge_quick_checks, write_merge_report
+    from lorex.metrics.agreement import read_full_results
     from lorex.training.run import resolve_device, run_record
 
     settings = replace(
@@ -566,19 +578,32 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     run_demo(demo, device=resolve_device(args.device), seed=args.seed, settings=settings)
     results = read_json(demo / "metrics.json")["merge"]
     results["run"] = run_record("bench merge", None, quick=args.quick, seed=args.seed)
+    checks = None
+    if args.quick:
+        images = {d.split("/")[-1]: len(load_dataset(d, "test")) for d in settings.domains}
+        full = read_full_results(args.full_results)
+        checks = merge_quick_checks(results, full, images, str(args.full_results))
     report = write_merge_report(
-        results, args.out, f"Merging the digit-domain experts ({'quick' if args.quick else 'full'})"
+        results,
+        args.out,
+        f"Merging the digit-domain experts ({'quick' if args.quick else 'full'})",
+        checks,
     )
     print(f"wrote {report}")
     return 0
 
 
 def cmd_bench_losa(args: argparse.Namespace) -> int:
-    from lorex.adapters.losa.bench import run_bench, write_report
+    from lorex.adapters.losa.bench import quick_checks, run_bench, write_report
+    from lorex.metrics.agreement import read_full_results
     from lorex.training.run import run_record
 
     results = run_bench(args.out, quick=args.quick, seed=args.seed, resume=not args.fresh)
     results["run"] = run_record("bench losa", None, quick=args.quick, seed=args.seed)
+    if args.quick:
+        results["quick_checks"] = quick_checks(
+            results, read_full_results(args.full_results), str(args.full_results)
+        )
     print(f"wrote {write_report(results, args.out)}")
     return 0
 
@@ -670,7 +695,11 @@ def cmd_bench_sage(args: argparse.Namespace) -> int:
     from lorex.training.run import resolve_device
 
     summary = run_sage_bench(
-        args.out, quick=args.quick, seed=args.seed, device=resolve_device(args.device)
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        device=resolve_device(args.device),
+        full_results=args.full_results,
     )
     g = summary["goals"]
     print(
@@ -686,7 +715,11 @@ def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
     from lorex.training.run import resolve_device
 
     summary = run_cross_modal_bench(
-        args.out, quick=args.quick, seed=args.seed, device=resolve_device(args.device)
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        device=resolve_device(args.device),
+        full_results=args.full_results,
     )
     for method, value in summary["goals"]["mean_accuracy"].items():
         print(f"{method:>18}: mean accuracy {100 * value:5.1f}")
@@ -925,6 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="results and the demo it builds on")
     p.add_argument("--quick", action="store_true", help="the quick demo's experts (minutes)")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_full_results(p, "merge-full")
     _add_device(p)
     p.set_defaults(func=cmd_bench_merge)
     p = bench_sub.add_parser(
@@ -933,8 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
         "latency, and the deepest backbone under a memory cap (CPU)",
     )
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
-    p.add_argument("--quick", action="store_true", help="a few steps at both sizes (minutes)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="5 epochs from the quick demo's base, a few steps at ViT-B size (minutes)",
+    )
     p.add_argument("--seed", type=_seed, default=0)
+    _add_full_results(p, "losa")
     p.add_argument(
         "--fresh",
         action="store_true",
@@ -949,6 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="one target, small settings (minutes)")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_full_results(p, "sage")
     _add_device(p)
     p.set_defaults(func=cmd_bench_sage)
     p = bench_sub.add_parser(
@@ -959,6 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="results.json, results.md, PNG")
     p.add_argument("--quick", action="store_true", help="two tasks, small settings (minutes)")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_full_results(p, "cross_modal")
     _add_device(p)
     p.set_defaults(func=cmd_bench_cross_modal)
 

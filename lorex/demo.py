@@ -5,6 +5,7 @@ Each finished stage is kept on disk and reused, so an interrupted demo resumes w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import torch
 
 from lorex import __version__
 from lorex.data import DIGIT_DOMAINS, cache_dir, load_dataset
-from lorex.io import read_json, write_json
+from lorex.io import atomic_directory, read_json, write_json
 from lorex.merging.bench import METHOD_ORDER, merge_table, score_merges
 from lorex.models import is_model_dir, load_model
 from lorex.pretrained import find_shipped, install_shipped, recipe_of
@@ -123,11 +124,25 @@ def _done(out: Path, stamp: dict) -> bool:
     )
 
 
-def _stage(out: Path, stamp: dict, make, label: str, timings: dict[str, float]) -> None:
+def _stage(
+    out: Path, stamp: dict, make, label: str, timings: dict[str, float], keep: bool = True
+) -> None:
     """Make one stage's model unless a reusable one exists; ``timings[label]`` gets its seconds
-    (data generation included, 0 when reused): metrics.json shows where a run's time went."""
+    (data generation included, 0 when reused): metrics.json shows where a run's time went.
+
+    With ``keep`` a finished stage is also kept in the cache, keyed by its settings and by
+    lorex's own code, so another run with the same settings (the quick benches after the quick
+    demo) copies it instead of training it again."""
+    kept = cache_dir() / "stages" / f"{_settings_hash(stamp)}-{code_fingerprint()}"
     if _done(out, stamp):
         _say(f"{label}: reusing {out}")
+        timings[label] = 0.0
+        if keep and not _done(kept, stamp):
+            _copy_dir(out, kept)
+        return
+    if keep and _done(kept, stamp):
+        _say(f"{label}: reusing the cached {kept}")
+        _copy_dir(kept, out)
         timings[label] = 0.0
         return
     _say(f"{label} ...")
@@ -135,6 +150,26 @@ def _stage(out: Path, stamp: dict, make, label: str, timings: dict[str, float]) 
     make()
     write_json(out / "stage.json", stamp)
     timings[label] = round(time.perf_counter() - start, 2)
+    if keep:
+        _copy_dir(out, kept)
+
+
+def _copy_dir(source: Path, target: Path) -> None:
+    """A stage's folder copied whole; a delta model's base path is relative (``../../../base``),
+    so the copy finds the same base from the same place in another run's folder."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A short hash of lorex's own source files: cached stages are not reused across code edits."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _say(message: str) -> None:
@@ -187,7 +222,7 @@ def ensure_base(
     else:
         label = f"pretrain {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs)"
         make = lambda: pretrain(s.preset, cached, cfg, device=device)  # noqa: E731
-    _stage(cached, stamp, make, label, timings)
+    _stage(cached, stamp, make, label, timings, keep=False)
     target = out / "base"
     if not _done(target, stamp):
         if target.exists():

@@ -190,3 +190,24 @@ def test_bad_inputs_name_the_field(index, bad, field):
 def test_bad_max_rank(max_rank):
     with pytest.raises(LorexError, match="^max_rank: "):
         evaluate(*hand_case(), max_rank=max_rank)
+
+
+def test_per_query_average_precisions_average_to_map():
+    dist, q_ids, g_ids, q_cams, g_cams = random_case(np.random.default_rng(3), 40, 200, 8, 3)
+    out = evaluate(dist, q_ids, g_ids, q_cams, g_cams)
+    assert len(out["ap"]) == out["num_valid_queries"]
+    assert float(np.mean(out["ap"])) == pytest.approx(out["mAP"], abs=1e-15)
+
+
+def test_random_ranking_map_matches_the_closed_form():
+    """One true match among G gallery images: a random ranking puts it at rank r with
+    probability 1/G, so the expected AP is H_G / G (the harmonic number)."""
+    g = 10
+    q_ids, q_cams = np.zeros(2000, dtype=int), np.zeros(2000, dtype=int)
+    g_ids = np.r_[0, np.arange(1, g)]  # one match (id 0), nine other identities
+    g_cams = np.ones(g, dtype=int)
+    expected = sum(1.0 / r for r in range(1, g + 1)) / g
+    value = reid.random_ranking_map(q_ids, g_ids, q_cams, g_cams, draws=20)
+    # 40,000 random rankings: the standard error is about 0.0015.
+    assert value == pytest.approx(expected, abs=0.0075)
+    assert value != pytest.approx(1.0 / g, abs=0.05)  # not the naive 1/G

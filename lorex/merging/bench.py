@@ -14,6 +14,7 @@ import torch
 
 from lorex.io import read_json, write_json
 from lorex.merging.run import merge_models, method_from_name
+from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table
 
@@ -119,7 +120,48 @@ def merge_table(results: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
-def write_merge_report(results: dict[str, dict[str, Any]], out: Path, title: str) -> Path:
+def _kind(payload: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """One expert kind's scores from a ``results.json`` payload (see ``write_merge_report``)."""
+    if kind == "full":
+        return {k: v for k, v in payload.items() if isinstance(v, dict) and "average" in v}
+    return payload.get(kind)
+
+
+def merge_quick_checks(
+    results: dict[str, dict[str, Any]],
+    full: dict[str, Any] | None,
+    test_images: dict[str, int],
+    source: str,
+) -> dict[str, Any]:
+    """Per expert kind: every merge's average accuracy against chance (ten digit classes), and
+    the methods' order against the full bench's (their average accuracy over the domains)."""
+    checks: dict[str, Any] = {"kinds": {}, "lines": []}
+    for kind, res in results.items():
+        if kind == "run":
+            continue
+        scores = {m: r["average"] / 100 for m, r in res.items() if m != "experts"}
+        se = {}
+        for m, r in res.items():
+            if m == "experts":
+                continue
+            variance = sum(
+                binomial_se(acc / 100, test_images[t]) ** 2 for t, acc in r["per_task"].items()
+            )
+            se[m] = variance**0.5 / len(r["per_task"])
+        there = _kind(full, kind) if full else None
+        full_scores = (
+            {m: r["average"] for m, r in there.items() if m != "experts"} if there else None
+        )
+        check = chance_check(scores, 0.1, what="merged model's average accuracy")
+        order = ordering_agreement(scores, se, full_scores, source)
+        checks["kinds"][kind] = {"chance": check, "order": order}
+        checks["lines"].append(f"- {kind} experts: {check['line']} {order['line']}")
+    return checks
+
+
+def write_merge_report(
+    results: dict[str, dict[str, Any]], out: Path, title: str, checks: dict | None = None
+) -> Path:
     """``results.json``, ``results.md`` and one bar chart per expert kind, in ``out``.
 
     ``results`` maps an expert kind ("full", "lora") to ``score_merges``' output. In
@@ -139,5 +181,9 @@ def write_merge_report(results: dict[str, dict[str, Any]], out: Path, title: str
         bars.update({k: v["per_task"] for k, v in res.items() if k != "experts"})
         grouped_bars_png(bars, out / chart, f"Merging the {kind} experts: accuracy per task")
         parts.append(f"## {kind} experts\n\n{merge_table(res)}\n\n![{kind}]({chart})\n")
+    if checks:
+        write_json(out / "quick_checks.json", checks)
+        lines = "\n".join(checks["lines"])
+        parts.insert(1, f"## What this quick run can show\n\n{lines}\n")
     (out / "results.md").write_text("\n".join(parts), encoding="utf-8")
     return out / "results.md"

@@ -148,7 +148,8 @@ def evaluate(
     """mAP, CMC and mINP of a (queries, gallery) distance matrix, Market-1501 protocol.
 
     Accepts NumPy arrays or torch tensors. Returns ``{"mAP", "cmc", "mINP",
-    "num_valid_queries"}``; ``cmc`` has ``max_rank`` entries, rank-k is ``cmc[k - 1]``. Raises
+    "num_valid_queries", "ap"}``; ``cmc`` has ``max_rank`` entries, rank-k is ``cmc[k - 1]``;
+    ``ap`` is each valid query's average precision (its spread gives mAP's standard error). Raises
     LorexError when no query has a valid match.
     """
     dist, q_ids, g_ids, q_cams, g_cams = check_inputs(
@@ -182,4 +183,27 @@ def evaluate(
         "cmc": np.cumsum(found) / len(ap),
         "mINP": float(np.mean(inp)),
         "num_valid_queries": int(len(ap)),
+        "ap": ap,
     }
+
+
+def random_ranking_map(
+    query_ids: Any,
+    gallery_ids: Any,
+    query_cams: Any,
+    gallery_cams: Any,
+    draws: int = 20,
+    seed: int = 0,
+) -> float:
+    """Chance level of mAP: the mean mAP of ``draws`` uniformly random rankings of the gallery
+    under the same protocol (it depends on how many true matches each query has)."""
+    rng = np.random.default_rng(seed)
+    shape = (len(np.asarray(query_ids)), len(np.asarray(gallery_ids)))
+    return float(
+        np.mean(
+            [
+                evaluate(rng.random(shape), query_ids, gallery_ids, query_cams, gallery_cams)["mAP"]
+                for _ in range(draws)
+            ]
+        )
+    )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from lorex.data import ImageDataset
 from lorex.data.market1501 import FOLDERS, Market1501, ReidSplit, relabel
 from lorex.errors import LorexError
+from lorex.metrics.agreement import mean_se
 from lorex.metrics.reid import evaluate
 from lorex.metrics.resources import PeakMemory, inference_ms_per_image
 from lorex.models import BNNeckHead, LorexModel, load_model
@@ -557,6 +558,7 @@ def evaluate_reid(
     r = evaluate(dist, data.query.ids, data.gallery.ids, data.query.cams, data.gallery.cams)
     out = {"mAP": r["mAP"], **{f"rank{k}": float(r["cmc"][k - 1]) for k in RANKS}}
     out.update(mINP=r["mINP"], num_valid_queries=r["num_valid_queries"])
+    out["mAP_se"] = mean_se(r["ap"].tolist())  # over queries: the noise of a small gallery
     return out
 
 

@@ -23,6 +23,7 @@ from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
 from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
 from lorex.adaptation.sage.stages import reusable, stamp
 from lorex.io import read_json, write_json
+from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
@@ -116,10 +117,12 @@ def run_cross_modal_bench(
     progress: bool | None = None,
     settings: CrossModalBenchSettings | None = None,
     base: str | Path | None = None,
+    full_results: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``: results.json (task -> method -> accuracy and
     time), summary.json (goals, settings, stage times, provenance), results.md and
-    translations.png. Returns the summary with the results under ``"tasks"``."""
+    translations.png. Returns the summary with the results under ``"tasks"``. A ``quick`` run
+    also checks its accuracies against chance and its order against ``full_results``."""
     from lorex.demo import QUICK as BASE_SETTINGS
     from lorex.demo import ensure_base
 
@@ -134,6 +137,7 @@ def run_cross_modal_bench(
     sources = {t.source: train_source(out, base, t.source, s, seed, device) for t in s.tasks}
     timings["sources"] = time.perf_counter() - start - sum(timings.values())
     results: dict[str, Any] = {}
+    scored: dict[str, dict[str, int]] = {}
     for task in s.tasks:
         tick = time.perf_counter()
         folder = out / "tasks" / _slug(task.name)
@@ -176,6 +180,10 @@ def run_cross_modal_bench(
             }
             for name, r in metrics["methods"].items()
         }
+        scored[task.name] = {
+            "images": metrics["target_samples"],
+            "classes": _classes(sources[task.source]),
+        }
         timings[task.name] = time.perf_counter() - tick
     first = out / "tasks" / _slug(s.tasks[0].name) / "translations.png"
     if first.is_file():
@@ -186,11 +194,42 @@ def run_cross_modal_bench(
         "settings": {**asdict(s), "config": s.config.to_dict()},
         "stage_seconds": timings,
         "run": run_record("bench cross-modal", None, quick=quick, seed=seed),
+        "scored": scored,
     }
+    if quick:
+        full = read_json(full_results) if full_results and Path(full_results).is_file() else None
+        summary["quick_checks"] = quick_checks(results, scored, full, str(full_results))
     write_json(out / "results.json", results)  # task -> method -> accuracy, ...
     write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "tasks"})
     (out / "results.md").write_text(bench_report(summary, quick))
     return summary
+
+
+def _classes(source: Path) -> int:
+    """How many classes the source model's one head has: chance is one over it."""
+    heads = read_json(source / "config.json")["heads"]
+    return len(next(iter(heads.values()))["classes"])
+
+
+def quick_checks(
+    results: dict[str, Any], scored: dict[str, dict[str, int]], full: dict | None, source: str
+) -> dict[str, Any]:
+    """Per task: every method's accuracy against chance (one over the classes), and the
+    methods' order against the full bench's on the same task."""
+    checks: dict[str, Any] = {"tasks": {}, "lines": []}
+    for task, methods in results.items():
+        n, classes = scored[task]["images"], scored[task]["classes"]
+        acc = {m: r["accuracy"] for m, r in methods.items()}
+        full_acc = None
+        if full and task in full:
+            full_acc = {m: r["accuracy"] for m, r in full[task].items()}
+        check = chance_check(acc, 1.0 / classes)
+        order = ordering_agreement(
+            acc, {m: binomial_se(a, n) for m, a in acc.items()}, full_acc, source
+        )
+        checks["tasks"][task] = {"chance": check, "order": order}
+        checks["lines"].append(f"- {task} ({n} target images): {check['line']} {order['line']}")
+    return checks
 
 
 def _mean(results: dict[str, Any], method: str) -> float | None:
@@ -246,6 +285,10 @@ def bench_report(summary: dict[str, Any], quick: bool) -> str:
         + ", ".join(f"{t} {s:.0f} s" for t, s in g["tgmb_tgkt_seconds"].items())
         + f" (goal under 300 s: {_met(g['under_5_minutes'])}).",
         "",
+    ]
+    if "quick_checks" in summary:
+        lines += ["## What this quick run can show", "", *summary["quick_checks"]["lines"], ""]
+    lines += [
         "## Per task",
         "",
     ]

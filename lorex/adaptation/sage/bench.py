@@ -28,13 +28,15 @@ from lorex.backbones import build_backbone
 from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
 from lorex.data.reid_synth import PRETRAIN_DOMAIN
 from lorex.io import read_json, write_json
+from lorex.metrics.agreement import chance_check, ordering_agreement, read_full_results
+from lorex.metrics.reid import random_ranking_map
 from lorex.models import LorexModel
 from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
-from lorex.training.reid_objective import train_reid_expert
+from lorex.training.reid_objective import load_reid_data, train_reid_expert
 from lorex.training.run import run_record
 
 log = logging.getLogger("lorex")
@@ -282,9 +284,11 @@ def run_sage_bench(
     progress: bool | None = None,
     settings: SageBenchSettings | None = None,
     base: str | Path | None = None,
+    full_results: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark into ``out`` (stages reused when their settings match). ``base``: a
-    pretrained base to start from instead of the demo's chars base."""
+    pretrained base to start from instead of the demo's chars base. A ``quick`` run also checks
+    its scores against chance and its order against ``full_results`` (a full run's JSON)."""
     from lorex.demo import QUICK as BASE_SETTINGS
     from lorex.demo import ensure_base
 
@@ -311,7 +315,11 @@ def run_sage_bench(
             srcs, target, folder / "model", s.sage, device, progress, folder / "work", True
         )
         results[target] = {
-            name: {k: metrics["variants"][name][k] for k in ("mAP", "rank1", "mINP")}
+            name: {
+                k: metrics["variants"][name][k]
+                for k in ("mAP", "rank1", "mINP", "mAP_se")
+                if k in metrics["variants"][name]
+            }
             for name in ordered_variants(metrics["variants"])
         }
         details[target] = {
@@ -348,10 +356,36 @@ def run_sage_bench(
         "stage_seconds": timings,
         "run": run_record("bench sage", None, quick=quick, seed=seed),
     }
+    if quick:
+        summary["quick_checks"] = sage_quick_checks(
+            summary, read_full_results(full_results) if full_results else None, str(full_results)
+        )
     write_json(out / "results.json", summary)
     (out / "gate_weights.png").write_bytes(_gate_png(details))
     (out / "results.md").write_text(sage_bench_report(summary, quick))
     return summary
+
+
+def sage_quick_checks(summary: dict, full: dict | None, source: str) -> dict[str, Any]:
+    """Per target: every variant's mAP against a random ranking's (chance), and the variants'
+    order against the full bench's on the same target."""
+    checks: dict[str, Any] = {"targets": {}, "lines": []}
+    for target in [t for t in summary if t in REID_DOMAINS]:
+        splits = load_reid_data(target)
+        chance = random_ranking_map(
+            splits.query.ids, splits.gallery.ids, splits.query.cams, splits.gallery.cams
+        )
+        scores = {name: v["mAP"] for name, v in summary[target].items()}
+        se = {name: v.get("mAP_se", float("inf")) for name, v in summary[target].items()}
+        there = (full or {}).get(target)
+        full_scores = {name: v["mAP"] for name, v in there.items()} if there else None
+        check = chance_check(scores, chance, what="mAP")
+        order = ordering_agreement(scores, se, full_scores, source)
+        checks["targets"][target] = {"chance_mAP": chance, "chance": check, "order": order}
+        checks["lines"].append(
+            f"- {target}: chance is a random ranking's mAP. {check['line']} {order['line']}"
+        )
+    return checks
 
 
 def goals(results: dict, details: dict, vit_b: dict | None) -> dict[str, Any]:
@@ -399,6 +433,13 @@ def _gate_png(details: dict[str, Any]) -> bytes:
             weights[f"target {target}, {label}"] = d["gate_weights"][label]
             names[f"target {target}, {label}"] = [f"from {n}" for n in d["names"]]
     return gate_weights_png(weights, names, "SAGE gate weights per layer")
+
+
+def _quick_section(summary: dict[str, Any]) -> str:
+    if "quick_checks" not in summary:
+        return ""
+    lines = "\n".join(summary["quick_checks"]["lines"])
+    return f"\n## What this quick run can show\n\n{lines}\n"
 
 
 def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
@@ -467,7 +508,7 @@ experts mixed with equal weights on the averaged backbone (the gate at initialis
 {objective}, docs/sage.md).
 
 {table}
-
+{_quick_section(summary)}
 ## Goals
 
 {goal_table}

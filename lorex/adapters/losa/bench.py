@@ -39,6 +39,9 @@ class Size:
     pretrained: bool
     #: Tasks at this size; None: the settings' tasks.
     tasks: tuple[str, ...] | None = None
+    #: Where a pretrained base comes from: "bench" pretrains ``preset`` with the settings'
+    #: pretraining; "demo" takes the quick demo's base (shipped with lorex, ``lorex.pretrained``).
+    base_from: str = "bench"
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,12 @@ FULL = BenchSettings(
     memory_cap_gb=4.0,
     memory_depths=(12, 24, 48, 96, 192),
 )
+# The quick bench's small size starts from the quick demo's base (a vit-tiny pretrained for one
+# epoch left every method at chance): its accuracies mean something, and its per-epoch time
+# ratios are the ones the full bench also reports.
 QUICK = BenchSettings(
     sizes={
-        "tiny": Size("vit-tiny", 32, 64, 640, 500, 2, True),
+        "micro": Size("vit-micro", 32, 64, 2000, 1000, 5, True, base_from="demo"),
         "base": Size("vit-base-patch16-224", 224, 4, 8, 8, 2, False),
     },
     tasks=("digits/mnistm",),
@@ -228,6 +234,15 @@ def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _pretrained_base(out: Path, s: BenchSettings, size: Size, seed: int) -> Path:
+    if size.base_from == "demo":
+        from lorex.demo import QUICK as DEMO_QUICK
+        from lorex.demo import ensure_base
+
+        return ensure_base(DEMO_QUICK, seed, out, "cpu", {})
+    return _pretrain_tiny(out, s, seed)
+
+
 def _pretrain_tiny(out: Path, s: BenchSettings, seed: int) -> Path:
     from lorex.models import is_model_dir
     from lorex.training.loop import TrainConfig
@@ -266,7 +281,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0, resume: bool = True
     results: dict[str, Any] = {}
     jobs = []
     for size_name, size in s.sizes.items():
-        base = str(_pretrain_tiny(out, s, seed)) if size.pretrained else None
+        base = str(_pretrained_base(out, s, size, seed)) if size.pretrained else None
         for task in size.tasks or s.tasks:
             for method in METHODS:
                 for cache in (False, True) if method == "losa" else (False,):
@@ -313,6 +328,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0, resume: bool = True
             }
     results["memory_cap"] = _memory_sweep(s, jobs_dir, reused)
     results["settings"] = {
+        "sizes": list(s.sizes),
         "reused_jobs": reused[0],
         "quick": quick,
         "tasks": list(s.tasks),
@@ -371,6 +387,68 @@ def projected_cached_ratio(
     }
 
 
+def quick_checks(results: dict[str, Any], full: dict[str, Any] | None, source: str) -> dict:
+    """Chance, and the full bench's order and ratios, checked on a quick run's pretrained size
+    (per task: both benches score the same tasks' test images)."""
+    from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
+
+    name = results["settings"]["sizes"][0]
+    block = results[name]
+    n = block["settings"]["test_samples"]
+    lines, checks = [], {"size": name, "tasks": {}}
+    full_block = None
+    if full is not None:
+        full_block = next((full[k] for k in full.get("settings", {}).get("sizes", ["tiny"])), None)
+    for task, scores in block["tasks"].items():
+        acc = {m: scores[m]["accuracy"] for m in METHODS}
+        chance = 1.0 / 10  # ten digit classes
+        full_acc = None
+        if full_block is not None and task in full_block.get("tasks", {}):
+            full_acc = {m: full_block["tasks"][task][m]["accuracy"] for m in METHODS}
+        order = ordering_agreement(
+            acc, {m: binomial_se(a, n) for m, a in acc.items()}, full_acc, source
+        )
+        check = chance_check(acc, chance)
+        checks["tasks"][task] = {"chance": check, "order": order}
+        lines += [f"- {task}: {check['line']} {order['line']}"]
+    lora, losa = block["lora"], block["losa"]
+    quick_ratios = {
+        "time per epoch": ratio(losa["train_seconds"], lora["train_seconds"]),
+        "peak training memory": ratio(losa["peak_train_mb"], lora["peak_train_mb"]),
+    }
+    projected = projected_cached_ratio(losa, lora, block["settings"]["epochs"], 100)
+    if projected is not None:
+        quick_ratios["time per epoch with the cache"] = projected["per_epoch"]
+    full_ratios = {}
+    if full_block is not None:
+        fl, fs = full_block["lora"], full_block["losa"]
+        full_ratios = {
+            "time per epoch": ratio(fs["train_seconds"], fl["train_seconds"]),
+            "peak training memory": ratio(fs["peak_train_mb"], fl["peak_train_mb"]),
+        }
+        fp = projected_cached_ratio(fs, fl, full_block["settings"]["epochs"], 100)
+        if fp is not None:
+            full_ratios["time per epoch with the cache"] = fp["per_epoch"]
+    parts = []
+    for key, value in quick_ratios.items():
+        there = full_ratios.get(key)
+        verdict = (
+            "no full figure"
+            if there is None
+            else ("same side of 1 as" if (value < 1) == (there < 1) else "contradicts")
+        )
+        parts.append(
+            f"{key} {value:.2f}x ({verdict}"
+            + (f" the full bench's {there:.2f}x)" if there is not None else ")")
+        )
+    lines.append(
+        "- LoSA / LoRA, per epoch (both runs train every method for the same number of epochs, "
+        "so these are the per-epoch ratios the full bench reports): " + "; ".join(parts) + "."
+    )
+    checks.update(quick_ratios=quick_ratios, full_ratios=full_ratios, lines=lines)
+    return checks
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -382,7 +460,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
 
     write_json(out / "results.json", results)
     lines = ["# LoSA against LoRA and full fine-tuning", ""]
-    for size_name in ("tiny", "base"):
+    for size_name in results.get("settings", {}).get("sizes", ["tiny", "base"]):
         block = results[size_name]
         size = block["settings"]
         lines += [
@@ -398,7 +476,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             rows.append(
                 [
                     method,
-                    f"{100 * m['accuracy']:.1f}",
+                    f"{100 * m['accuracy']:.1f}" if size["pretrained"] else "n/a",
                     f"{int(m['trainable_params']):,}",
                     f"{m['peak_train_mb']:.0f}",
                     f"{m['train_seconds']:.1f}",
@@ -419,7 +497,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "with it (goal <= 0.1)",
             f"- LoSA - LoRA accuracy: **{100 * (losa['accuracy'] - lora['accuracy']):+.1f}** "
             "points (goal >= -2)"
-            + ("" if size["pretrained"] else " (not meaningful here: random weights)"),
+            if size["pretrained"]
+            else "- Accuracy: not reported at this size (random weights: it measures costs only).",
         ]
         projected = projected_cached_ratio(losa, lora, size["epochs"], 100)
         if projected is not None:
@@ -436,6 +515,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                 for task in block["tasks"]
             ]
             lines += ["Accuracy per task (%):", "", markdown_table(["task", *METHODS], per), ""]
+    if "quick_checks" in results:
+        lines += ["## What this quick run can show", "", *results["quick_checks"]["lines"], ""]
     sweep = results["memory_cap"]
     lines += [
         f"## Deepest backbone under a {sweep['cap_gb']:g} GiB cap",
@@ -478,7 +559,7 @@ def _costs_png(results: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    block = results["tiny"]
+    block = results[results.get("settings", {}).get("sizes", ["tiny"])[0]]
     axes_keys = [
         ("trainable_params", "trainable parameters"),
         ("peak_train_mb", "peak training memory (MB)"),
@@ -504,7 +585,7 @@ def _costs_png(results: dict[str, Any]) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"tiny ({block['settings']['preset']}): accuracy against each cost")
+    fig.suptitle(f"{block['settings']['preset']}: accuracy against each cost")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
