@@ -173,7 +173,23 @@ def demo_quick_stages() -> str:
     return _markdown(["part", *[f"run {i + 1}, s" for i in range(len(d["runs"]))]], rows)
 
 
+def quick_benches() -> str:
+    """Each quick bench's time once the quick demo's cache exists."""
+    record = _read(RESULTS / "quick_benches.json")
+    rows = [
+        [f"`lorex bench {bench} --quick`", f"{r['seconds']:.0f}", f"`{r['results']}`"]
+        for bench, r in record["benches"].items()
+    ]
+    text = _markdown(["bench", "seconds", "its results"], rows)
+    return text + (
+        f"\nMeasured on {record['date']}, {record['cpu_count']} CPU cores, each from a fresh "
+        "output folder (`benchmarks/quick_benches.py`; what each quick run can show is in "
+        "`benchmarks/results/quick_benches.md`).\n"
+    )
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "quick-benches": quick_benches,
     "demo-quick-time": demo_quick_time,
     "demo-quick": demo_quick_domains,
     "demo-quick-matrix": demo_quick_matrix,

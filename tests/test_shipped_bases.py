@@ -114,3 +114,33 @@ def test_the_recorded_command_reproduces_the_shipped_base_bit_for_bit(name, tmp_
     assert shipped.keys() == again.keys()
     for key, value in shipped.items():
         assert torch.equal(value, again[key]), key
+
+
+def test_a_finished_demo_stage_is_kept_in_the_cache_for_another_run(tmp_path, monkeypatch):
+    """Another output folder with the same stage settings copies the cached stage instead of
+    training it; an edit of lorex's code (another fingerprint) trains it again."""
+    from lorex import demo
+
+    made = []
+
+    def make(out):
+        def run():
+            made.append(out)
+            install_shipped(ROOT / SHIPPED_BASE, out)
+
+        return run
+
+    stamp = {"stage": "train", "domain": "x", "method": "full"}
+    first, second, third = tmp_path / "a" / "m", tmp_path / "b" / "m", tmp_path / "c" / "m"
+    timings: dict[str, float] = {}
+    demo._stage(first, stamp, make(first), "stage", timings)
+    demo._stage(second, stamp, make(second), "stage", timings)
+    assert made == [first] and timings["stage"] == 0.0
+    assert json.loads((second / "stage.json").read_text()) == stamp
+    assert (second / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    demo._stage(third, {**stamp, "method": "lora"}, make(third), "stage", timings)
+    assert made == [first, third]  # other settings: trained
+    monkeypatch.setattr(demo, "code_fingerprint", lambda: "edited-code")
+    fourth = tmp_path / "d" / "m"
+    demo._stage(fourth, stamp, make(fourth), "stage", timings)
+    assert made == [first, third, fourth]  # same settings, other code: trained

@@ -94,13 +94,13 @@ QUICK = SageBenchSettings(
     pretrain_samples=None,
     timing_batch=4,
 )
-# `lorex demo`'s re-ID part: QUICK with two sources, 400 target images rather than 600 and no
-# ViT-B timing (about 75 s; a smaller setting for time, not chosen on any score).
+# `lorex demo`'s re-ID part: QUICK with two sources, 300 target images rather than 600 and no
+# ViT-B timing (about a minute; a cut made for time, not chosen on any score).
 DEMO = replace(
     QUICK,
     vit_b_timing=False,
     domains=("reid/a", "reid/b", "reid/d"),
-    sage=replace(QUICK.sage, max_target_samples=400),
+    sage=replace(QUICK.sage, max_target_samples=300),
 )
 
 
