@@ -69,10 +69,10 @@ class DemoSettings:
     cross_modal: bool = True
 
 
-# Sized for a short tour: 671 s on 2 cores from an empty cache, data generation included (the
-# target is 5 minutes; README, benchmarks/results/demo_quick.md).
-# DOGE's 400 Adam steps per matrix take 16-23 s per merge on the quick experts
-# (benchmarks/results/merge): the quick demo's merge table leaves DOGE to `lorex bench merge`.
+# Sized for a short tour, under 5 minutes on 2 cores from an empty cache with data generation
+# (benchmarks/results/demo_quick.md): the base is the one shipped with lorex (lorex.pretrained).
+# DOGE and WUDI take seconds per merge on the quick experts (benchmarks/results/merge): the
+# quick demo's merge table leaves them to `lorex bench merge`.
 QUICK_MERGES = ("average", "task-arithmetic", "ties", "dare", "dare-ties", "iso-c", "tsv-m")
 QUICK = DemoSettings(
     preset="vit-micro",

@@ -145,3 +145,9 @@ def test_cross_modal_quick_checks_use_each_tasks_classes_and_images():
     checks = quick_checks(results, {"t": {"images": 900, "classes": 6}}, None, "x")
     assert checks["tasks"]["t"]["chance"]["below"] == ["source-only"]  # under 2/6
     assert "900 target images" in checks["lines"][0]
+
+
+def test_chance_check_says_when_the_full_bench_is_below_the_bar_too():
+    r = chance_check({"a": 0.2, "b": 0.3, "c": 0.9}, 1 / 6, full={"a": 0.25, "b": 0.5})
+    assert r["below"] == ["a", "b"] and r["also_in_full"] == ["a"]
+    assert "below it in the full bench too: a 25.0%" in r["line"] and "b 50.0%" not in r["line"]

@@ -847,3 +847,17 @@ def test_iso_cts_and_wudi_are_deterministic(zoo, tmp_path):
         assert (tmp_path / name / "a" / "model.safetensors").read_bytes() == (
             tmp_path / name / "b" / "model.safetensors"
         ).read_bytes()
+
+
+def test_wudi_closed_form_gradient_is_the_losss_autograd_gradient():
+    from lorex.merging.methods.wudi import gradient_terms, interference_loss, inverse_square_norms
+
+    g = torch.Generator().manual_seed(2)
+    for shape in ((6, 3), (3, 6)):  # out < in and out > in
+        taus = torch.randn(4, *shape, generator=g, dtype=torch.float64)
+        taus[1] = 0  # an expert that left this matrix alone
+        merged = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        weights = inverse_square_norms(taus)
+        interference_loss(merged, taus, weights).backward()
+        a, b = gradient_terms(taus, weights)
+        torch.testing.assert_close(2 * (merged.detach() @ a - b), merged.grad, rtol=1e-12, atol=0)

@@ -123,7 +123,7 @@ def merge_table(results: dict[str, Any]) -> str:
 def _kind(payload: dict[str, Any], kind: str) -> dict[str, Any] | None:
     """One expert kind's scores from a ``results.json`` payload (see ``write_merge_report``)."""
     if kind == "full":
-        return {k: v for k, v in payload.items() if isinstance(v, dict) and "average" in v}
+        return {k: v for k, v in payload.items() if isinstance(v, dict) and "per_task" in v}
     return payload.get(kind)
 
 
@@ -152,7 +152,12 @@ def merge_quick_checks(
         full_scores = (
             {m: r["average"] for m, r in there.items() if m != "experts"} if there else None
         )
-        check = chance_check(scores, 0.1, what="merged model's average accuracy")
+        check = chance_check(
+            scores,
+            0.1,
+            what="merged model's average accuracy",
+            full={m: v / 100 for m, v in full_scores.items()} if full_scores else None,
+        )
         order = ordering_agreement(scores, se, full_scores, source)
         checks["kinds"][kind] = {"chance": check, "order": order}
         checks["lines"].append(f"- {kind} experts: {check['line']} {order['line']}")

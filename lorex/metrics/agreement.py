@@ -39,10 +39,17 @@ def separable(a: float, b: float, se_a: float, se_b: float, z: float = Z) -> boo
 
 
 def chance_check(
-    scores: Mapping[str, float], chance: float, factor: float = 2.0, what: str = "accuracy"
+    scores: Mapping[str, float],
+    chance: float,
+    factor: float = 2.0,
+    what: str = "accuracy",
+    full: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Which scores reach ``factor`` x ``chance``, with a one-line verdict."""
+    """Which scores reach ``factor`` x ``chance``, with a one-line verdict. With the full bench's
+    scores (``full``), a score below the bar there too is named as such: the method fails on
+    the task, not only at quick size."""
     below = [name for name, v in scores.items() if v < factor * chance]
+    also = [n for n in below if full is not None and n in full and full[n] < factor * chance]
     if not below:
         line = (
             f"Every {what} is at least {factor:g}x chance (chance {100 * chance:.1f}%): lowest "
@@ -53,9 +60,16 @@ def chance_check(
             f"Below {factor:g}x chance ({100 * factor * chance:.1f}%, chance "
             f"{100 * chance:.1f}%): "
             + ", ".join(f"{n} {100 * scores[n]:.1f}%" for n in below)
+            + (
+                " (below it in the full bench too: "
+                + ", ".join(f"{n} {100 * full[n]:.1f}%" for n in also)
+                + ")"
+                if also
+                else ""
+            )
             + "."
         )
-    return {"chance": chance, "factor": factor, "below": below, "line": line}
+    return {"chance": chance, "factor": factor, "below": below, "also_in_full": also, "line": line}
 
 
 def ordering_agreement(

@@ -224,7 +224,7 @@ def quick_checks(
         full_acc = None
         if full and task in full:
             full_acc = {m: r["accuracy"] for m, r in full[task].items()}
-        check = chance_check(acc, 1.0 / classes)
+        check = chance_check(acc, 1.0 / classes, full=full_acc)
         order = ordering_agreement(
             acc, {m: binomial_se(a, n) for m, a in acc.items()}, full_acc, source
         )

@@ -379,7 +379,7 @@ def sage_quick_checks(summary: dict, full: dict | None, source: str) -> dict[str
         se = {name: v.get("mAP_se", float("inf")) for name, v in summary[target].items()}
         there = (full or {}).get(target)
         full_scores = {name: v["mAP"] for name, v in there.items()} if there else None
-        check = chance_check(scores, chance, what="mAP")
+        check = chance_check(scores, chance, what="mAP", full=full_scores)
         order = ordering_agreement(scores, se, full_scores, source)
         checks["targets"][target] = {"chance_mAP": chance, "chance": check, "order": order}
         checks["lines"].append(

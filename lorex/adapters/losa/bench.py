@@ -408,7 +408,7 @@ def quick_checks(results: dict[str, Any], full: dict[str, Any] | None, source: s
         order = ordering_agreement(
             acc, {m: binomial_se(a, n) for m, a in acc.items()}, full_acc, source
         )
-        check = chance_check(acc, chance)
+        check = chance_check(acc, chance, full=full_acc)
         checks["tasks"][task] = {"chance": check, "order": order}
         lines += [f"- {task}: {check['line']} {order['line']}"]
     lora, losa = block["lora"], block["losa"]
