@@ -4,9 +4,9 @@ one shows: its scores against chance and its order of methods against the full b
     python benchmarks/quick_benches.py --out benchmarks/results
 
 First runs `lorex demo --quick` into a new cache (not timed: that is `demo_quick.py`'s job), then
-each quick bench with that cache into a fresh folder ``OUT/<bench>-quick`` (the merge bench's into
-``OUT/merge``, where its quick results have always been). Writes ``quick_benches.json`` and
-``quick_benches.md``.
+each quick bench with that cache into a new, empty folder, then copied to ``OUT/<bench>-quick``
+(the merge bench's to ``OUT/merge``, where its quick results have always been). Writes
+``quick_benches.json`` and ``quick_benches.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ BENCHES = {
 }
 
 
+#: bench -> the folder under OUT of the full run a quick run compares its order with
+FULL = {"losa": "losa", "merge": "merge-full", "sage": "sage", "cross-modal": "cross_modal"}
+
+
 def _lorex(args: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lorex", *args], env=env, check=True)
@@ -55,11 +59,11 @@ def main() -> None:
         print(f"demo (fills the cache): {demo_seconds:.0f} s", flush=True)
         for bench in args.only or BENCHES:
             folder, checks_file = BENCHES[bench]
+            fresh = Path(tmp) / "benches" / folder  # nothing reused from an earlier run
+            full = ["--full-results", str(args.out / FULL[bench] / "results.json")]
+            seconds = _lorex(["bench", bench, "--quick", "--out", str(fresh), *full], env)
             out = args.out / folder
-            for stale in (out / "jobs", out / "demo"):  # nothing reused from an earlier run
-                shutil.rmtree(stale, ignore_errors=True)
-            extra = ["--fresh"] if bench == "losa" else []
-            seconds = _lorex(["bench", bench, "--quick", "--out", str(out), *extra], env)
+            shutil.copytree(fresh, out, dirs_exist_ok=True)  # models are git-ignored there
             data = json.loads((out / checks_file).read_text())
             checks = data.get("quick_checks", data)
             record["benches"][bench] = {

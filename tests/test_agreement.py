@@ -83,25 +83,19 @@ def _losa_block(acc, seconds, memory, cached=None, epochs=5):
 def test_losa_quick_checks_compare_order_and_ratio_sides_with_the_full_bench():
     from lorex.adapters.losa.bench import quick_checks
 
-    quick = {
-        "settings": {"sizes": ["micro", "base"]},
-        "micro": _losa_block(
-            {"full": 0.45, "lora": 0.40, "losa": 0.55},
-            {"full": 10.0, "lora": 9.0, "losa": 3.0},
-            {"full": 80, "lora": 60, "losa": 20},
-            cached=(2.0, 0.5),
-        ),
-    }
-    full = {
-        "settings": {"sizes": ["tiny", "base"]},
-        "tiny": _losa_block(
-            {"full": 0.33, "lora": 0.28, "losa": 0.56},
-            {"full": 287.0, "lora": 299.0, "losa": 129.0},
-            {"full": 579, "lora": 617, "losa": 286},
-            cached=(39.3, 10.0),
-            epochs=10,
-        ),
-    }
+    def run(size, acc, seconds, memory, cached, epochs):
+        methods = ("full", "lora", "losa")
+        block = _losa_block(
+            dict(zip(methods, acc, strict=True)),
+            dict(zip(methods, seconds, strict=True)),
+            dict(zip(methods, memory, strict=True)),
+            cached,
+            epochs,
+        )
+        return {"settings": {"sizes": [size, "base"]}, size: block}
+
+    quick = run("micro", (0.45, 0.40, 0.55), (10.0, 9.0, 3.0), (80, 60, 20), (2.0, 0.5), 5)
+    full = run("tiny", (0.33, 0.28, 0.56), (287.0, 299.0, 129.0), (579, 617, 286), (39.3, 10.0), 10)
     checks = quick_checks(quick, full, "full.json")
     order = checks["tasks"]["digits/mnistm"]["order"]
     assert order["differ"] == [] and len(order["agree"]) == 3

@@ -387,6 +387,19 @@ def projected_cached_ratio(
     }
 
 
+def _losa_lora_ratios(block: dict[str, Any]) -> dict[str, float]:
+    """LoSA / LoRA per epoch (time, peak memory, time with the cache) at one size."""
+    lora, losa = block["lora"], block["losa"]
+    ratios = {
+        "time per epoch": ratio(losa["train_seconds"], lora["train_seconds"]),
+        "peak training memory": ratio(losa["peak_train_mb"], lora["peak_train_mb"]),
+    }
+    projected = projected_cached_ratio(losa, lora, block["settings"]["epochs"], 100)
+    if projected is not None:
+        ratios["time per epoch with the cache"] = projected["per_epoch"]
+    return ratios
+
+
 def quick_checks(results: dict[str, Any], full: dict[str, Any] | None, source: str) -> dict:
     """Chance, and the full bench's order and ratios, checked on a quick run's pretrained size
     (per task: both benches score the same tasks' test images)."""
@@ -411,24 +424,8 @@ def quick_checks(results: dict[str, Any], full: dict[str, Any] | None, source: s
         check = chance_check(acc, chance, full=full_acc)
         checks["tasks"][task] = {"chance": check, "order": order}
         lines += [f"- {task}: {check['line']} {order['line']}"]
-    lora, losa = block["lora"], block["losa"]
-    quick_ratios = {
-        "time per epoch": ratio(losa["train_seconds"], lora["train_seconds"]),
-        "peak training memory": ratio(losa["peak_train_mb"], lora["peak_train_mb"]),
-    }
-    projected = projected_cached_ratio(losa, lora, block["settings"]["epochs"], 100)
-    if projected is not None:
-        quick_ratios["time per epoch with the cache"] = projected["per_epoch"]
-    full_ratios = {}
-    if full_block is not None:
-        fl, fs = full_block["lora"], full_block["losa"]
-        full_ratios = {
-            "time per epoch": ratio(fs["train_seconds"], fl["train_seconds"]),
-            "peak training memory": ratio(fs["peak_train_mb"], fl["peak_train_mb"]),
-        }
-        fp = projected_cached_ratio(fs, fl, full_block["settings"]["epochs"], 100)
-        if fp is not None:
-            full_ratios["time per epoch with the cache"] = fp["per_epoch"]
+    quick_ratios = _losa_lora_ratios(block)
+    full_ratios = _losa_lora_ratios(full_block) if full_block is not None else {}
     parts = []
     for key, value in quick_ratios.items():
         there = full_ratios.get(key)
