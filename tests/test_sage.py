@@ -364,7 +364,8 @@ def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path, monkeypatch
     assert set(variants) == {
         "direct/b", "direct/d", "averaged", "lora/b", "lora/d", "uniform", "gated", "gated-light",
     }  # fmt: skip
-    assert all(set(v) == {"mAP", "rank1", "mINP"} for v in variants.values())
+    assert all(set(v) == {"mAP", "rank1", "mINP", "mAP_se"} for v in variants.values())
+    assert all(0 < v["mAP_se"] < v["mAP"] for v in variants.values())  # over the queries
     assert summary["goals"]["targets"] == 1
     assert "reid/a" in summary["goals"]["per_target"]
     text = (tmp_path / "bench" / "results.md").read_text()
