@@ -200,7 +200,8 @@ def base_recipe(s: DemoSettings, seed: int) -> dict:
 def ensure_base(
     s: DemoSettings, seed: int, out: Path, device: torch.device, timings: dict[str, float]
 ) -> Path:
-    """Pretrain the base once per settings (cached under the cache dir) and copy it into ``out``."""
+    """Pretrain the base once per settings (cached under the cache dir; the shipped base when the
+    settings are its recipe's) and copy it into ``out``."""
     stamp = base_stamp(s, seed)
     cached = cache_dir() / "models" / f"base-{s.preset}-{_settings_hash(stamp)}"
     cfg = TrainConfig(
@@ -211,10 +212,9 @@ def ensure_base(
         max_samples=s.pretrain_samples,
         augment=s.pretrain_augment,
     )
+    # The shipped base is the same model, bit for bit, without the minutes of pretraining.
     shipped = find_shipped(SHIPPED_BASE, base_recipe(s, seed))
-    if (
-        shipped is not None
-    ):  # the same model, bit for bit, without the two minutes (lorex.pretrained)
+    if shipped is not None:
         label = (
             f"base {s.preset} on pretrain/chars ({s.pretrain_epochs} epochs), shipped with lorex"
         )
