@@ -729,7 +729,7 @@ def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
 
 def cmd_import_timm(args: argparse.Namespace) -> int:
     from lorex.backbones import preset_config
-    from lorex.backbones.timm_checkpoint import import_timm
+    from lorex.models.timm_import import import_timm
 
     import_timm(args.checkpoint, preset_config(args.preset), args.out)
     print(f"wrote {args.out} from {args.checkpoint}")

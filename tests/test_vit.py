@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 import lorex
 import lorex.backbones
 from lorex.backbones import vit
-from lorex.backbones.timm_checkpoint import import_timm, read_checkpoint, split_timm_state
+from lorex.backbones.timm_checkpoint import read_checkpoint, split_timm_state
 from lorex.backbones.vit import VisionTransformer, ViTConfig, resample_pos_embed
 from lorex.cli import main
 from lorex.errors import LorexError
+from lorex.models.timm_import import import_timm
 
 SMALL = ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
 EPS = 1e-6

@@ -47,22 +47,3 @@ def split_timm_state(
         body["pos_embed"] = resample_pos_embed(body["pos_embed"], model.patch_embed.grid_size)
     check_tensors_match(model.state_dict(), body, source)
     return body, head
-
-
-def import_timm(checkpoint: str | Path, backbone_config: dict, out: str | Path) -> Path:
-    """Write a lorex base model directory from a timm ViT checkpoint.
-
-    A classifier ``head`` in the checkpoint becomes the model's ``timm`` head (classes "0".."C-1").
-    """
-    from lorex.backbones.vit import ViTConfig
-    from lorex.models import LorexModel, save_model
-
-    model = LorexModel(VisionTransformer(ViTConfig.from_dict(backbone_config)), backbone_config)
-    body, head = split_timm_state(model.backbone, read_checkpoint(checkpoint), str(checkpoint))
-    model.backbone.load_state_dict(body)
-    if "weight" in head:
-        key = model.add_head("timm", [str(i) for i in range(head["weight"].shape[0])])
-        expected = {f"head.{k}": v for k, v in model.heads[key].state_dict().items()}
-        check_tensors_match(expected, {f"head.{k}": v for k, v in head.items()}, checkpoint)
-        model.heads[key].load_state_dict(head)
-    return save_model(model, out, made_by={"command": "import-timm", "checkpoint": str(checkpoint)})

@@ -1,9 +1,10 @@
 """Built-in multi-domain data and the ImageFolder format."""
 
+from lorex.data.cache import cache_dir
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder, write_imagefolder
 from lorex.data.paired import PAIRED_SETS, PairedDataset, load_paired
-from lorex.data.registry import BUILTINS, DIGIT_DOMAINS, cache_dir, load_dataset
+from lorex.data.registry import BUILTINS, DIGIT_DOMAINS, load_dataset
 from lorex.data.reid_synth import REID_DOMAINS, load_reid, make_reid_domain
 
 __all__ = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lorex.data import digits, moving_digits, pretrain, rgbx_synth
+from lorex.data.cache import cache_dir
 from lorex.data.dataset import ImageDataset
 from lorex.data.imagefolder import read_imagefolder
 from lorex.data.paired import PAIRED_SETS, load_paired
@@ -116,13 +116,6 @@ def _paired_views() -> list[BuiltinDataset]:
 
 
 BUILTINS.update({view.name: view for view in _paired_views()})
-
-
-def cache_dir() -> Path:
-    """``$LOREX_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorex``, else ``~/.cache/lorex``."""
-    if os.environ.get("LOREX_CACHE_DIR"):
-        return Path(os.environ["LOREX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorex"
 
 
 def _cache_path(spec: BuiltinDataset, split: str) -> Path:

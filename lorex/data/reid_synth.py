@@ -19,6 +19,7 @@ from PIL import Image
 
 from lorex.data import reid_render as rr
 from lorex.data import sources
+from lorex.data.cache import cache_dir
 from lorex.data.market1501 import Market1501, ReidSplit, read_market1501
 from lorex.errors import LorexError
 from lorex.io import atomic_write_bytes
@@ -209,7 +210,6 @@ def _spec(name: str) -> ReidDomain:
 
 
 def _cache_path(spec: ReidDomain, num_ids: int) -> Path:
-    from lorex.data.registry import cache_dir
 
     size = "" if num_ids == spec.num_ids else f"-ids{num_ids}"
     return cache_dir() / "datasets" / f"{spec.name.replace('/', '__')}-v{VERSION}{size}.npz"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lorex.data import scene_render as sr
+from lorex.data.cache import cache_dir
 from lorex.data.reid_render import hsv_to_rgb, resample_matrix
 from lorex.errors import LorexError
 from lorex.io import atomic_write_bytes
@@ -383,7 +384,6 @@ def generate(name: str, split: str, per_class: int | None = None) -> dict[str, n
 
 
 def cache_path(name: str, split: str) -> Path:
-    from lorex.data.registry import cache_dir
 
     return cache_dir() / "datasets" / f"paired__{name.replace('/', '__')}-v{VERSION}-{split}.npz"
 
