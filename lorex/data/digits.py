@@ -70,6 +70,9 @@ def make_mnistm(split: str) -> ImageDataset:
 
 
 SYN_SIZES = {"train": 5000, "test": 1000}
+SYN_STYLE = render.GlyphStyle(
+    font_px=(18, 30), stroke=(0, 2), max_rotation=15, blurs=(0.0, 0.0, 0.5, 0.8), max_noise=8
+)
 
 
 def make_syn(split: str) -> ImageDataset:
@@ -87,19 +90,7 @@ def make_syn(split: str) -> ImageDataset:
         n_side = int(rng.integers(0, 2))  # neighbours left and right, partly cut off by the frame
         text = "".join(str(d) for d in rng.integers(0, 10, n_side)) + str(label)
         text += "".join(str(d) for d in rng.integers(0, 10, n_side))
-        mask = render.glyph_mask(
-            text,
-            fonts[int(rng.integers(len(fonts)))],
-            int(rng.integers(18, 30)),
-            out=SIZE,
-            stroke=int(rng.integers(0, 2)),
-            rotation=float(rng.uniform(-15, 15)),
-            offset=(float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))),
-        )
-        image = image * (1 - mask[..., None]) + fg * mask[..., None]
-        image = render.blur(image, float(rng.choice([0.0, 0.0, 0.5, 0.8])))
-        image += rng.normal(0, rng.uniform(0, 8), size=image.shape)
-        out[i] = render.to_uint8(image)
+        out[i] = render.paint_glyph(rng, image, text, fonts, fg, SYN_STYLE)
     return ImageDataset(out, labels, DIGITS, "digits/syn")
 
 

@@ -18,6 +18,11 @@ CHARS = list(string.digits + string.ascii_uppercase)
 PER_CLASS = {"train": 500, "test": 50}
 CLEAN_FRACTION = 0.3
 
+#: Bold glyphs that fill most of the frame (docs/architecture.md, "Pretraining set").
+CHARS_STYLE = render.GlyphStyle(
+    font_px=(22, 30), stroke=(2, 5), max_rotation=12, blurs=(0.0, 0.0, 0.6), max_noise=6
+)
+
 
 def chars_size(split: str) -> int:
     return PER_CLASS[split] * len(CHARS)
@@ -43,17 +48,5 @@ def make_chars(split: str) -> ImageDataset:
             )
             texture = (texture - texture.mean()) * rng.uniform(0.05, 0.35)
             image = render.gradient_background(rng, SIZE, bg) + texture[..., None]
-        mask = render.glyph_mask(
-            CHARS[label],
-            fonts[int(rng.integers(len(fonts)))],
-            int(rng.integers(22, 30)),
-            out=SIZE,
-            stroke=int(rng.integers(2, 5)),
-            rotation=float(rng.uniform(-12, 12)),
-            offset=(float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))),
-        )
-        image = image * (1 - mask[..., None]) + fg * mask[..., None]
-        image = render.blur(image, float(rng.choice([0.0, 0.0, 0.6])))
-        image += rng.normal(0, rng.uniform(0, 6), size=image.shape)
-        out[i] = render.to_uint8(image)
+        out[i] = render.paint_glyph(rng, image, CHARS[label], fonts, fg, CHARS_STYLE)
     return ImageDataset(out, labels, CHARS, "pretrain/chars")

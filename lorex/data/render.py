@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 SUPERSAMPLE = 2  # draw at twice the size, then downsample: smooth edges at 32x32
+
+
+@dataclass(frozen=True)
+class GlyphStyle:
+    """How a set draws its glyphs: ranges are ``[low, high)`` as ``rng.integers`` takes them."""
+
+    font_px: tuple[int, int]
+    stroke: tuple[int, int]
+    max_rotation: float  # degrees, either way
+    blurs: tuple[float, ...]  # radii drawn uniformly (repeat one to weight it)
+    max_noise: float  # Gaussian noise std drawn from [0, max_noise)
 
 
 @functools.cache
@@ -102,3 +114,30 @@ def blur(image: np.ndarray, radius: float) -> np.ndarray:
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def paint_glyph(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    text: str,
+    fonts: list[str],
+    fg: np.ndarray,
+    style: GlyphStyle,
+) -> np.ndarray:
+    """``text`` painted in ``fg`` over ``image`` (float ``(S, S, 3)``), then blurred and noised:
+    the last steps every rendered-glyph set shares. The draws come in one fixed order (font,
+    size, stroke, rotation, offset, blur, noise), so a set stays the same bytes."""
+    size = image.shape[0]
+    mask = glyph_mask(
+        text,
+        fonts[int(rng.integers(len(fonts)))],
+        int(rng.integers(*style.font_px)),
+        out=size,
+        stroke=int(rng.integers(*style.stroke)),
+        rotation=float(rng.uniform(-style.max_rotation, style.max_rotation)),
+        offset=(float(rng.uniform(-2, 2)), float(rng.uniform(-2, 2))),
+    )
+    image = image * (1 - mask[..., None]) + fg * mask[..., None]
+    image = blur(image, float(rng.choice(style.blurs)))
+    image += rng.normal(0, rng.uniform(0, style.max_noise), size=image.shape)
+    return to_uint8(image)
