@@ -153,6 +153,30 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def private_imports() -> list[str]:
+    """``from other.package import _name``: a private name used outside its package (it should
+    become public, or move to where it is used)."""
+    modules = all_modules()
+    bad = []
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] != "lorex":
+                continue
+            home = (
+                node.module
+                if node.module in modules and modules[node.module].name == ("__init__.py")
+                else node.module.rpartition(".")[0]
+            )
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and home != package:
+                    bad.append(f"{module}: from {node.module} import {alias.name}")
+    return bad
+
+
 def long_functions(limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
     """``path:function`` -> lines, for every function (nested ones too) over ``limit``."""
     out = {}
@@ -189,6 +213,11 @@ def test_no_module_imports_a_higher_layer(doc):
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_no_private_name_crosses_a_package():
+    bad = private_imports()
+    assert not bad, "private names imported from another package:\n" + "\n".join(bad)
 
 
 def test_no_function_over_100_lines(doc):
