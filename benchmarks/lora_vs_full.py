@@ -2,8 +2,8 @@
 
 Acceptance target: LoRA within 2 points of full fine-tuning with at most 5% of its trainable
 parameters. On `vit-micro` rank 8 is 8.1% of the model, so this runs on `vit-mini` (twice the
-width, 4.2%). Everything else is the demo's pipeline (`lorex.demo.run_demo`): a base pretrained
-on `pretrain/chars`, then per domain a linear probe, a full expert and a LoRA expert.
+width, 4.2%). Everything else is the demo's pipeline (`lorex.experiments.demo.run_demo`): a base
+pretrained on `pretrain/chars`, then per domain a linear probe, a full expert and a LoRA expert.
 
     python benchmarks/lora_vs_full.py --out benchmarks/results
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 import lorex
-from lorex.demo import QUICK, run_demo, short
+from lorex.experiments.demo import run_demo
+from lorex.experiments.settings import QUICK
+from lorex.experiments.stages import short
 
 # The LoRA recipe (chosen in a sweep on digits/syn, docs/lora.md): rank 8 on every block's qkv,
 # proj, fc1, fc2 and on the patch-embedding convolution, alpha 16, 12 epochs at lr 5e-3 (one LoRA

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import lorex
-from lorex.adaptation.sage.bench import gated_time_at_vit_b
+from lorex.experiments.sage_bench import gated_time_at_vit_b
 from lorex.training.run import resolve_device
 
 

@@ -24,9 +24,9 @@ import torch
 
 import lorex
 from lorex.adaptation.pseudo_labels import PseudoLabeler
-from lorex.adaptation.sage.bench import VIT_B_REID
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
 from lorex.backbones import build_backbone
+from lorex.experiments.sage_bench import VIT_B_REID
 from lorex.io import write_json
 from lorex.models import LorexModel
 from lorex.training.reid_objective import batch_hard_soft_triplet, label_smoothed_cross_entropy

@@ -559,9 +559,10 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lorex.data import load_dataset
-    from lorex.demo import FULL, QUICK, run_demo
+    from lorex.experiments.demo import run_demo
+    from lorex.experiments.merge_bench import SMALL_LR, merge_quick_checks, write_merge_report
+    from lorex.experiments.settings import FULL, QUICK
     from lorex.io import read_json
-    from lorex.merging.bench import SMALL_LR, merge_quick_checks, write_merge_report
     from lorex.metrics.agreement import read_full_results
     from lorex.training.run import resolve_device, run_record
 
@@ -594,7 +595,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_losa(args: argparse.Namespace) -> int:
-    from lorex.adapters.losa.bench import quick_checks, run_bench, write_report
+    from lorex.experiments.losa_bench import run_bench
+    from lorex.experiments.losa_report import quick_checks, write_report
     from lorex.metrics.agreement import read_full_results
     from lorex.training.run import run_record
 
@@ -691,7 +693,7 @@ def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sage(args: argparse.Namespace) -> int:
-    from lorex.adaptation.sage.bench import run_sage_bench
+    from lorex.experiments.sage_bench import run_sage_bench
     from lorex.training.run import resolve_device
 
     summary = run_sage_bench(
@@ -711,7 +713,7 @@ def cmd_bench_sage(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
-    from lorex.adaptation.cross_modal.bench import run_cross_modal_bench
+    from lorex.experiments.cross_modal_bench import run_cross_modal_bench
     from lorex.training.run import resolve_device
 
     summary = run_cross_modal_bench(
@@ -737,7 +739,7 @@ def cmd_import_timm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lorex.demo import run_demo
+    from lorex.experiments.demo import run_demo
     from lorex.training.run import resolve_device
 
     report = run_demo(
@@ -1073,7 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer epochs and samples (about 11 minutes on 2 cores from an empty cache)",
+        help="fewer epochs and samples (under 5 minutes on 2 cores from an empty cache; README)",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="backbone preset (default vit-micro)")
     p.add_argument("--seed", type=_seed, default=0)

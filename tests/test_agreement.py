@@ -81,7 +81,7 @@ def _losa_block(acc, seconds, memory, cached=None, epochs=5):
 
 
 def test_losa_quick_checks_compare_order_and_ratio_sides_with_the_full_bench():
-    from lorex.adapters.losa.bench import quick_checks
+    from lorex.experiments.losa_report import quick_checks
 
     def run(size, acc, seconds, memory, cached, epochs):
         methods = ("full", "lora", "losa")
@@ -112,7 +112,7 @@ def test_losa_quick_checks_compare_order_and_ratio_sides_with_the_full_bench():
 
 
 def test_merge_quick_checks_read_each_expert_kind_of_the_full_results():
-    from lorex.merging.bench import merge_quick_checks
+    from lorex.experiments.merge_bench import merge_quick_checks
 
     def kind(scores):
         out = {"experts": {"a": 90.0, "b": 80.0}}
@@ -133,7 +133,7 @@ def test_merge_quick_checks_read_each_expert_kind_of_the_full_results():
 
 
 def test_cross_modal_quick_checks_use_each_tasks_classes_and_images():
-    from lorex.adaptation.cross_modal.bench import quick_checks
+    from lorex.experiments.cross_modal_bench import quick_checks
 
     results = {"t": {"source-only": {"accuracy": 0.30}, "socket": {"accuracy": 0.45}}}
     checks = quick_checks(results, {"t": {"images": 900, "classes": 6}}, None, "x")

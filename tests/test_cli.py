@@ -199,7 +199,7 @@ def test_output_cut_short_by_its_reader_exits_quietly(tmp_path):
 
 @pytest.mark.slow  # the whole demo
 def test_demo_end_to_end_on_tiny_settings(tmp_path):
-    from lorex.demo import QUICK, replace, run_demo
+    from lorex.experiments.demo import QUICK, replace, run_demo
 
     tiny = replace(
         QUICK,
@@ -273,7 +273,7 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
         assert set(result["per_task"]) == {"mnist", "optdigits"}
         assert 0 <= result["normalized"] <= 200 and result["seconds"] >= 0
     # The merge benchmark's pieces on the same experts (DOGE shortened to 2 steps).
-    from lorex.merging.bench import score_merges, write_merge_report
+    from lorex.experiments.merge_bench import score_merges, write_merge_report
 
     lora_results = score_merges(
         tmp_path / "demo",

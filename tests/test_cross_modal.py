@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lorex.adaptation.cross_modal import CrossModalConfig, adapt_cross_modal
-from lorex.adaptation.cross_modal.bench import CrossModalBenchSettings, Task, run_cross_modal_bench
 from lorex.adaptation.cross_modal.statistics import (
     feature_statistics,
     load_statistics,
@@ -19,6 +18,7 @@ from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import train_target_model
 from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
+from lorex.experiments.cross_modal_bench import CrossModalBenchSettings, Task, run_cross_modal_bench
 from lorex.models import load_model
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
@@ -247,7 +247,7 @@ def test_bench_end_to_end_on_tiny_settings(tiny_base, tmp_path):
     assert set(json.loads((tmp_path / "summary.json").read_text())["goals"]) >= {"gain_over_socket"}
     assert (tmp_path / "tasks" / "rgbd_k1-to-k2" / "metrics.json").stat().st_mtime_ns == stamp
     # The demo's report section reads the same summary.
-    from lorex.demo import _cross_modal_section
+    from lorex.experiments.demo_report import _cross_modal_section
 
     section = _cross_modal_section(summary)
     assert "| rgbd k1->k2 | tgmb-tgkt |" in section and _cross_modal_section(None) == ""

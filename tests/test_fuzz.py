@@ -329,10 +329,10 @@ STUBS = [
     "lorex.data.registry._load_builtin",
     "lorex.data.paired._load_builtin",
     "lorex.data.reid_synth.make_reid_domain",
-    "lorex.demo.run_demo",
-    "lorex.adapters.losa.bench.run_bench",
-    "lorex.adaptation.sage.bench.run_sage_bench",
-    "lorex.adaptation.cross_modal.bench.run_cross_modal_bench",
+    "lorex.experiments.demo.run_demo",
+    "lorex.experiments.losa_bench.run_bench",
+    "lorex.experiments.sage_bench.run_sage_bench",
+    "lorex.experiments.cross_modal_bench.run_cross_modal_bench",
 ]
 
 

@@ -314,7 +314,9 @@ def test_cli_trains_losa_on_clips_and_reports_efficiency(tmp_path, tiny_base, ca
 
 def test_benchmark_pieces(tmp_path):
     """One in-process training job, the cached-time projection and the report on fixed numbers."""
-    from lorex.adapters.losa import bench
+    from lorex.experiments import losa_bench as bench
+    from lorex.experiments import losa_jobs as jobs
+    from lorex.experiments import losa_report as report
 
     job = {
         "kind": "train",
@@ -332,15 +334,15 @@ def test_benchmark_pieces(tmp_path):
         "seed": 0,
     }
     with pytest.raises(LorexError, match="does not fit"):  # vit-micro takes 32 px
-        bench.run_train_job(job)
-    answer = bench.run_train_job({**job, "image": 32})
+        jobs.run_train_job(job)
+    answer = jobs.run_train_job({**job, "image": 32})
     assert answer["feature_cache"] and 0 < answer["cache_seconds"] <= answer["train_seconds"]
     assert answer["trainable_params"] < answer["total_params"]
-    resized = bench._resized(load_dataset("digits/optdigits", "test", 4), 48)
+    resized = jobs._resized(load_dataset("digits/optdigits", "test", 4), 48)
     assert resized.images.shape == (4, 48, 48, 3) and resized.images.dtype == np.uint8
 
     losa = {"train_seconds_cached": 12.0, "cache_seconds": 2.0}
-    projected = bench.projected_cached_ratio(losa, {"train_seconds": 100.0}, 5, 100)
+    projected = report.projected_cached_ratio(losa, {"train_seconds": 100.0}, 5, 100)
     assert projected["losa_epoch"] == pytest.approx(2.0) and projected["lora_epoch"] == 20.0
     assert projected["ratio"] == pytest.approx((2.0 + 100 * 2.0) / (100 * 20.0))
 
@@ -375,8 +377,8 @@ def test_benchmark_pieces(tmp_path):
         "runs": runs,
         "largest_depth": dict.fromkeys(bench.METHODS, 4),
     }
-    report = bench.write_report({"tiny": block, "base": block, "memory_cap": sweep}, tmp_path)
-    text = report.read_text()
+    written = report.write_report({"tiny": block, "base": block, "memory_cap": sweep}, tmp_path)
+    text = written.read_text()
     assert "**0.40** (goal <= 0.5)" in text  # memory 80 / 200
     assert "**0.40** without the cache" in text and "**0.15** with it" in text
     assert "**-1.0** points" in text
@@ -388,7 +390,7 @@ def test_benchmark_pieces(tmp_path):
 
 def test_benchmark_jobs_resume(tmp_path, monkeypatch):
     """A stopped benchmark resumes: saved answers are reused, failed jobs run again."""
-    from lorex.adapters.losa import bench
+    from lorex.experiments import losa_bench as bench
 
     calls = []
 

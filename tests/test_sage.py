@@ -337,8 +337,8 @@ def test_adapt_classification_scores_every_variant(tiny_base, tmp_path):
 def test_bench_sage_end_to_end_on_tiny_settings(tiny_base, tmp_path, monkeypatch):
     """``lorex bench sage``'s whole chain (people base, sources, leave-one-out target, report)
     at a toy size; the numbers mean nothing here, the structure does."""
-    from lorex.adaptation.sage.bench import SageBenchSettings, run_sage_bench
     from lorex.data import reid_synth
+    from lorex.experiments.sage_bench import SageBenchSettings, run_sage_bench
 
     # Toy-sized built-in domains, in a cache of this test's own (never the session's).
     monkeypatch.setenv("LOREX_CACHE_DIR", str(tmp_path / "cache"))

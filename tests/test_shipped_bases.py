@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorex.adaptation.sage import bench as sage_bench
-from lorex.demo import FULL, QUICK, SHIPPED_BASE, base_recipe
+from lorex.experiments import sage_bench
+from lorex.experiments.settings import FULL, QUICK
+from lorex.experiments.stages import SHIPPED_BASE, base_recipe
 from lorex.io import _sort_metadata, save_tensors
 from lorex.models import load_model
 from lorex.models.store import file_sha256
@@ -119,7 +120,7 @@ def test_the_recorded_command_reproduces_the_shipped_base_bit_for_bit(name, tmp_
 def test_a_finished_demo_stage_is_kept_in_the_cache_for_another_run(tmp_path, monkeypatch):
     """Another output folder with the same stage settings copies the cached stage instead of
     training it; an edit of lorex's code (another fingerprint) trains it again."""
-    from lorex import demo
+    from lorex.experiments import stages
 
     made = []
 
@@ -133,14 +134,14 @@ def test_a_finished_demo_stage_is_kept_in_the_cache_for_another_run(tmp_path, mo
     stamp = {"stage": "train", "domain": "x", "method": "full"}
     first, second, third = tmp_path / "a" / "m", tmp_path / "b" / "m", tmp_path / "c" / "m"
     timings: dict[str, float] = {}
-    demo._stage(first, stamp, make(first), "stage", timings)
-    demo._stage(second, stamp, make(second), "stage", timings)
+    stages.cached_stage(first, stamp, make(first), "stage", timings)
+    stages.cached_stage(second, stamp, make(second), "stage", timings)
     assert made == [first] and timings["stage"] == 0.0
     assert json.loads((second / "stage.json").read_text()) == stamp
     assert (second / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
-    demo._stage(third, {**stamp, "method": "lora"}, make(third), "stage", timings)
+    stages.cached_stage(third, {**stamp, "method": "lora"}, make(third), "stage", timings)
     assert made == [first, third]  # other settings: trained
-    monkeypatch.setattr(demo, "code_fingerprint", lambda: "edited-code")
+    monkeypatch.setattr(stages, "code_fingerprint", lambda: "edited-code")
     fourth = tmp_path / "d" / "m"
-    demo._stage(fourth, stamp, make(fourth), "stage", timings)
+    stages.cached_stage(fourth, stamp, make(fourth), "stage", timings)
     assert made == [first, third, fourth]  # same settings, other code: trained

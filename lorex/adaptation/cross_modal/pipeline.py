@@ -28,10 +28,10 @@ from lorex.adaptation.cross_modal.report import cross_modal_report, translations
 from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
 from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
-from lorex.adaptation.sage.stages import stamp  # what a stage was made from
 from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
+from lorex.models.stamps import stamp  # what a stage was made from
 from lorex.training.checkpoint import CheckpointOptions, remove_if_empty, work_directory
 from lorex.training.run import run_record
 

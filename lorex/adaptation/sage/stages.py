@@ -4,8 +4,6 @@ differ between the two tasks; they come in as callables."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +20,7 @@ from lorex.adapters.gated import expert_parameter_count, gate_parameters, record
 from lorex.errors import LorexError
 from lorex.io import read_json, write_json
 from lorex.models import LorexModel, is_model_dir, load_model, save_model
+from lorex.models.stamps import reusable, stamp
 from lorex.models.store import file_sha256
 from lorex.training import distributed
 from lorex.training.checkpoint import work_directory
@@ -58,15 +57,6 @@ def check_sources(sources: Sequence[str | Path]) -> list[Path]:
 
 def work_dir(out: Path, work: str | Path | None) -> Path:
     return Path(work) if work is not None else work_directory(out)
-
-
-def stamp(**settings: Any) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def reusable(path: Path, value: str) -> bool:
-    stage = path / "stage.json"
-    return is_model_dir(path) and stage.is_file() and read_json(stage).get("stamp") == value
 
 
 def lora_experts(

@@ -28,9 +28,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lorex.data import DIGIT_DOMAINS, load_dataset
-from lorex.demo import QUICK
+from lorex.experiments.merge_bench import score_merges
+from lorex.experiments.settings import QUICK
 from lorex.io import write_json
-from lorex.merging.bench import score_merges
 
 DEMO = Path("benchmarks/results/merge/demo")
 RECORD = Path(__file__).with_name("relative-steps.json")

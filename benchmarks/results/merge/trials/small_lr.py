@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from lorex.data import DIGIT_DOMAINS
-from lorex.demo import FULL, QUICK, short
-from lorex.merging.bench import score_merges
+from lorex.experiments.merge_bench import score_merges
+from lorex.experiments.settings import FULL, QUICK
+from lorex.experiments.stages import short
 from lorex.training.methods import METHODS
 from lorex.training.run import TrainConfig, train_expert
 

@@ -9,7 +9,6 @@ them), where the K = 3 rank-8 branches are ~4% of the linear-layer FLOPs as in t
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,27 +18,31 @@ import numpy as np
 import torch
 
 from lorex import __version__
+from lorex.adaptation.sage.classification import adapt_classification
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.pipeline import adapt_reid
-from lorex.adaptation.sage.report import gate_objective, gate_weights_png, ordered_variants
-from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image, reusable, stamp
+from lorex.adaptation.sage.report import ordered_variants
+from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
 from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
 from lorex.data.reid_synth import PRETRAIN_DOMAIN
+from lorex.experiments import settings as demo_settings
+from lorex.experiments.sage_bench_report import gate_png, sage_bench_report
+from lorex.experiments.stages import augmented_config, ensure_base, run_stage, short, teller
 from lorex.io import read_json, write_json
 from lorex.metrics.agreement import chance_check, ordering_agreement, read_full_results
 from lorex.metrics.reid import random_ranking_map
 from lorex.models import LorexModel
+from lorex.models.stamps import stamp
 from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
-from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.reid_objective import load_reid_data, train_reid_expert
-from lorex.training.run import run_record
+from lorex.training.run import run_record, train_expert
 
-log = logging.getLogger("lorex")
+say = teller("sage")
 
 #: The quick people base shipped as package data (``lorex.pretrained``).
 SHIPPED_PEOPLE_BASE = "people-vit-micro"
@@ -104,19 +107,8 @@ DEMO = replace(
 )
 
 
-def _short(domain: str) -> str:
-    return domain.split("/")[-1]
-
-
 def people_config(s: SageBenchSettings, seed: int) -> TrainConfig:
-    return TrainConfig(
-        epochs=s.pretrain_epochs,
-        batch_size=64,
-        lr=s.pretrain_lr,
-        augment=True,
-        seed=seed,
-        max_samples=s.pretrain_samples,
-    )
+    return augmented_config(s.pretrain_epochs, s.pretrain_lr, seed, s.pretrain_samples)
 
 
 def people_recipe(cfg: TrainConfig, base: Path) -> dict[str, Any]:
@@ -140,15 +132,16 @@ def people_base(out: Path, base: Path, s: SageBenchSettings, seed: int, device, 
         base=file_sha256(base / "model.safetensors"),
         version=__version__,
     )
-    if not reusable(path, value):
-        shipped = find_shipped(SHIPPED_PEOPLE_BASE, people_recipe(cfg, base))
-        if shipped is not None:  # the same model, bit for bit (lorex.pretrained)
-            print(f"[bench sage] people base on {PRETRAIN_DOMAIN}: shipped with lorex", flush=True)
-            install_shipped(shipped, path)
-        else:
-            print(f"[bench sage] people base on {PRETRAIN_DOMAIN} ...", flush=True)
-            train_reid_expert(base, PRETRAIN_DOMAIN, METHODS["full"](), path, cfg, device, progress)
-        write_json(path / "stage.json", {"stamp": value})
+    shipped = find_shipped(SHIPPED_PEOPLE_BASE, people_recipe(cfg, base))
+    if shipped is not None:  # the same model, bit for bit (lorex.pretrained)
+        label = f"people base on {PRETRAIN_DOMAIN}, shipped with lorex"
+        make = lambda: install_shipped(shipped, path)  # noqa: E731
+    else:
+        label = f"people base on {PRETRAIN_DOMAIN}"
+        make = lambda: train_reid_expert(  # noqa: E731
+            base, PRETRAIN_DOMAIN, METHODS["full"](), path, cfg, device, progress
+        )
+    run_stage(path, {"stamp": value}, make, label, say)
     return path
 
 
@@ -157,19 +150,12 @@ def train_sources(
 ) -> dict[str, Path]:
     """One full re-ID expert per domain (stage 1), reused when its settings match."""
     sources = {}
-    cfg = TrainConfig(
-        epochs=s.source_epochs,
-        batch_size=64,
-        lr=s.source_lr,
-        augment=True,
-        seed=seed,
-        max_samples=s.source_samples,
-    )
+    cfg = augmented_config(s.source_epochs, s.source_lr, seed, s.source_samples)
     needed = {d for d in s.domains if any(t != d for t in s.targets)}
     for domain in s.domains:
         if domain not in needed:
             continue
-        path = out / "sources" / _short(domain)
+        path = out / "sources" / short(domain)
         value = stamp(
             stage=1,
             domain=domain,
@@ -177,10 +163,15 @@ def train_sources(
             base=read_json(base / "stage.json")["stamp"],
             version=__version__,
         )
-        if not reusable(path, value):
-            print(f"[bench sage] source expert on {domain} ...", flush=True)
-            train_reid_expert(base, domain, METHODS["full"](), path, cfg, device, progress)
-            write_json(path / "stage.json", {"stamp": value})
+        run_stage(
+            path,
+            {"stamp": value},
+            lambda d=domain, p=path: train_reid_expert(
+                base, d, METHODS["full"](), p, cfg, device, progress
+            ),
+            f"source expert on {domain}",
+            say,
+        )
         sources[domain] = path
     return sources
 
@@ -190,28 +181,28 @@ def digits_leave_one_out(
 ) -> dict[str, Any]:
     """The same pipeline on the digit domains: full experts from the chars base, then each
     target adapted from the other three (``adapt_classification``); test accuracy per variant."""
-    from lorex.adaptation.sage.classification import adapt_classification
-    from lorex.training.run import train_expert
-
     cfg = TrainConfig(
         epochs=s.digit_epochs, batch_size=64, lr=1e-3, seed=seed, max_samples=s.digit_samples
     )
     experts = {}
     for domain in DIGIT_DOMAINS:
-        path = out / "digits" / "experts" / _short(domain)
+        path = out / "digits" / "experts" / short(domain)
         value = stamp(
             stage=1, domain=domain, cfg=cfg.to_dict(), base=file_sha256(base / "model.safetensors")
         )
-        if not reusable(path, value):
-            print(f"[bench sage] digit expert on {domain} ...", flush=True)
-            train_expert(base, domain, METHODS["full"](), path, cfg, device)
-            write_json(path / "stage.json", {"stamp": value})
+        run_stage(
+            path,
+            {"stamp": value},
+            lambda d=domain, p=path: train_expert(base, d, METHODS["full"](), p, cfg, device),
+            f"digit expert on {domain}",
+            say,
+        )
         experts[domain] = path
     sage = replace(s.digit_sage, seed=seed, max_target_samples=s.digit_samples)
     results = {}
     for target in s.digit_targets:
-        print(f"[bench sage] digit target {target} ...", flush=True)
-        folder = out / "digits" / "targets" / _short(target)
+        say(f"digit target {target} ...")
+        folder = out / "digits" / "targets" / short(target)
         srcs = [experts[d] for d in DIGIT_DOMAINS if d != target]
         metrics = adapt_classification(
             srcs, target, folder / "model", sage, device, progress, folder / "work"
@@ -289,9 +280,6 @@ def run_sage_bench(
     """Run the benchmark into ``out`` (stages reused when their settings match). ``base``: a
     pretrained base to start from instead of the demo's chars base. A ``quick`` run also checks
     its scores against chance and its order against ``full_results`` (a full run's JSON)."""
-    from lorex.demo import QUICK as BASE_SETTINGS
-    from lorex.demo import ensure_base
-
     out = Path(out)
     s = settings or (QUICK if quick else FULL)
     s = replace(s, sage=replace(s.sage, seed=seed))
@@ -300,7 +288,7 @@ def run_sage_bench(
     start = time.perf_counter()
     base_dir = base
     if base is None:
-        base = ensure_base(BASE_SETTINGS, seed, out, device, timings)
+        base = ensure_base(demo_settings.QUICK, seed, out, device, timings)
     base = people_base(out, base, s, seed, device, progress)
     sources = train_sources(out, base, s, seed, device, progress)
     timings["sources"] = time.perf_counter() - start - sum(timings.values())
@@ -308,9 +296,9 @@ def run_sage_bench(
     details: dict[str, Any] = {}
     for target in s.targets:
         tick = time.perf_counter()
-        print(f"[bench sage] target {target} ...", flush=True)
+        say(f"target {target} ...")
         srcs = [sources[d] for d in s.domains if d != target]
-        folder = out / "targets" / _short(target)
+        folder = out / "targets" / short(target)
         metrics = adapt_reid(
             srcs, target, folder / "model", s.sage, device, progress, folder / "work", True
         )
@@ -361,7 +349,7 @@ def run_sage_bench(
             summary, read_full_results(full_results) if full_results else None, str(full_results)
         )
     write_json(out / "results.json", summary)
-    (out / "gate_weights.png").write_bytes(_gate_png(details))
+    (out / "gate_weights.png").write_bytes(gate_png(details))
     (out / "results.md").write_text(sage_bench_report(summary, quick))
     return summary
 
@@ -423,154 +411,3 @@ def goals(results: dict, details: dict, vit_b: dict | None) -> dict[str, Any]:
             "vit-b": vit_b["gate_share_of_backbone"]["gated-light"] if vit_b else None,
         },
     }
-
-
-def _gate_png(details: dict[str, Any]) -> bytes:
-    """Every target's two gates, one panel each."""
-    weights, names = {}, {}
-    for target, d in details.items():
-        for label in GATE_VARIANTS.values():
-            weights[f"target {target}, {label}"] = d["gate_weights"][label]
-            names[f"target {target}, {label}"] = [f"from {n}" for n in d["names"]]
-    return gate_weights_png(weights, names, "SAGE gate weights per layer")
-
-
-def _quick_section(summary: dict[str, Any]) -> str:
-    if "quick_checks" not in summary:
-        return ""
-    lines = "\n".join(summary["quick_checks"]["lines"])
-    return f"\n## What this quick run can show\n\n{lines}\n"
-
-
-def sage_bench_report(summary: dict[str, Any], quick: bool) -> str:
-    targets = [t for t in summary if t in REID_DOMAINS]
-    rows = []
-    for target in targets:
-        for i, (name, v) in enumerate(summary[target].items()):
-            rows.append(
-                [
-                    target if i == 0 else "",
-                    name,
-                    f"{100 * v['mAP']:.1f}",
-                    f"{100 * v['rank1']:.1f}",
-                    f"{100 * v['mINP']:.1f}",
-                ]
-            )
-    table = markdown_table(["target", "variant", "mAP", "rank-1", "mINP"], rows)
-    g = summary["goals"]
-    vit_b = summary["vit_b_timing"]
-    goal_rows = [
-        [
-            t,
-            "yes" if p["gated_beats_every_lora_and_uniform"] else "no",
-            "yes" if p["gated_light_beats_every_lora_and_uniform"] else "no",
-            f"{100 * p['gated_minus_best_direct']:+.1f}",
-            f"{100 * p['gated_light_minus_best_direct']:+.1f}",
-            f"{100 * p['light_minus_published']:+.1f}",
-        ]
-        for t, p in g["per_target"].items()
-    ]
-    goal_table = markdown_table(
-        [
-            "target",
-            "published gate beats every LoRA expert and the uniform mix",
-            "light gate beats them",
-            "published - best direct (mAP)",
-            "light - best direct",
-            "light - published",
-        ],
-        goal_rows,
-    )
-    cost_rows = [
-        [
-            t,
-            f"{r['uniform']:.2f}",
-            f"{r['gated']:.2f}",
-            f"{r['gated-light']:.2f}",
-            f"{summary['details'][t]['costs']['ensemble_time_ratio_to_single']:.2f}",
-        ]
-        for t, r in g["bench_model_time_ratio"].items()
-    ]
-    cost_table = markdown_table(
-        ["target", "uniform", "published gate", "light gate", "ensemble of the LoRA experts"],
-        cost_rows,
-    )
-    first = summary["details"][targets[0]]["costs"] if targets else {}
-    objective = gate_objective(summary["settings"]["sage"])
-    return f"""# SAGE-reID on the synthetic re-ID domains ({"quick" if quick else "full"})
-
-Leave one domain out: each target's three other domains give the source experts. Scores in %,
-on the target's query vs gallery; they are reported, never used to select anything.
-`direct/X`: X's source expert as it is; `averaged`: the mean of the source backbones;
-`lora/X`: X's expert adapted to the target with LoRA on pseudo-labels; `uniform`: the LoRA
-experts mixed with equal weights on the averaged backbone (the gate at initialisation);
-`gated`: the published gate trained; `gated-light`: the token-pooled gate trained (both on
-{objective}, docs/sage.md).
-
-{table}
-{_quick_section(summary)}
-## Goals
-
-{goal_table}
-
-The published gate beats every LoRA expert and the uniform mix on {g["gated_wins"]} of
-{g["targets"]} targets; the light gate on {g["gated_light_wins"]}.
-
-## Inference cost against one plain model, measured side by side
-
-Bench model ({first.get("backbone_params", 0):,} backbone parameters; times relative to the
-averaged backbone alone):
-
-{cost_table}
-
-{_vit_b_text(vit_b, first)}
-
-{_digits_text(summary.get("digits") or {})}
-
-Gate weights per target and layer: `gate_weights.png`. Seconds per stage:
-{", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items())}.
-"""
-
-
-def _vit_b_text(vit_b: dict | None, first: dict) -> str:
-    gate = first.get("gate_params", {})
-    share = first.get("gate_share_of_backbone", {})
-    text = (
-        f"Gate parameters on the bench backbone: published {gate.get('gated', 0):,} "
-        f"({100 * share.get('gated', 0):.2f}% of the backbone), light "
-        f"{gate.get('gated-light', 0):,} ({100 * share.get('gated-light', 0):.2f}%)."
-    )
-    if not vit_b:
-        return text
-    ratio, params, vshare = (
-        vit_b["ratio_to_single"],
-        vit_b["gate_params"],
-        vit_b["gate_share_of_backbone"],
-    )
-    return (
-        text + f" At ViT-B size (768 wide, 12 blocks, 256x128 crops, {vit_b['experts']} experts of "
-        f"rank {vit_b['rank']}, batch {vit_b['batch']}, random weights, measured side by side): "
-        f"one model {vit_b['ms_per_image']['single']:.1f} ms/image; published gate "
-        f"{ratio['gated']:.2f}x, light gate {ratio['gated-light']:.2f}x; an ensemble runs "
-        f"{vit_b['experts']} models ({vit_b['ensemble_ratio_to_single']:.0f}x). Gate parameters "
-        f"there: published {params['gated']:,} ({100 * vshare['gated']:.1f}% of the backbone), "
-        f"light {params['gated-light']:,} ({100 * vshare['gated-light']:.3f}%)."
-    )
-
-
-def _digits_text(digits: dict) -> str:
-    if not digits:
-        return ""
-    rows = [
-        [t if i == 0 else "", name, f"{100 * v['accuracy']:.1f}"]
-        for t, variants in digits.items()
-        for i, (name, v) in enumerate(variants.items())
-    ]
-    table = markdown_table(["digit target", "variant", "accuracy %"], rows)
-    return f"""## The same pipeline on the digit domains (classification)
-
-Leave one digit domain out; the other three domains' full experts (from the characters base) are
-adapted with class pseudo-labels (SHOT's centroids, `lorex adapt classify`, docs/sage.md).
-
-{table}
-"""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,17 @@ from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS, METHODS
 from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
 from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
-from lorex.adaptation.sage.stages import reusable, stamp
+from lorex.experiments import settings as demo_settings
+from lorex.experiments.stages import augmented_config, ensure_base, run_stage, teller
 from lorex.io import read_json, write_json
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
+from lorex.models.stamps import stamp
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS as TRAINING_METHODS
 from lorex.training.run import run_record, train_expert
+
+say = teller("cross-modal")
 
 
 @dataclass(frozen=True)
@@ -92,22 +96,60 @@ def train_source(out: Path, base: Path, data: str, s: CrossModalBenchSettings, s
     """One RGB source per sensor (full fine-tuning, feature statistics recorded), reused when
     its settings match."""
     path = out / "sources" / data.replace("/", "_")
-    cfg = TrainConfig(
-        epochs=s.source_epochs,
-        batch_size=64,
-        lr=s.source_lr,
-        augment=True,
-        seed=seed,
-        max_samples=s.source_samples,
-    )
+    cfg = augmented_config(s.source_epochs, s.source_lr, seed, s.source_samples)
     value = stamp(
         data=data, cfg=cfg.to_dict(), base=file_sha256(base / "model.safetensors"), v=__version__
     )
-    if not reusable(path, value):
-        print(f"[bench cross-modal] RGB source on {data} ...", flush=True)
-        train_expert(base, data, TRAINING_METHODS["full"](), path, cfg, device, feature_stats=True)
-        write_json(path / "stage.json", {"stamp": value})
+    run_stage(
+        path,
+        {"stamp": value},
+        lambda: train_expert(
+            base, data, TRAINING_METHODS["full"](), path, cfg, device, feature_stats=True
+        ),
+        f"RGB source on {data}",
+        say,
+    )
     return path
+
+
+def run_task(
+    out: Path,
+    task: Task,
+    s: CrossModalBenchSettings,
+    source: Path,
+    device,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """One task's methods (``adapt_cross_modal``), reused when its settings and source match;
+    returns the task's metrics."""
+    folder = out / "tasks" / _slug(task.name)
+    methods = [
+        m
+        for m in s.methods
+        if m in MAIN_METHODS or s.ablation_tasks is None or task.name in s.ablation_tasks
+    ]
+    value = stamp(
+        task=asdict(task),
+        methods=methods,
+        cfg=s.config.to_dict(),
+        source=read_json(source / "stage.json")["stamp"],
+        v=__version__,
+    )
+    keep = "tgmb-tgkt" if "tgmb-tgkt" in methods else None
+    make = partial(
+        adapt_cross_modal,
+        source,
+        task.target,
+        task.ti,
+        folder,
+        methods,
+        s.config,
+        device,
+        progress,
+        keep,
+    )
+    made = run_stage(folder, {"stamp": value}, make, task.name, say)
+    return made if made is not None else read_json(folder / "metrics.json")
 
 
 def run_cross_modal_bench(
@@ -124,16 +166,15 @@ def run_cross_modal_bench(
     time), summary.json (goals, settings, stage times, provenance), results.md and
     translations.png. Returns the summary with the results under ``"tasks"``. A ``quick`` run
     also checks its accuracies against chance and its order against ``full_results``."""
-    from lorex.demo import QUICK as BASE_SETTINGS
-    from lorex.demo import ensure_base
-
     out = Path(out)
     s = settings or (QUICK if quick else FULL)
     s = replace(s, config=replace(s.config, seed=seed))
     timings: dict[str, float] = {}
     start = time.perf_counter()
     base = (
-        Path(base) if base is not None else ensure_base(BASE_SETTINGS, seed, out, device, timings)
+        Path(base)
+        if base is not None
+        else ensure_base(demo_settings.QUICK, seed, out, device, timings)
     )
     sources = {t.source: train_source(out, base, t.source, s, seed, device) for t in s.tasks}
     timings["sources"] = time.perf_counter() - start - sum(timings.values())
@@ -141,36 +182,7 @@ def run_cross_modal_bench(
     scored: dict[str, dict[str, int]] = {}
     for task in s.tasks:
         tick = time.perf_counter()
-        folder = out / "tasks" / _slug(task.name)
-        methods = [
-            m
-            for m in s.methods
-            if m in MAIN_METHODS or s.ablation_tasks is None or task.name in s.ablation_tasks
-        ]
-        value = stamp(
-            task=asdict(task),
-            methods=methods,
-            cfg=s.config.to_dict(),
-            source=read_json(sources[task.source] / "stage.json")["stamp"],
-            v=__version__,
-        )
-        if reusable(folder, value):
-            metrics = read_json(folder / "metrics.json")
-        else:
-            print(f"[bench cross-modal] {task.name} ...", flush=True)
-            keep = "tgmb-tgkt" if "tgmb-tgkt" in methods else None
-            metrics = adapt_cross_modal(
-                sources[task.source],
-                task.target,
-                task.ti,
-                folder,
-                methods,
-                s.config,
-                device,
-                progress,
-                keep,
-            )
-            write_json(folder / "stage.json", {"stamp": value})
+        metrics = run_task(out, task, s, sources[task.source], device, progress)
         results[task.name] = {
             name: {
                 "accuracy": r["accuracy"],

@@ -12,11 +12,14 @@ from typing import Any
 
 import torch
 
+from lorex.data import load_dataset
+from lorex.experiments.stages import short
 from lorex.io import read_json, write_json
 from lorex.merging.run import merge_models, method_from_name
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table
+from lorex.training.run import evaluate
 
 # (label, method, options): every method at its defaults, and DOGE and WUDI also at the papers'
 # absolute settings (their defaults follow the task vectors' scale: docs/merging.md).
@@ -40,10 +43,6 @@ METHOD_ORDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
 SMALL_LR = 1e-4
 
 
-def _short(domain: str) -> str:
-    return domain.split("/")[-1]
-
-
 def score_merges(
     demo_dir: Path,
     out: Path,
@@ -62,15 +61,12 @@ def score_merges(
     for choosing settings: the experts' own accuracy is then measured on it too, and only its
     domains are scored (the merge still takes every domain's expert).
     """
-    from lorex.data import load_dataset
-    from lorex.training.run import evaluate
-
     base = demo_dir / "base"
-    experts = {d: demo_dir / "experts" / _short(d) / expert_kind for d in domains}
+    experts = {d: demo_dir / "experts" / short(d) / expert_kind for d in domains}
     if eval_sets is None:
         tests = {d: load_dataset(d, "test", test_samples, seed) for d in domains}
         own = {
-            _short(d): float(read_json(e / "metrics.json")["accuracy"]) for d, e in experts.items()
+            short(d): float(read_json(e / "metrics.json")["accuracy"]) for d, e in experts.items()
         }
     else:
         tests = eval_sets
@@ -78,7 +74,7 @@ def score_merges(
         for d, data in tests.items():
             expert = load_model(experts[d], device)
             expert.set_head(d)
-            own[_short(d)] = evaluate(expert, data, device)
+            own[short(d)] = evaluate(expert, data, device)
     results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
     for label, name, options in methods:
         target = out / expert_kind / re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
@@ -88,7 +84,7 @@ def score_merges(
         per_task = {}
         for d in tests:
             model.set_head(d)
-            per_task[_short(d)] = evaluate(model, tests[d], device)
+            per_task[short(d)] = evaluate(model, tests[d], device)
         results[label] = {
             "per_task": {k: round(100 * v, 2) for k, v in per_task.items()},
             "average": round(100 * sum(per_task.values()) / len(per_task), 2),
