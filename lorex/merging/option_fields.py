@@ -2,7 +2,8 @@
 
 A method's options are a frozen dataclass whose fields carry ``metadata={"help": ...}`` (the CLI
 builds its flags from them, one flag per field name over every method). A field that means the
-same thing in several methods is made here, so its name and help are written once.
+same thing in several methods is made here, so its name and help are written once: one flag
+name has one help text in every method that takes it (its default may differ).
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def steps_field(default: int) -> Any:
     return field(default=default, metadata={"help": "Adam steps per matrix"})
 
 
-def lr_field(paper: str) -> Any:
-    """``paper``: the paper's absolute step, named in the help."""
+def lr_field() -> Any:
     return field(
         default=AUTO,
         metadata={
             "help": "Adam step; 'auto' (default) follows each matrix's task vectors "
-            f"(--lr-relative x their RMS entry); the paper's absolute step is {paper}"
+            "(--lr-relative x their RMS entry); the papers' absolute steps are 1e-4 (doge) and "
+            "1e-5 (wudi)"
         },
     )
 

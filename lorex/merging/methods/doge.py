@@ -57,7 +57,7 @@ class DogeOptions:
     subspace: int = field(default=6, metadata={"help": "shared directions = rank / this"})
     mask: float = field(default=0.3, metadata={"help": "fraction kept by the global mask"})
     steps: int = steps_field(400)
-    lr: float | str = lr_field(paper="1e-4")
+    lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
 

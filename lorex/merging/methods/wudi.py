@@ -45,7 +45,7 @@ LR_RELATIVE = 0.01
 class WudiOptions:
     scale: float = scale_field(1.0)  # the official code's scaling of the merged vector
     steps: int = steps_field(300)  # the official code's Adam iterations
-    lr: float | str = lr_field(paper="1e-5")
+    lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
 
