@@ -403,3 +403,38 @@ def test_cli_refuses_a_bad_blocks_regex_and_blocks_for_other_methods(vit_zoo, tm
     code, _, err = run(capsys, "merge", "--method", "ties", "--blocks", "x", *common)
     assert code == 2 and "--blocks does not apply to ties" in err
     assert not (tmp_path / "m").exists()
+
+
+# --- one list of methods, shared maths, options that describe themselves --------------------------
+def test_the_method_list_is_the_registry():
+    from lorex.merging import METHOD_CLASSES
+
+    assert list(MERGE_METHODS) == [cls.name for cls in METHOD_CLASSES]
+    assert all(MERGE_METHODS[cls.name] is cls for cls in METHOD_CLASSES)
+
+
+def test_every_option_has_help_and_one_name_has_one_help():
+    """The CLI builds one flag per option name over every method, from ``metadata["help"]``."""
+    from dataclasses import fields
+
+    helps: dict[str, set[str]] = {}
+    for cls in MERGE_METHODS.values():
+        for f in fields(cls.Options):
+            assert f.metadata.get("help"), f"{cls.name}: option '{f.name}' has no help"
+            helps.setdefault(f.name, set()).add(f.metadata["help"])
+    assert {name: len(h) for name, h in helps.items() if len(h) > 1} == {}
+
+
+def test_method_modules_import_no_other_method():
+    """Shared maths lives in ``lorex.merging.ops``: a method module imports no other method."""
+    import ast
+
+    import lorex.merging.methods as methods
+
+    folder = Path(methods.__file__).parent
+    for file in folder.glob("*.py"):
+        if file.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("lorex.merging.methods"), (file.name, node.module)

@@ -111,3 +111,37 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((tmp_path / "m" / "config.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_the_store_asks_every_adapter_kind(tmp_path, monkeypatch):
+    """A new adapter kind is one ``AdapterKind`` in the tuple: the store describes, saves,
+    checks, rebuilds and loads it without knowing its name."""
+    from lorex.models import kinds, store
+
+    calls = []
+
+    class Note(kinds.AdapterKind):
+        field = "note"
+
+        def describe(self, model):
+            return getattr(model, "note", None)
+
+        def rebuild(self, model, entry, source):
+            model.note = entry
+
+        def save(self, model, folder, base):
+            (folder / "note.txt").write_text(model.note["text"])
+            calls.append("save")
+
+        def load(self, model, folder, entry):
+            calls.append(("load", (folder / "note.txt").read_text()))
+
+    monkeypatch.setattr(store, "ADAPTER_KINDS", (*kinds.ADAPTER_KINDS, Note()))
+    monkeypatch.setattr(store, "OPTIONAL_FIELDS", store.OPTIONAL_FIELDS | {"note"})
+    model = _model()
+    model.note = {"text": "hello"}
+    save_model(model, tmp_path / "m", seed=1)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["note"] == {"text": "hello"} and list(config)[-2:] == ["note", "seed"]
+    back = load_model(tmp_path / "m")
+    assert back.note == {"text": "hello"} and calls == ["save", ("load", "hello")]

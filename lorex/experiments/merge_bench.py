@@ -15,7 +15,7 @@ import torch
 from lorex.data import load_dataset
 from lorex.experiments.stages import short
 from lorex.io import read_json, write_json
-from lorex.merging.run import merge_models, method_from_name
+from lorex.merging import merge_models, method_from_name
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table

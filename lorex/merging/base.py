@@ -21,6 +21,8 @@ from lorex.merging.blocks import BlockMatcher, compile_blocks
 from lorex.merging.sources import ModelSource, Spec
 from lorex.merging.steps import solver_units
 
+#: Method name -> class, filled from the one list in ``lorex.merging.methods`` (which the package
+#: imports first, so the registry is complete wherever ``lorex.merging`` is used).
 MERGE_METHODS: dict[str, type[MergeMethod]] = {}
 
 #: The rules that are no method's own maths. A method whose own rule applies to no tensor of a
@@ -31,6 +33,7 @@ GENERIC_RULES = (KEPT, MEAN)
 
 
 def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Make ``cls`` known by its ``name`` (``lorex merge --method``, ``method_from_name``)."""
     MERGE_METHODS[cls.name] = cls
     return cls
 
@@ -61,7 +64,8 @@ class MergeContext:
 
 class MergeMethod(abc.ABC):
     name: ClassVar[str]
-    #: The dataclass of this method's settings; its fields become CLI options.
+    #: The frozen dataclass of this method's settings; its fields, with their
+    #: ``metadata["help"]``, become CLI options (``lorex.merging.option_fields``).
     Options: ClassVar[type]
 
     def __init__(self, options: Any = None):
@@ -109,7 +113,8 @@ class MergeMethod(abc.ABC):
         return rules
 
     def report(self) -> dict[str, Any]:
-        """What the method resolved while merging, for merge.json (nothing by default)."""
+        """What the method resolved while merging, added to merge.json's record after the
+        tensors are written (nothing by default; DOGE: its losses and eta)."""
         return {}
 
     def prepare(self, ctx: MergeContext) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from lorex.errors import LorexError
 from lorex.io import SafetensorsReader, read_json
-from lorex.models.store import CONFIG, WEIGHTS, _base_path, _check_fields, file_sha256
+from lorex.models.store import CONFIG, WEIGHTS, base_path, check_config_fields, file_sha256
 
 HF_INDEX = "model.safetensors.index.json"
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -33,7 +33,7 @@ class ModelSource:
         if self.kind == "hf" and "model_type" not in self.config:
             raise LorexError(f"{self.path / CONFIG}: neither a lorex nor a Hugging Face config")
         if self.kind == "lorex":
-            _check_fields(self.config, self.path / CONFIG)
+            check_config_fields(self.config, self.path / CONFIG)
         self._files = self._weight_files()
         self._handles: dict[Path, SafetensorsReader] = {}
         self._where: dict[str, Path] = {}
@@ -50,7 +50,7 @@ class ModelSource:
             base_info = self.config.get("base") or {}
             if "path" not in base_info:
                 raise LorexError(f"{self.path / CONFIG}: a delta model must name its base")
-            self.base = ModelSource(_base_path(self.path, base_info))
+            self.base = ModelSource(base_path(self.path, base_info))
             sha = base_info.get("sha256")
             if sha and self.base.kind == "lorex" and self.base.sha256() != sha:
                 raise LorexError(

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorex.backbones.vit import image_hw
 from lorex.errors import LorexError
 
 HEAD_KINDS = ("linear", "bnneck")
@@ -70,8 +71,6 @@ class LorexModel(nn.Module):
     @property
     def image_hw(self) -> tuple[int, int]:
         """``(height, width)`` of the images the backbone takes."""
-        from lorex.backbones.vit import image_hw
-
         return image_hw(self.backbone_config.get("img_size") or self.backbone_config["image_size"])
 
     @property

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.base import MergeMethod
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,6 @@ class AverageOptions:
     pass
 
 
-@register_merge_method
 class Average(MergeMethod):
     name = "average"
     Options = AverageOptions

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.base import MergeContext, MergeMethod, register_merge_method
-from lorex.merging.methods.ties import MERGE_FUNCS, disjoint_merge, elect_sign, majority_sign
+from lorex.merging.base import MergeContext, MergeMethod
+from lorex.merging.ops import check_merge_func, disjoint_merge, elect_sign, majority_sign
+from lorex.merging.option_fields import drop_field, merge_func_field, scale_field, seed_field
 
 
 def _check_drop(drop: float) -> None:
@@ -35,15 +36,14 @@ def drop_and_rescale_(tau: torch.Tensor, drop: float, seed: int, expert: int, ke
 
 @dataclass(frozen=True)
 class DareOptions:
-    drop: float = 0.5
-    scale: float = 0.3
-    seed: int = 0
+    drop: float = drop_field()
+    scale: float = scale_field(0.3)
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
         _check_drop(self.drop)
 
 
-@register_merge_method
 class Dare(MergeMethod):
     name = "dare"
     Options = DareOptions
@@ -60,18 +60,16 @@ class Dare(MergeMethod):
 
 @dataclass(frozen=True)
 class DareTiesOptions:
-    drop: float = 0.5
-    scale: float = 1.0
-    merge_func: str = "mean"
-    seed: int = 0
+    drop: float = drop_field()
+    scale: float = scale_field(1.0)
+    merge_func: str = merge_func_field()
+    seed: int = seed_field()
 
     def __post_init__(self) -> None:
         _check_drop(self.drop)
-        if self.merge_func not in MERGE_FUNCS:
-            raise LorexError(f"merge-func: must be mean or sum, got {self.merge_func!r}")
+        check_merge_func(self.merge_func)
 
 
-@register_merge_method
 class DareTies(Dare):
     name = "dare-ties"
     Options = DareTiesOptions

@@ -22,20 +22,15 @@ matrices is refused):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.base import (
-    KEPT,
-    BlockwiseMethod,
-    MergeContext,
-    check_blocks_option,
-    register_merge_method,
-)
-from lorex.merging.methods.ties import global_thresholds
+from lorex.merging.base import KEPT, BlockwiseMethod, MergeContext, check_blocks_option
+from lorex.merging.ops import global_thresholds
+from lorex.merging.option_fields import blocks_field, lr_field, lr_relative_field, steps_field
 from lorex.merging.steps import AUTO, check_step
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
@@ -49,14 +44,22 @@ LR_RELATIVE = 0.003
 
 @dataclass(frozen=True)
 class DogeOptions:
-    eta: float | str = AUTO  # "auto": eta_relative x the mean ||tau_i||; the paper's 0.07
-    eta_relative: float = ETA_RELATIVE  # auto's eta, relative to the mean ||tau_i||
-    subspace: int = 6
-    mask: float = 0.3
-    steps: int = 400
-    lr: float | str = AUTO  # Adam step: "auto" follows each matrix's task vectors
-    lr_relative: float = LR_RELATIVE  # auto's step, relative to the RMS task-vector entry
-    blocks: str | None = None  # a regex naming the block tensors; None: found from the keys
+    eta: float | str = field(
+        default=AUTO,
+        metadata={
+            "help": "lambda_i = eta / ||tau_i||; 'auto' (default): --eta-relative x the mean "
+            "||tau_i||; the paper's 0.07 fits CLIP-sized task vectors"
+        },
+    )
+    eta_relative: float = field(
+        default=ETA_RELATIVE, metadata={"help": "auto's eta relative to the mean ||tau_i||"}
+    )
+    subspace: int = field(default=6, metadata={"help": "shared directions = rank / this"})
+    mask: float = field(default=0.3, metadata={"help": "fraction kept by the global mask"})
+    steps: int = steps_field(400)
+    lr: float | str = lr_field()
+    lr_relative: float = lr_relative_field(LR_RELATIVE)
+    blocks: str | None = blocks_field()
 
     def __post_init__(self) -> None:
         if self.eta != AUTO and not (isinstance(self.eta, int | float) and self.eta > 0):
@@ -142,7 +145,6 @@ def optimise_delta(
     return delta.detach(), losses
 
 
-@register_merge_method
 class Doge(BlockwiseMethod):
     name = "doge"
     Options = DogeOptions

@@ -14,25 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MatrixMethod, register_merge_method
+from lorex.merging.base import MatrixMethod
+from lorex.merging.ops import numerical_rank
+from lorex.merging.option_fields import scale_field
 
 
 @dataclass(frozen=True)
 class IsoCOptions:
-    scale: float = 1.0  # alpha; FusionBench's default (its CLIP docs use 1.5)
-
-
-def roundoff(s: torch.Tensor, shape: tuple[int, ...]) -> float:
-    """The float32 round-off level of a matrix with singular values ``s`` (descending): NumPy's
-    ``matrix_rank`` tolerance."""
-    return float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
-
-
-def numerical_rank(s: torch.Tensor, shape: tuple[int, ...]) -> int:
-    """How many singular values ``s`` (descending) are above float32 round-off."""
-    if len(s) == 0 or float(s[0]) == 0.0:
-        return 0
-    return int((s > roundoff(s, shape)).sum())
+    scale: float = scale_field(1.0)  # alpha; FusionBench's default (its CLIP docs: 1.5)
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -43,7 +32,6 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
     return (u[:, :k] * s[:k].mean()) @ vh[:k] if k else torch.zeros_like(matrix)
 
 
-@register_merge_method
 class IsoC(MatrixMethod):
     name = "iso-c"
     Options = IsoCOptions

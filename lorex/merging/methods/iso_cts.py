@@ -23,20 +23,22 @@ is not filled up with round-off directions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lorex.errors import LorexError
-from lorex.merging.base import MatrixMethod, register_merge_method
-from lorex.merging.methods.iso_c import numerical_rank, roundoff
-from lorex.merging.methods.tsv_m import nearest_orthogonal
+from lorex.merging.base import MatrixMethod
+from lorex.merging.ops import nearest_orthogonal, numerical_rank, roundoff
+from lorex.merging.option_fields import scale_field
 
 
 @dataclass(frozen=True)
 class IsoCtsOptions:
-    scale: float = 1.0  # alpha, as for iso-c
-    common: float = 0.8  # the official common_space_fraction
+    scale: float = scale_field(1.0)  # alpha, as for iso-c
+    common: float = field(  # the official common_space_fraction
+        default=0.8, metadata={"help": "fraction of the rank kept as common subspace"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.common <= 1:
@@ -72,7 +74,6 @@ def common_and_task_specific(taus: torch.Tensor, common: float) -> torch.Tensor:
     return (nearest_orthogonal(u_all) * s_mean) @ nearest_orthogonal(v_all)
 
 
-@register_merge_method
 class IsoCts(MatrixMethod):
     name = "iso-cts"
     Options = IsoCtsOptions

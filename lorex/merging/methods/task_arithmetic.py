@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MergeMethod, register_merge_method
+from lorex.merging.base import MergeMethod
+from lorex.merging.option_fields import scale_field
 
 
 @dataclass(frozen=True)
 class TaskArithmeticOptions:
-    scale: float = 0.3  # lambda; 0.3 is the value FusionBench and most tables use
+    scale: float = scale_field(0.3)  # 0.3 is the value FusionBench and most tables use
 
 
-@register_merge_method
 class TaskArithmetic(MergeMethod):
     name = "task-arithmetic"
     Options = TaskArithmeticOptions

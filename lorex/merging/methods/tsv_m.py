@@ -21,19 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MatrixMethod, register_merge_method
-from lorex.merging.methods.iso_c import numerical_rank
+from lorex.merging.base import MatrixMethod
+from lorex.merging.ops import nearest_orthogonal, numerical_rank
+from lorex.merging.option_fields import scale_field
 
 
 @dataclass(frozen=True)
 class TsvMOptions:
-    scale: float = 1.0  # alpha; the paper's and FusionBench's default
-
-
-def nearest_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``P Q^T`` of ``matrix = P D Q^T``."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    scale: float = scale_field(1.0)  # alpha; the paper's and FusionBench's default
 
 
 def task_singular_vectors(taus: torch.Tensor) -> torch.Tensor:
@@ -53,7 +48,6 @@ def task_singular_vectors(taus: torch.Tensor) -> torch.Tensor:
     return (nearest_orthogonal(u_hat) * s_hat) @ nearest_orthogonal(v_hat)
 
 
-@register_merge_method
 class TsvM(MatrixMethod):
     name = "tsv-m"
     Options = TsvMOptions

@@ -26,8 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lorex.merging.base import MEAN, BlockwiseMethod, check_blocks_option, register_merge_method
-from lorex.merging.steps import AUTO, check_step
+from lorex.merging.base import MEAN, BlockwiseMethod, check_blocks_option
+from lorex.merging.option_fields import (
+    blocks_field,
+    lr_field,
+    lr_relative_field,
+    scale_field,
+    steps_field,
+)
+from lorex.merging.steps import check_step
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
@@ -36,11 +43,11 @@ LR_RELATIVE = 0.01
 
 @dataclass(frozen=True)
 class WudiOptions:
-    scale: float = 1.0  # the official code's scaling of the merged vector
-    steps: int = 300  # the official code's Adam iterations
-    lr: float | str = AUTO  # Adam step: "auto" follows each matrix's task vectors
-    lr_relative: float = LR_RELATIVE  # auto's step, relative to the RMS task-vector entry
-    blocks: str | None = None  # a regex naming the block tensors; None: found from the keys
+    scale: float = scale_field(1.0)  # the official code's scaling of the merged vector
+    steps: int = steps_field(300)  # the official code's Adam iterations
+    lr: float | str = lr_field()
+    lr_relative: float = lr_relative_field(LR_RELATIVE)
+    blocks: str | None = blocks_field()
 
     def __post_init__(self) -> None:
         check_step(self.lr, self.lr_relative, self.steps)
@@ -87,7 +94,6 @@ def wudi_adam(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     return merged.detach()
 
 
-@register_merge_method
 class Wudi(BlockwiseMethod):
     name = "wudi"
     Options = WudiOptions

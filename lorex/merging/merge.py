@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorex import __version__
 from lorex.errors import LorexError
 from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
-from lorex.merging.base import KEPT, MERGE_METHODS, MergeContext, MergeMethod
+from lorex.merging.base import KEPT, MergeContext, MergeMethod
 from lorex.merging.sources import ModelSource
 from lorex.metrics.resources import PeakMemory
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
@@ -101,8 +101,7 @@ def merge_models(
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
     seconds, ``rules`` (each rule applied -> the tensors that got it; every written tensor is in
-    exactly one list), and whatever the method reports (DOGE: its loss before and after per
-    matrix; DOGE and WUDI: the blocks found and the step each matrix resolved to).
+    exactly one list), and whatever the method's ``report()`` adds (the same for every method).
     """
     if len(experts) < 1:
         raise LorexError("merge needs at least one expert")
@@ -189,25 +188,7 @@ def _merge(
         # rename (the merged tensors are all written, so the peak is reached by now).
         record["peak_added_mb"] = round(memory.peak_delta_mb, 1) if memory is not None else None
         record.update(method.report())
-        if base_src.kind == "lorex":
-            first = next(iter(heads), None)
-            write_json(
-                tmp / CONFIG,
-                {
-                    "lorex_version": __version__,
-                    "format_version": FORMAT_VERSION,
-                    "backbone": base_src.config["backbone"],
-                    "heads": heads,
-                    "active_head": first,
-                    "weights": "full",
-                    "made_by": record,
-                },
-            )
-        else:  # a save_pretrained folder again: the base's config, merged weights, base names
-            shutil.copy2(base_src.path / CONFIG, tmp / CONFIG)
-            for name in HF_EXTRA_FILES:
-                if (base_src.path / name).is_file():
-                    shutil.copy2(base_src.path / name, tmp / name)
+        _write_config(tmp, base_src, heads, record)
         write_json(tmp / "merge.json", record)
     base_src.close()
     for e in expert_srcs:
@@ -215,10 +196,24 @@ def _merge(
     return record
 
 
-def method_from_name(name: str, **options: Any) -> MergeMethod:
-    import lorex.merging.methods  # noqa: F401  (registers the methods)
-
-    if name not in MERGE_METHODS:
-        raise LorexError(f"unknown merge method '{name}' (known: {', '.join(MERGE_METHODS)})")
-    cls = MERGE_METHODS[name]
-    return cls(cls.Options(**options))
+def _write_config(folder: Path, base: ModelSource, heads: dict[str, Any], record: dict) -> None:
+    """The merged model's config: a lorex config naming the experts' heads and how it was made,
+    or, for a ``save_pretrained`` base, that folder's config and extra files again."""
+    if base.kind == "lorex":
+        write_json(
+            folder / CONFIG,
+            {
+                "lorex_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "backbone": base.config["backbone"],
+                "heads": heads,
+                "active_head": next(iter(heads), None),
+                "weights": "full",
+                "made_by": record,
+            },
+        )
+    else:
+        shutil.copy2(base.path / CONFIG, folder / CONFIG)
+        for name in HF_EXTRA_FILES:
+            if (base.path / name).is_file():
+                shutil.copy2(base.path / name, folder / name)
