@@ -21,7 +21,9 @@ from lorex.io import save_tensors
 from lorex.models import load_model
 from lorex.training import checkpoint as checkpoint_module
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions, work_directory
-from lorex.training.loop import TrainConfig, TrainingDiverged, fit
+from lorex.training.config import TrainConfig
+from lorex.training.engine import TrainingDiverged
+from lorex.training.objectives.classification import fit
 from lorex.training.methods import METHODS
 
 TRAIN = ["--data", "digits/mnist", "--method", "full", "--augment", "--epochs", "2"]
@@ -173,7 +175,7 @@ def test_without_resume_an_old_checkpoint_is_replaced(tiny_base, tmp_path, stop_
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tiny_base, tmp_path, monkeypatch
 ):
-    import lorex.training.loop as loop
+    import lorex.training.objectives.classification as loop
 
     calls = {"n": 0}
     original = loop.F.cross_entropy

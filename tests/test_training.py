@@ -5,8 +5,10 @@ import torch
 from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
 from lorex.models import load_model
-from lorex.training import loop
-from lorex.training.loop import TrainConfig, fit, random_shift
+from lorex.training import engine as loop
+from lorex.training.batches import random_shift
+from lorex.training.config import TrainConfig
+from lorex.training.objectives.classification import fit
 from lorex.training.methods import METHODS
 
 
