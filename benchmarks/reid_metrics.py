@@ -21,7 +21,7 @@ import numpy as np
 import lorex
 from lorex.io import atomic_write_bytes, write_json
 from lorex.metrics._reid_reference import reference_evaluate_loop
-from lorex.metrics.reid import evaluate
+from lorex.metrics.reid import reid_scores as evaluate
 
 FULL = {"queries": 3368, "gallery": 15913, "ids": 751, "cams": 6, "distractors": 2798}
 QUICK = {"queries": 400, "gallery": 2000, "ids": 100, "cams": 6, "distractors": 300}

@@ -25,9 +25,11 @@ from lorex.merging.bench import METHOD_ORDER, merge_table, score_merges
 from lorex.models import is_model_dir, load_model
 from lorex.pretrained import find_shipped, install_shipped, recipe_of
 from lorex.report import accuracy_table, heatmap_png, markdown_table
+from lorex.training.evaluation import evaluate_classifier
+from lorex.training.expert_jobs import pretrain, train_expert
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
-from lorex.training.run import evaluate, pretrain, run_record, train_expert
+from lorex.training.records import run_record
 
 log = logging.getLogger("lorex")
 
@@ -332,10 +334,12 @@ def run_demo(
     for i, trained in enumerate(s.domains):
         model = load_model(out / "experts" / short(trained) / "full", device)
         for j, tested in enumerate(s.domains):
-            matrix[i, j] = evaluate(model, tests[tested], device)
+            matrix[i, j] = evaluate_classifier(model, tests[tested], device)
     probe = np.array(
         [
-            evaluate(load_model(out / "experts" / short(d) / "linear", device), tests[d], device)
+            evaluate_classifier(
+                load_model(out / "experts" / short(d) / "linear", device), tests[d], device
+            )
             for d in s.domains
         ]
     )

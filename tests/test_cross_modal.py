@@ -11,18 +11,15 @@ import torch
 
 from lorex.adaptation.cross_modal import CrossModalConfig, adapt_cross_modal
 from lorex.adaptation.cross_modal.bench import CrossModalBenchSettings, Task, run_cross_modal_bench
-from lorex.adaptation.cross_modal.statistics import (
-    feature_statistics,
-    load_statistics,
-)
 from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import train_target_model
 from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
 from lorex.models import load_model
+from lorex.training.expert_jobs import train_expert
+from lorex.training.feature_stats import feature_statistics, load_statistics
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
-from lorex.training.run import train_expert
 
 TINY = CrossModalConfig(
     epochs=1, batch_size=16, translator_steps=4, max_target_samples=48, max_ti_samples=32

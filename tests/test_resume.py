@@ -23,8 +23,8 @@ from lorex.training import checkpoint as checkpoint_module
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions, work_directory
 from lorex.training.config import TrainConfig
 from lorex.training.engine import TrainingDiverged
-from lorex.training.objectives.classification import fit
 from lorex.training.methods import METHODS
+from lorex.training.objectives.classification import fit
 
 TRAIN = ["--data", "digits/mnist", "--method", "full", "--augment", "--epochs", "2"]
 TRAIN += ["--max-samples", "256", "--batch-size", "16", "--checkpoint-every", "1"]

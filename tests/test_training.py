@@ -8,8 +8,8 @@ from lorex.models import load_model
 from lorex.training import engine as loop
 from lorex.training.batches import random_shift
 from lorex.training.config import TrainConfig
-from lorex.training.objectives.classification import fit
 from lorex.training.methods import METHODS
+from lorex.training.objectives.classification import fit
 
 
 def _trainable(model):

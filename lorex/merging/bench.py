@@ -63,7 +63,7 @@ def score_merges(
     domains are scored (the merge still takes every domain's expert).
     """
     from lorex.data import load_dataset
-    from lorex.training.run import evaluate
+    from lorex.training.evaluation import evaluate_classifier
 
     base = demo_dir / "base"
     experts = {d: demo_dir / "experts" / _short(d) / expert_kind for d in domains}
@@ -78,7 +78,7 @@ def score_merges(
         for d, data in tests.items():
             expert = load_model(experts[d], device)
             expert.set_head(d)
-            own[_short(d)] = evaluate(expert, data, device)
+            own[_short(d)] = evaluate_classifier(expert, data, device)
     results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
     for label, name, options in methods:
         target = out / expert_kind / re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
@@ -88,7 +88,7 @@ def score_merges(
         per_task = {}
         for d in tests:
             model.set_head(d)
-            per_task[_short(d)] = evaluate(model, tests[d], device)
+            per_task[_short(d)] = evaluate_classifier(model, tests[d], device)
         results[label] = {
             "per_task": {k: round(100 * v, 2) for k, v in per_task.items()},
             "average": round(100 * sum(per_task.values()) / len(per_task), 2),

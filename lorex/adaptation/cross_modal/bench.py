@@ -26,9 +26,10 @@ from lorex.io import read_json, write_json
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
+from lorex.training.expert_jobs import train_expert
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS as TRAINING_METHODS
-from lorex.training.run import run_record, train_expert
+from lorex.training.records import run_record
 
 
 @dataclass(frozen=True)

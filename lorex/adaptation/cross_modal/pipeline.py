@@ -25,7 +25,6 @@ from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.losses import teacher_log_probs
 from lorex.adaptation.cross_modal.methods import resolve_methods
 from lorex.adaptation.cross_modal.report import cross_modal_report, translations_png
-from lorex.adaptation.cross_modal.statistics import feature_statistics, load_statistics
 from lorex.adaptation.cross_modal.tgmb import train_translator, translate
 from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
 from lorex.adaptation.sage.stages import stamp  # what a stage was made from
@@ -33,7 +32,8 @@ from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.training.checkpoint import CheckpointOptions, remove_if_empty, work_directory
-from lorex.training.run import run_record
+from lorex.training.feature_stats import feature_statistics, load_statistics
+from lorex.training.records import run_record
 
 log = logging.getLogger("lorex")
 

@@ -26,6 +26,7 @@ from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
 from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
+from lorex.data.reid import load_reid_data
 from lorex.data.reid_synth import PRETRAIN_DOMAIN
 from lorex.io import read_json, write_json
 from lorex.metrics.agreement import chance_check, ordering_agreement, read_full_results
@@ -34,10 +35,10 @@ from lorex.models import LorexModel
 from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.report import markdown_table
+from lorex.training.expert_jobs import train_reid_expert
 from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
-from lorex.training.reid_objective import load_reid_data, train_reid_expert
-from lorex.training.run import run_record
+from lorex.training.records import run_record
 
 log = logging.getLogger("lorex")
 
@@ -191,7 +192,7 @@ def digits_leave_one_out(
     """The same pipeline on the digit domains: full experts from the chars base, then each
     target adapted from the other three (``adapt_classification``); test accuracy per variant."""
     from lorex.adaptation.sage.classification import adapt_classification
-    from lorex.training.run import train_expert
+    from lorex.training.expert_jobs import train_expert
 
     cfg = TrainConfig(
         epochs=s.digit_epochs, batch_size=64, lr=1e-3, seed=seed, max_samples=s.digit_samples

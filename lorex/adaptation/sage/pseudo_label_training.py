@@ -26,11 +26,14 @@ from tqdm.auto import tqdm
 from lorex.adaptation.camera_invariance import camera_share
 from lorex.adaptation.pseudo_labels import PseudoLabeler, centroids
 from lorex.adaptation.sage.config import SageConfig
+from lorex.data.reid import PKSampler
 from lorex.errors import LorexError
 from lorex.metrics.resources import PeakMemory
 from lorex.models import BNNeckHead, LorexModel
 from lorex.training import distributed
+from lorex.training.batches import chw_tensor
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions
+from lorex.training.evaluation import reid_embeddings
 from lorex.training.loop import (
     TrainingDiverged,
     TrainResult,
@@ -40,15 +43,12 @@ from lorex.training.loop import (
     optimizer_step,
 )
 from lorex.training.methods import count_parameters
-from lorex.training.reid_objective import (
+from lorex.training.objectives.reid import (
     EpochStats,
-    PKSampler,
     ReidForward,
-    _tensor,
     augment_batch,
     group_rows,
-    reid_embeddings,
-    reid_step,
+    reid_loss,
 )
 
 log = logging.getLogger("lorex")
@@ -161,7 +161,7 @@ def train_on_pseudo_labels(
     world = distributed.current()
     generator = torch.Generator().manual_seed(cfg.seed)
     generators = {"augment": generator}
-    x = _tensor(images)
+    x = chw_tensor(images)
     cameras = None
     if camera_ids is not None:
         if not freeze_neck:  # the extra images go through the BN-neck: it must not learn them
@@ -263,7 +263,7 @@ def train_on_pseudo_labels(
                     optimizer_step(loss, optimizer, scheduler, params, e)
 
                 try:
-                    reid_step(feats, head, target, cfg.label_smoothing, step_on, stats, logits)
+                    step_on(reid_loss(feats, logits, target, cfg.label_smoothing, stats))
                 except TrainingDiverged as exc:
                     raise diverged(exc, ckpt) from None
                 step += 1

@@ -26,8 +26,8 @@ from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
+from lorex.training.evaluation import evaluate_reid
 from lorex.training.loop import make_optimizer
-from lorex.training.reid_objective import evaluate_reid
 
 TARGET_HEAD = "target"
 

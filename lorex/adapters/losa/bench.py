@@ -158,8 +158,8 @@ def run_train_job(job: dict[str, Any]) -> dict[str, Any]:
     from lorex.data import load_dataset
     from lorex.metrics.resources import inference_ms_per_image
     from lorex.models import LorexModel, load_model
+    from lorex.training.evaluation import evaluate_classifier
     from lorex.training.loop import TrainConfig, as_float, fit, images_to_tensor
-    from lorex.training.run import evaluate
 
     torch.manual_seed(job["seed"])
     train = load_dataset(job["task"], "train", job["train_samples"], job["seed"])
@@ -183,7 +183,7 @@ def run_train_job(job: dict[str, Any]) -> dict[str, Any]:
     x, _ = images_to_tensor(test)
     latency = inference_ms_per_image(model, as_float(x[: job["batch"]], torch.device("cpu")))
     return {
-        "accuracy": evaluate(model, test),
+        "accuracy": evaluate_classifier(model, test),
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "peak_train_mb": result.peak_train_mb,
@@ -246,8 +246,8 @@ def _pretrained_base(out: Path, s: BenchSettings, size: Size, seed: int) -> Path
 
 def _pretrain_tiny(out: Path, s: BenchSettings, seed: int) -> Path:
     from lorex.models import is_model_dir
+    from lorex.training.expert_jobs import pretrain
     from lorex.training.loop import TrainConfig
-    from lorex.training.run import pretrain
 
     base = out / "base-vit-tiny"
     stamp = {"epochs": s.pretrain_epochs, "samples": s.pretrain_samples, "seed": seed}

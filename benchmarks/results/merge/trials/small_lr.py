@@ -17,8 +17,9 @@ from pathlib import Path
 from lorex.data import DIGIT_DOMAINS
 from lorex.demo import FULL, QUICK, short
 from lorex.merging.bench import score_merges
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import METHODS
-from lorex.training.run import TrainConfig, train_expert
 
 size, lrs, work = sys.argv[1], [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
 s = QUICK if size == "quick" else FULL
