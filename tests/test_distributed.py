@@ -88,7 +88,7 @@ import sys, numpy as np, torch
 from lorex.errors import LorexError
 from lorex.training import distributed
 from lorex.adaptation.pseudo_labels import PseudoLabeler
-from lorex.adaptation.sage.pseudo_label_training import relabel
+from lorex.adaptation.sage.relabel import relabel
 from lorex.adaptation.sage.target_experts import start_from_source
 
 device = torch.device("cpu")
@@ -126,7 +126,7 @@ def reid_source(tiny_base, tmp_path_factory):
 
 def test_distributed_pseudo_labels_equal_single_process(reid_source, tmp_path):
     from lorex.adaptation.pseudo_labels import PseudoLabeler
-    from lorex.adaptation.sage.pseudo_label_training import relabel
+    from lorex.adaptation.sage.relabel import relabel
     from lorex.adaptation.sage.target_experts import start_from_source
 
     source, target = reid_source

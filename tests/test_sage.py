@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lorex.adaptation.sage.classification import adapt_classification, class_pseudo_labels
+from lorex.adaptation.sage.classification import adapt_classification
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import averaged_sources, gated_model, train_gate
 from lorex.adaptation.sage.pipeline import adapt_reid
+from lorex.adaptation.sage.relabel import class_pseudo_labels
 from lorex.adaptation.sage.stages import source_names
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.adapters import lora

@@ -31,7 +31,7 @@ from lorex.adaptation.cross_modal.losses import (
     statistics_matching,
     teacher_log_probs,
 )
-from lorex.adaptation.sage.classification import class_pseudo_labels
+from lorex.adaptation.sage.relabel import class_pseudo_labels
 from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions

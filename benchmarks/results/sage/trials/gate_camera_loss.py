@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import gate_optimizer, gated_model
-from lorex.adaptation.sage.pseudo_label_training import _cycle, reid_head, relabel
+from lorex.adaptation.sage.relabel import cycle_batches as _cycle
+from lorex.adaptation.sage.relabel import reid_head, relabel
 from lorex.adapters.gated import mark_gate_trainable
 from lorex.data.reid import PKSampler, load_reid_data
 from lorex.training.batches import chw_tensor

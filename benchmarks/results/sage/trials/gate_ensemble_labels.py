@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler, centroids
-from lorex.adaptation.sage import pseudo_label_training as plt
+from lorex.adaptation.sage import objectives as plt
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import gated_model, train_gate
 from lorex.data.reid import load_reid_data
