@@ -11,8 +11,8 @@ import torch
 
 from lorex.adaptation.cross_modal import CrossModalConfig, adapt_cross_modal
 from lorex.adaptation.cross_modal.bench import CrossModalBenchSettings, Task, run_cross_modal_bench
-from lorex.adaptation.cross_modal.tgmb import train_translator, translate
-from lorex.adaptation.cross_modal.transfer import train_target_model
+from lorex.adaptation.cross_modal.objectives import train_target_model, train_translator
+from lorex.adaptation.cross_modal.tgmb import translate
 from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
 from lorex.models import load_model
@@ -89,7 +89,7 @@ def test_target_training_is_deterministic_and_keeps_the_classifier(source):
 def test_the_refreshed_teacher_averages_in_the_models_own_reading(source, monkeypatch, refresh):
     """Epoch 1 distils the fixed teacher; with kd_refresh, every later epoch distils the fixed
     teacher's probabilities averaged with the model's reading at that epoch's start, balanced."""
-    from lorex.adaptation.cross_modal import transfer
+    from lorex.adaptation.cross_modal import objectives as transfer
 
     model, target, ti_t, _, ti_feats = _inputs(source)
     fixed = torch.randn(len(target), len(model.classes), generator=torch.Generator().manual_seed(1))

@@ -24,9 +24,10 @@ from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.losses import teacher_log_probs
 from lorex.adaptation.cross_modal.methods import resolve_methods
+from lorex.adaptation.cross_modal.objectives import train_target_model, train_translator
 from lorex.adaptation.cross_modal.report import cross_modal_report, translations_png
-from lorex.adaptation.cross_modal.tgmb import train_translator, translate
-from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
+from lorex.adaptation.cross_modal.tgmb import translate
+from lorex.adaptation.cross_modal.transfer import features_and_logits
 from lorex.adaptation.sage.stages import stamp  # what a stage was made from
 from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
