@@ -139,7 +139,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: float | None = None):
-    from lorex.training.loop import TrainConfig
+    from lorex.training.config import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs,

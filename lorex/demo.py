@@ -25,9 +25,9 @@ from lorex.merging.bench import METHOD_ORDER, merge_table, score_merges
 from lorex.models import is_model_dir, load_model
 from lorex.pretrained import find_shipped, install_shipped, recipe_of
 from lorex.report import accuracy_table, heatmap_png, markdown_table
+from lorex.training.config import TrainConfig
 from lorex.training.evaluation import evaluate_classifier
 from lorex.training.expert_jobs import pretrain, train_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.records import run_record
 

@@ -16,9 +16,9 @@ from lorex.adaptation.cross_modal.tgmb import translate
 from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
 from lorex.models import load_model
+from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
 from lorex.training.feature_stats import feature_statistics, load_statistics
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 
 TINY = CrossModalConfig(

@@ -108,8 +108,8 @@ def reid_source(tiny_base, tmp_path_factory):
     from lorex.data import make_reid_domain
     from lorex.data.market1501 import write_market1501
     from lorex.data.reid import load_reid_data
+    from lorex.training.config import TrainConfig
     from lorex.training.expert_jobs import train_reid_expert
-    from lorex.training.loop import TrainConfig
     from lorex.training.methods import METHODS
 
     root = tmp_path_factory.mktemp("dist-reid")
@@ -189,8 +189,8 @@ def test_reid_training_runs_data_parallel_with_whole_identities_per_rank(reid_so
 def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
     """SAGE on a classification target: LoRA experts and gates trained data-parallel, on class
     pseudo-labels made by rank 0, end where one process ends (within float tolerance)."""
+    from lorex.training.config import TrainConfig
     from lorex.training.expert_jobs import train_expert
-    from lorex.training.loop import TrainConfig
     from lorex.training.methods import METHODS
 
     sources = []

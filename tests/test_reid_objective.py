@@ -19,9 +19,9 @@ from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import BNNeckHead, LorexModel, load_model, save_model
 from lorex.models.resize import fit_image_size
+from lorex.training.config import TrainConfig
 from lorex.training.evaluation import evaluate_reid
 from lorex.training.expert_jobs import train_reid_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 

@@ -25,8 +25,8 @@ from lorex.data.reid import load_reid_data
 from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import load_model
+from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert, train_reid_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 
 # Tiny: 1 epoch of 2 steps, pseudo-labels with a larger rho (few identities: docs/reid.md).

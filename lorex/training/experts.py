@@ -20,8 +20,8 @@ from lorex.errors import LorexError
 from lorex.io import read_json, write_json
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions, work_directory
+from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import TrainingMethod
 
 log = logging.getLogger("lorex")

@@ -18,7 +18,8 @@ from typing import Any
 
 from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
-from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS, METHODS
+from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS
+from lorex.adaptation.cross_modal.methods import CROSS_MODAL_METHODS as METHODS
 from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
 from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
 from lorex.adaptation.sage.stages import reusable, stamp
@@ -26,8 +27,8 @@ from lorex.io import read_json, write_json
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
+from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS as TRAINING_METHODS
 from lorex.training.records import run_record
 

@@ -35,8 +35,8 @@ from lorex.models import LorexModel
 from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.report import markdown_table
+from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_reid_expert
-from lorex.training.loop import TrainConfig
 from lorex.training.methods import METHODS
 from lorex.training.records import run_record
 

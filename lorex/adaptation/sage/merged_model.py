@@ -32,7 +32,7 @@ from lorex.backbones import build_backbone
 from lorex.errors import LorexError
 from lorex.models import BNNeckHead, LorexModel, load_model
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.loop import TrainResult
+from lorex.training.engine import TrainResult
 
 
 class _RunningMean:

@@ -24,10 +24,10 @@ from lorex.io import read_json, write_json
 from lorex.models import LorexModel, is_model_dir, load_model, save_model
 from lorex.models.store import file_sha256
 from lorex.training import distributed
-from lorex.training.batches import chw_tensor
+from lorex.training.batches import as_float, chw_tensor
 from lorex.training.checkpoint import work_directory
+from lorex.training.engine import TrainResult
 from lorex.training.evaluation import reid_embeddings
-from lorex.training.loop import TrainResult, as_float
 from lorex.training.records import run_record
 
 log = logging.getLogger("lorex")

@@ -27,8 +27,8 @@ from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
+from lorex.training.engine import make_optimizer
 from lorex.training.evaluation import evaluate_reid
-from lorex.training.loop import make_optimizer
 
 TARGET_HEAD = "target"
 

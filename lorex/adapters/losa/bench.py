@@ -158,8 +158,10 @@ def run_train_job(job: dict[str, Any]) -> dict[str, Any]:
     from lorex.data import load_dataset
     from lorex.metrics.resources import inference_ms_per_image
     from lorex.models import LorexModel, load_model
+    from lorex.training.batches import as_float, images_to_tensor
+    from lorex.training.config import TrainConfig
     from lorex.training.evaluation import evaluate_classifier
-    from lorex.training.loop import TrainConfig, as_float, fit, images_to_tensor
+    from lorex.training.objectives.classification import fit
 
     torch.manual_seed(job["seed"])
     train = load_dataset(job["task"], "train", job["train_samples"], job["seed"])
@@ -246,8 +248,8 @@ def _pretrained_base(out: Path, s: BenchSettings, size: Size, seed: int) -> Path
 
 def _pretrain_tiny(out: Path, s: BenchSettings, seed: int) -> Path:
     from lorex.models import is_model_dir
+    from lorex.training.config import TrainConfig
     from lorex.training.expert_jobs import pretrain
-    from lorex.training.loop import TrainConfig
 
     base = out / "base-vit-tiny"
     stamp = {"epochs": s.pretrain_epochs, "samples": s.pretrain_samples, "seed": seed}

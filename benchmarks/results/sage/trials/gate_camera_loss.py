@@ -25,9 +25,8 @@ from lorex.adaptation.sage.relabel import cycle_batches as _cycle
 from lorex.adaptation.sage.relabel import reid_head, relabel
 from lorex.adapters.gated import mark_gate_trainable
 from lorex.data.reid import PKSampler, load_reid_data
-from lorex.training.batches import chw_tensor
+from lorex.training.batches import as_float, chw_tensor
 from lorex.training.evaluation import evaluate_reid
-from lorex.training.loop import as_float
 from lorex.training.objectives.reid import augment_batch
 from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 
