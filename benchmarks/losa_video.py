@@ -17,9 +17,10 @@ from lorex import __version__
 from lorex.adapters.losa import LosaConfig
 from lorex.models import is_model_dir
 from lorex.report import markdown_table
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import pretrain, train_expert
 from lorex.training.methods import METHODS
-from lorex.training.run import pretrain, run_record, train_expert
+from lorex.training.records import run_record
 
 DATA = "video/moving-digits"
 

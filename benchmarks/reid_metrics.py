@@ -1,7 +1,7 @@
 """Vectorised re-ID metrics against the usual per-query Python loop, side by side in one run.
 
 A random distance matrix of Market-1501's size (3,368 queries x 15,913 gallery, 751 ids, 6
-cameras, id-0 distractors) is evaluated by ``lorex.metrics.reid.evaluate`` and by two loops:
+cameras, id-0 distractors) is evaluated by ``lorex.metrics.reid.reid_scores`` and by two loops:
 torchreid's Python path (quicksort argsort, precision built as a Python list) and a leaner loop
 that divides in NumPy. Each is timed best-of-N; all must agree.
 
@@ -21,7 +21,7 @@ import numpy as np
 import lorex
 from lorex.io import atomic_write_bytes, write_json
 from lorex.metrics._reid_reference import reference_evaluate_loop
-from lorex.metrics.reid import evaluate
+from lorex.metrics.reid import reid_scores as evaluate
 
 FULL = {"queries": 3368, "gallery": 15913, "ids": 751, "cams": 6, "distractors": 2798}
 QUICK = {"queries": 400, "gallery": 2000, "ids": 100, "cams": 6, "distractors": 300}

@@ -17,7 +17,7 @@ import torch
 
 import lorex
 from lorex.experiments.sage_bench import gated_time_at_vit_b
-from lorex.training.run import resolve_device
+from lorex.training.expert_jobs import resolve_device
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from lorex.backbones import build_backbone
 from lorex.experiments.sage_bench import VIT_B_REID
 from lorex.io import write_json
 from lorex.models import LorexModel
-from lorex.training.reid_objective import batch_hard_soft_triplet, label_smoothed_cross_entropy
+from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 
 MARKET_TRAIN = 12_936
 # SAGE's recipe (../shared/references/sage_losa.md, Part A): steps at a global batch of 64.

@@ -139,7 +139,7 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace, augment_default: bool, default_lr: float | None = None):
-    from lorex.training.loop import TrainConfig
+    from lorex.training.config import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs,
@@ -217,7 +217,7 @@ def cmd_data_make(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from lorex.training.run import pretrain, resolve_device
+    from lorex.training.expert_jobs import pretrain, resolve_device
 
     metrics = pretrain(
         args.preset,
@@ -234,8 +234,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lorex.training.expert_jobs import resolve_device, train_expert
     from lorex.training.methods import METHODS
-    from lorex.training.run import resolve_device, train_expert
 
     method = METHODS[args.method].from_args(args)
     if args.objective == "reid":
@@ -265,9 +265,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
+    from lorex.training.expert_jobs import resolve_device
     from lorex.training.experts import train_experts
     from lorex.training.methods import METHODS
-    from lorex.training.run import resolve_device
 
     method = METHODS[args.method].from_args(args)
     summary = train_experts(
@@ -287,8 +287,9 @@ def cmd_train_experts(args: argparse.Namespace) -> int:
 
 
 def _train_reid(args: argparse.Namespace, method) -> int:
-    from lorex.training.reid_objective import DEFAULT_INSTANCES, reid_line, train_reid_expert
-    from lorex.training.run import resolve_device
+    from lorex.data.reid import DEFAULT_INSTANCES
+    from lorex.training.evaluation import reid_line
+    from lorex.training.expert_jobs import resolve_device, train_reid_expert
 
     for flag, given in (
         ("--head-from", args.head_from),
@@ -328,10 +329,11 @@ def efficiency_line(metrics: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorex.data import load_dataset
+    from lorex.data.reid import is_reid_data
     from lorex.io import write_json
     from lorex.models import load_model
-    from lorex.training.reid_objective import is_reid_data
-    from lorex.training.run import evaluate, resolve_device
+    from lorex.training.evaluation import evaluate_classifier
+    from lorex.training.expert_jobs import resolve_device
 
     device = resolve_device(args.device)
     if is_reid_data(args.data):
@@ -340,7 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.head:
         model.set_head(args.head)
     data = load_dataset(args.data, args.split, args.max_samples)
-    acc = evaluate(model, data, device)
+    acc = evaluate_classifier(model, data, device)
     result = {
         "model": str(args.model),
         "data": args.data,
@@ -358,14 +360,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_reid(args: argparse.Namespace, device) -> int:
     """Query-vs-gallery retrieval of a re-ID dataset (a built-in domain or a Market folder)."""
+    from lorex.data.reid import load_reid_data
     from lorex.io import write_json
     from lorex.models import load_model
-    from lorex.training.reid_objective import (
-        evaluate_reid,
-        fit_image_size,
-        load_reid_data,
-        reid_line,
-    )
+    from lorex.models.resize import fit_image_size
+    from lorex.training.evaluation import evaluate_reid, reid_line
 
     if args.split != "test":
         raise LorexError("--split does not apply to re-ID data: queries rank the gallery")
@@ -471,7 +470,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lorex.merging import MERGE_METHODS, merge_models
 
     method = MERGE_METHODS[args.method].from_args(args)
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     record = merge_models(
         method, args.base, args.experts, args.out, device=resolve_device(args.device)
@@ -564,7 +563,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     from lorex.experiments.settings import FULL, QUICK
     from lorex.io import read_json
     from lorex.metrics.agreement import read_full_results
-    from lorex.training.run import resolve_device, run_record
+    from lorex.training.expert_jobs import resolve_device
+    from lorex.training.records import run_record
 
     settings = replace(
         QUICK if args.quick else FULL,
@@ -598,7 +598,7 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
     from lorex.experiments.losa_bench import run_bench
     from lorex.experiments.losa_report import quick_checks, write_report
     from lorex.metrics.agreement import read_full_results
-    from lorex.training.run import run_record
+    from lorex.training.records import run_record
 
     results = run_bench(args.out, quick=args.quick, seed=args.seed, resume=not args.fresh)
     results["run"] = run_record("bench losa", None, quick=args.quick, seed=args.seed)
@@ -621,7 +621,7 @@ def _sage_config(args: argparse.Namespace):
 def cmd_adapt_reid(args: argparse.Namespace) -> int:
     from lorex.adaptation.sage.pipeline import adapt_reid
     from lorex.adaptation.sage.report import ordered_variants
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     cfg = _sage_config(args)
     metrics = adapt_reid(
@@ -648,7 +648,7 @@ def cmd_adapt_reid(args: argparse.Namespace) -> int:
 def cmd_adapt_classify(args: argparse.Namespace) -> int:
     from lorex.adaptation.sage.classification import adapt_classification
     from lorex.adaptation.sage.report import ordered_variants
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     cfg = _sage_config(args)
     metrics = adapt_classification(
@@ -672,7 +672,7 @@ def cmd_adapt_classify(args: argparse.Namespace) -> int:
 def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
     from lorex.adaptation.cross_modal import adapt_cross_modal
     from lorex.adaptation.cross_modal.options import config_from_args
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     metrics = adapt_cross_modal(
         args.source,
@@ -694,7 +694,7 @@ def cmd_adapt_cross_modal(args: argparse.Namespace) -> int:
 
 def cmd_bench_sage(args: argparse.Namespace) -> int:
     from lorex.experiments.sage_bench import run_sage_bench
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     summary = run_sage_bench(
         args.out,
@@ -714,7 +714,7 @@ def cmd_bench_sage(args: argparse.Namespace) -> int:
 
 def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
     from lorex.experiments.cross_modal_bench import run_cross_modal_bench
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     summary = run_cross_modal_bench(
         args.out,
@@ -740,7 +740,7 @@ def cmd_import_timm(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorex.experiments.demo import run_demo
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     report = run_demo(
         args.out,
@@ -1097,7 +1097,7 @@ def _join_torchrun(args: argparse.Namespace) -> None:
         raise LorexError(
             f"lorex {what} runs in one process; launch it without torchrun (docs/scaling.md)"
         )
-    from lorex.training.run import resolve_device
+    from lorex.training.expert_jobs import resolve_device
 
     device = distributed.local_device(resolve_device(args.device))
     args.device = str(device)

@@ -19,8 +19,8 @@ def lorex_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A vit-micro base pretrained for one short epoch on 300 MNIST images."""
-    from lorex.training.loop import TrainConfig
-    from lorex.training.run import pretrain
+    from lorex.training.config import TrainConfig
+    from lorex.training.expert_jobs import pretrain
 
     out = tmp_path_factory.mktemp("models") / "base"
     pretrain(

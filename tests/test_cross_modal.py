@@ -10,19 +10,16 @@ import pytest
 import torch
 
 from lorex.adaptation.cross_modal import CrossModalConfig, adapt_cross_modal
-from lorex.adaptation.cross_modal.statistics import (
-    feature_statistics,
-    load_statistics,
-)
-from lorex.adaptation.cross_modal.tgmb import train_translator, translate
-from lorex.adaptation.cross_modal.transfer import train_target_model
+from lorex.adaptation.cross_modal.objectives import train_target_model, train_translator
+from lorex.adaptation.cross_modal.tgmb import translate
 from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
 from lorex.experiments.cross_modal_bench import CrossModalBenchSettings, Task, run_cross_modal_bench
 from lorex.models import load_model
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert
+from lorex.training.feature_stats import feature_statistics, load_statistics
 from lorex.training.methods import METHODS
-from lorex.training.run import train_expert
 
 TINY = CrossModalConfig(
     epochs=1, batch_size=16, translator_steps=4, max_target_samples=48, max_ti_samples=32
@@ -92,7 +89,7 @@ def test_target_training_is_deterministic_and_keeps_the_classifier(source):
 def test_the_refreshed_teacher_averages_in_the_models_own_reading(source, monkeypatch, refresh):
     """Epoch 1 distils the fixed teacher; with kd_refresh, every later epoch distils the fixed
     teacher's probabilities averaged with the model's reading at that epoch's start, balanced."""
-    from lorex.adaptation.cross_modal import transfer
+    from lorex.adaptation.cross_modal import objectives as transfer
 
     model, target, ti_t, _, ti_feats = _inputs(source)
     fixed = torch.randn(len(target), len(model.classes), generator=torch.Generator().manual_seed(1))

@@ -16,7 +16,8 @@ from lorex.adaptation.cross_modal.losses import (
     teacher_log_probs,
     token_statistics,
 )
-from lorex.adaptation.cross_modal.methods import MAIN_METHODS, METHODS, resolve_methods
+from lorex.adaptation.cross_modal.methods import CROSS_MODAL_METHODS as METHODS
+from lorex.adaptation.cross_modal.methods import MAIN_METHODS, resolve_methods
 from lorex.adaptation.cross_modal.translator import PatchCritic, TinyTranslator, UNetTranslator
 from lorex.errors import LorexError
 

@@ -88,7 +88,7 @@ import sys, numpy as np, torch
 from lorex.errors import LorexError
 from lorex.training import distributed
 from lorex.adaptation.pseudo_labels import PseudoLabeler
-from lorex.adaptation.sage.pseudo_label_training import relabel
+from lorex.adaptation.sage.relabel import relabel
 from lorex.adaptation.sage.target_experts import start_from_source
 
 device = torch.device("cpu")
@@ -107,9 +107,10 @@ def reid_source(tiny_base, tmp_path_factory):
     """A tiny re-ID expert and 90 target images of another domain."""
     from lorex.data import make_reid_domain
     from lorex.data.market1501 import write_market1501
-    from lorex.training.loop import TrainConfig
+    from lorex.data.reid import load_reid_data
+    from lorex.training.config import TrainConfig
+    from lorex.training.expert_jobs import train_reid_expert
     from lorex.training.methods import METHODS
-    from lorex.training.reid_objective import load_reid_data, train_reid_expert
 
     root = tmp_path_factory.mktemp("dist-reid")
     for name in ("a", "c"):
@@ -125,7 +126,7 @@ def reid_source(tiny_base, tmp_path_factory):
 
 def test_distributed_pseudo_labels_equal_single_process(reid_source, tmp_path):
     from lorex.adaptation.pseudo_labels import PseudoLabeler
-    from lorex.adaptation.sage.pseudo_label_training import relabel
+    from lorex.adaptation.sage.relabel import relabel
     from lorex.adaptation.sage.target_experts import start_from_source
 
     source, target = reid_source
@@ -188,9 +189,9 @@ def test_reid_training_runs_data_parallel_with_whole_identities_per_rank(reid_so
 def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
     """SAGE on a classification target: LoRA experts and gates trained data-parallel, on class
     pseudo-labels made by rank 0, end where one process ends (within float tolerance)."""
-    from lorex.training.loop import TrainConfig
+    from lorex.training.config import TrainConfig
+    from lorex.training.expert_jobs import train_expert
     from lorex.training.methods import METHODS
-    from lorex.training.run import train_expert
 
     sources = []
     for name in ("digits/mnist", "digits/optdigits"):

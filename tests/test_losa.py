@@ -15,8 +15,9 @@ from lorex.data import BUILTINS, ImageDataset, load_dataset
 from lorex.data.moving_digits import DIRECTIONS, FRAMES
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
-from lorex.training.loop import TrainConfig, fit
+from lorex.training.config import TrainConfig
 from lorex.training.methods import METHODS
+from lorex.training.objectives.classification import fit
 
 
 def _model(frames: int = 1, classes: int = 5, seed: int = 0) -> LorexModel:
@@ -208,7 +209,7 @@ def test_cached_and_uncached_training_agree():
 
 
 def test_memory_mapped_cache_agrees(monkeypatch, caplog):
-    from lorex.training import loop
+    from lorex.training import batches as loop
 
     data = load_dataset("digits/optdigits", "train", 64)
     in_memory, _, _ = _train(data, cache=True, epochs=1)

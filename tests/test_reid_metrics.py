@@ -5,7 +5,7 @@ import torch
 from lorex.errors import LorexError
 from lorex.metrics import reid
 from lorex.metrics._reid_reference import reference_evaluate_loop
-from lorex.metrics.reid import evaluate
+from lorex.metrics.reid import reid_scores as evaluate
 
 # Gallery: ids and cameras of six images.
 G_IDS = np.array([1, 2, 1, 0, 1, 3])

@@ -14,21 +14,16 @@ from lorex.backbones import build_backbone, preset_config
 from lorex.cli import main
 from lorex.data import make_reid_domain
 from lorex.data.market1501 import ReidSplit, write_market1501
+from lorex.data.reid import PKSampler, load_reid_data, subset_ids
 from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import BNNeckHead, LorexModel, load_model, save_model
-from lorex.training.loop import TrainConfig
+from lorex.models.resize import fit_image_size
+from lorex.training.config import TrainConfig
+from lorex.training.evaluation import evaluate_reid
+from lorex.training.expert_jobs import train_reid_expert
 from lorex.training.methods import METHODS
-from lorex.training.reid_objective import (
-    PKSampler,
-    batch_hard_soft_triplet,
-    evaluate_reid,
-    fit_image_size,
-    label_smoothed_cross_entropy,
-    load_reid_data,
-    subset_ids,
-    train_reid_expert,
-)
+from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 
 CFG = TrainConfig(epochs=1, batch_size=16, seed=0)  # P = 4 ids x K = 4
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorex.cli import main
@@ -21,9 +22,12 @@ from lorex.io import save_tensors
 from lorex.models import load_model
 from lorex.training import checkpoint as checkpoint_module
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions, work_directory
-from lorex.training.loop import TrainConfig, TrainingDiverged, fit
+from lorex.training.config import TrainConfig
+from lorex.training.engine import TrainingDiverged
 from lorex.training.methods import METHODS
+from lorex.training.objectives.classification import fit
 
+CPU = torch.device("cpu")
 TRAIN = ["--data", "digits/mnist", "--method", "full", "--augment", "--epochs", "2"]
 TRAIN += ["--max-samples", "256", "--batch-size", "16", "--checkpoint-every", "1"]
 TOTAL_STEPS = 32  # 2 epochs x 256 / 16
@@ -173,7 +177,7 @@ def test_without_resume_an_old_checkpoint_is_replaced(tiny_base, tmp_path, stop_
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tiny_base, tmp_path, monkeypatch
 ):
-    import lorex.training.loop as loop
+    import lorex.training.objectives.classification as loop
 
     calls = {"n": 0}
     original = loop.F.cross_entropy
@@ -244,3 +248,75 @@ def test_cli_resume_options(tiny_base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "checkpoint.safetensors: not a valid lorex checkpoint" in err and "\n" not in err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints written before the engine (lorex's six own loops) still resume
+# --------------------------------------------------------------------------------------------
+
+
+def _micro_source():
+    from lorex.backbones import build_backbone, preset_config
+    from lorex.models import LorexModel
+
+    torch.manual_seed(0)
+    cfg = preset_config("vit-micro")
+    model = LorexModel(build_backbone(cfg), cfg)
+    model.add_head("shapes", ["a", "b", "c"])
+    return model
+
+
+def _rewrite_position(path: Path, old_layout) -> None:
+    """Give a checkpoint the position layout of the loop it had before the engine."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["lorex_checkpoint"])
+    tensors = load_file(path)
+    meta["position"] = old_layout(meta["position"])
+    save_tensors(path, tensors, metadata={"lorex_checkpoint": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("loop", ["transfer", "tgmb"])
+def test_a_checkpoint_from_before_the_engine_resumes_bit_identically(
+    tmp_path, stop_after_saves, loop
+):
+    from lorex.adaptation.cross_modal.config import CrossModalConfig
+    from lorex.adaptation.cross_modal.objectives import train_target_model, train_translator
+
+    source = _micro_source()
+    g = torch.Generator().manual_seed(0)
+    target, ti_t, ti_rgb = (
+        torch.rand(n, c, 32, 32, generator=g) for n, c in ((20, 1), (12, 1), (12, 3))
+    )
+    if loop == "transfer":  # its position named the batch "step"
+        cfg = CrossModalConfig(epochs=2, batch_size=8, stats_weight=0, ti_weight=0, kd_weight=0)
+
+        def run(options):
+            model, result = train_target_model(source, target, cfg, CPU, checkpoint=options)
+            return model.state_dict(), result.history
+
+        def old_layout(p):
+            return {
+                "epoch": p["epoch"],
+                "step": p["batch"],
+                "sums": p["sums"],
+                "history": p["history"],
+            }
+    else:  # one epoch: its position had neither epoch nor batch
+        cfg = CrossModalConfig(translator_steps=6, batch_size=8)
+
+        def run(options):
+            net, history = train_translator(
+                source, ti_t, ti_rgb, target, cfg, CPU, checkpoint=options
+            )
+            return net.state_dict(), history
+
+        def old_layout(p):
+            return {"history": p["history"], "running": p["running"]}
+
+    ref_state, ref_history = run(None)
+    with pytest.raises(stop_after_saves(3)):
+        run(CheckpointOptions(tmp_path, every=1))
+    _rewrite_position(tmp_path / checkpoint_module.CHECKPOINT_FILE, old_layout)
+    state, history = run(CheckpointOptions(tmp_path, 1, True))
+    assert history == ref_history
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)

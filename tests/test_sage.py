@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lorex.adaptation.sage.classification import adapt_classification, class_pseudo_labels
+from lorex.adaptation.sage.classification import adapt_classification
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import averaged_sources, gated_model, train_gate
 from lorex.adaptation.sage.pipeline import adapt_reid
+from lorex.adaptation.sage.relabel import class_pseudo_labels
 from lorex.adaptation.sage.stages import source_names
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.adapters import lora
@@ -20,13 +21,13 @@ from lorex.adapters.gated import gated_layers, reset_gate
 from lorex.cli import main
 from lorex.data import make_reid_domain
 from lorex.data.market1501 import write_market1501
+from lorex.data.reid import load_reid_data
 from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import load_model
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert, train_reid_expert
 from lorex.training.methods import METHODS
-from lorex.training.reid_objective import load_reid_data, train_reid_expert
-from lorex.training.run import train_expert
 
 # Tiny: 1 epoch of 2 steps, pseudo-labels with a larger rho (few identities: docs/reid.md).
 CFG = SageConfig(epochs=1, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)

@@ -1,13 +1,21 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
 from lorex.models import load_model
-from lorex.training import loop
-from lorex.training.loop import TrainConfig, fit, random_shift
+from lorex.training import engine as loop
+from lorex.training.batches import random_shift
+from lorex.training.checkpoint import CHECKPOINT_FILE, CheckpointOptions
+from lorex.training.config import TrainConfig
+from lorex.training.engine import Objective, TrainingDiverged, train
 from lorex.training.methods import METHODS
+from lorex.training.objectives.classification import fit
 
 
 def _trainable(model):
@@ -133,3 +141,126 @@ def test_frozen_head_from_a_probe(tiny_base, tmp_path):
     assert moved  # the backbone trained
     code = main(args + common + ["--freeze-head"])
     assert code == 2  # a frozen zero head is refused
+
+
+# --------------------------------------------------------------------------------------------
+# the engine itself, on a toy objective
+# --------------------------------------------------------------------------------------------
+
+
+class Toy(Objective):
+    """A linear model on random inputs; ``extra_state`` carries a step count and a tensor."""
+
+    loop = "toy"
+
+    def __init__(self, steps=3, epochs=2, clip_norm=1.0, scale=1.0, nan_at=None, second=False):
+        super().__init__()
+        self.n, self.epochs, self.clip_norm, self.scale = steps, epochs, clip_norm, scale
+        self.nan_at, self.second, self.calls, self.loaded = nan_at, second, 0, None
+
+    def prepare(self, device):
+        self.model = torch.nn.Linear(3, 2)
+        self.other = torch.nn.Linear(3, 1)
+        self.params = list(self.model.parameters())
+        self.generator = torch.Generator().manual_seed(1)
+        self.generators = {"inputs": self.generator}
+        self.seen = 0
+
+    def total_steps(self):
+        return self.n * self.epochs
+
+    def optimizers(self, total):
+        main = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        if not self.second:
+            return main, None
+        return {"main": main, "other": torch.optim.SGD(self.other.parameters(), lr=0.1)}, None
+
+    def checkpointed(self):
+        return torch.nn.ModuleDict({"model": self.model, "other": self.other})
+
+    def load_state(self, position, arrays):
+        self.seen = position["seen"]
+        self.loaded = (position["seen"], arrays["mark"].clone())
+
+    def extra_state(self):
+        return {"seen": self.seen}, {"mark": torch.full((2,), float(self.seen))}
+
+    def begin_epoch(self, epoch):
+        return range(self.n)
+
+    def step(self, batch):
+        self.calls += 1
+        self.seen += 1
+        x = torch.randn(4, 3, generator=self.generator)
+        loss = self.scale * self.model(x).pow(2).mean()
+        bad = float("nan") if self.nan_at == self.calls else 1.0
+        if not self.second:
+            return loss * bad, None
+        return {"main": loss, "other": self.other(x).pow(2).mean() * bad}, None
+
+    def end_epoch(self, epoch):
+        return {"epoch": epoch + 1, "seen": self.seen}
+
+
+def _weights(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_engine_clips_gradients_to_the_objectives_norm(clip):
+    toy = Toy(steps=1, epochs=1, clip_norm=clip, scale=1e6)
+    torch.manual_seed(0)
+    before = _weights(torch.nn.Linear(3, 2))  # the toy's initial weights (same seed)
+    train(toy, progress=False)
+    moved = float((_weights(toy.model) - before).norm())
+    if clip is None:
+        assert moved > 100  # lr 0.1 x an unclipped gradient of norm ~1e6
+    else:
+        assert moved == pytest.approx(0.1 * clip, rel=1e-4)  # lr x the clipped norm
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_engine_stops_before_a_non_finite_step_and_names_the_checkpoint(tmp_path, second):
+    toy = Toy(nan_at=3, second=second)
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1") as err:
+        train(toy, progress=False, checkpoint=CheckpointOptions(tmp_path, every=1))
+    path = tmp_path / CHECKPOINT_FILE
+    assert f"the last good checkpoint is kept at {path}" in str(err.value)
+    meta = json.loads(load_file_metadata(path)["lorex_checkpoint"])
+    assert meta["step"] == 2
+    saved = load_file(path)
+    # no weight moved at the bad step, in either optimiser
+    assert torch.equal(toy.model.weight.detach(), saved["model/model.weight"])
+    assert torch.equal(toy.other.weight.detach(), saved["model/other.weight"])
+
+
+def test_engine_round_trips_the_objectives_extra_state(tmp_path, stop_after_saves):
+    ref = Toy()
+    ref_result = train(ref, progress=False)
+    options = CheckpointOptions(tmp_path, every=1)
+    with pytest.raises(stop_after_saves(4)):  # epoch 2, after its first batch
+        train(Toy(), progress=False, checkpoint=options)
+    resumed = Toy()
+    result = train(resumed, progress=False, checkpoint=CheckpointOptions(tmp_path, 1, True))
+    assert resumed.loaded[0] == 4 and torch.equal(resumed.loaded[1], torch.full((2,), 4.0))
+    assert resumed.calls == 2  # only the steps left
+    assert (
+        result.history == ref_result.history == [{"epoch": 1, "seen": 3}, {"epoch": 2, "seen": 6}]
+    )
+    assert torch.equal(_weights(resumed.model), _weights(ref.model))
+
+
+def test_every_objective_but_tgmb_clips_at_one():
+    from lorex.adaptation.cross_modal.objectives import TargetTransfer, Translator
+    from lorex.adaptation.sage.objectives import ClassPseudoLabels, PseudoIdentities
+    from lorex.training.objectives.classification import Classification
+    from lorex.training.objectives.reid import Reid
+
+    for objective in (Classification, Reid, PseudoIdentities, ClassPseudoLabels, TargetTransfer):
+        assert objective.clip_norm == 1.0, objective
+    assert Translator.clip_norm is None  # TGMB was never clipped: outputs stay as they were
+
+
+def load_file_metadata(path):
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()

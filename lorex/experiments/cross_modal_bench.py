@@ -19,7 +19,8 @@ from typing import Any
 
 from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
-from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS, METHODS
+from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS
+from lorex.adaptation.cross_modal.methods import CROSS_MODAL_METHODS as METHODS
 from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
 from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
 from lorex.experiments import settings as demo_settings
@@ -29,8 +30,9 @@ from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreemen
 from lorex.models.stamps import stamp
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
+from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import METHODS as TRAINING_METHODS
-from lorex.training.run import run_record, train_expert
+from lorex.training.records import run_record
 
 say = teller("cross-modal")
 

@@ -23,9 +23,11 @@ from lorex.experiments.settings import FULL, QUICK, DemoSettings
 from lorex.experiments.stages import cached_stage, ensure_base, say, short
 from lorex.io import read_json, write_json
 from lorex.models import load_model
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.evaluation import evaluate_classifier
+from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import METHODS
-from lorex.training.run import evaluate, run_record, train_expert
+from lorex.training.records import run_record
 
 
 def run_demo(
@@ -154,10 +156,12 @@ def evaluate_experts(
     for i, trained in enumerate(s.domains):
         model = load_model(out / "experts" / short(trained) / "full", device)
         for j, tested in enumerate(s.domains):
-            r.matrix[i, j] = evaluate(model, tests[tested], device)
+            r.matrix[i, j] = evaluate_classifier(model, tests[tested], device)
     r.probe = np.array(
         [
-            evaluate(load_model(out / "experts" / short(d) / "linear", device), tests[d], device)
+            evaluate_classifier(
+                load_model(out / "experts" / short(d) / "linear", device), tests[d], device
+            )
             for d in s.domains
         ]
     )

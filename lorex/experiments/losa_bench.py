@@ -30,8 +30,8 @@ from lorex import __version__
 from lorex.experiments import settings as demo_settings
 from lorex.experiments.stages import ensure_base, run_stage, teller
 from lorex.io import write_json
-from lorex.training.loop import TrainConfig
-from lorex.training.run import pretrain
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import pretrain
 
 METHODS = ("full", "lora", "losa")
 

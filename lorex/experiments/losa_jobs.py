@@ -21,9 +21,11 @@ from lorex.backbones import build_backbone, preset_config
 from lorex.data import ImageDataset, load_dataset
 from lorex.metrics.resources import inference_ms_per_image
 from lorex.models import LorexModel, load_model
-from lorex.training.loop import TrainConfig, as_float, fit, images_to_tensor
+from lorex.training.batches import as_float, images_to_tensor
+from lorex.training.config import TrainConfig
+from lorex.training.evaluation import evaluate_classifier
 from lorex.training.methods import METHODS as TRAINING_METHODS
-from lorex.training.run import evaluate
+from lorex.training.objectives.classification import fit
 
 
 def _resized(data, size: int):
@@ -64,7 +66,7 @@ def run_train_job(job: dict[str, Any]) -> dict[str, Any]:
     x, _ = images_to_tensor(test)
     latency = inference_ms_per_image(model, as_float(x[: job["batch"]], torch.device("cpu")))
     return {
-        "accuracy": evaluate(model, test),
+        "accuracy": evaluate_classifier(model, test),
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "peak_train_mb": result.peak_train_mb,

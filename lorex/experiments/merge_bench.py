@@ -19,7 +19,7 @@ from lorex.merging import merge_models, method_from_name
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.models import load_model
 from lorex.report import grouped_bars_png, markdown_table
-from lorex.training.run import evaluate
+from lorex.training.evaluation import evaluate_classifier
 
 # (label, method, options): every method at its defaults, and DOGE and WUDI also at the papers'
 # absolute settings (their defaults follow the task vectors' scale: docs/merging.md).
@@ -61,6 +61,7 @@ def score_merges(
     for choosing settings: the experts' own accuracy is then measured on it too, and only its
     domains are scored (the merge still takes every domain's expert).
     """
+
     base = demo_dir / "base"
     experts = {d: demo_dir / "experts" / short(d) / expert_kind for d in domains}
     if eval_sets is None:
@@ -74,7 +75,7 @@ def score_merges(
         for d, data in tests.items():
             expert = load_model(experts[d], device)
             expert.set_head(d)
-            own[short(d)] = evaluate(expert, data, device)
+            own[short(d)] = evaluate_classifier(expert, data, device)
     results: dict[str, Any] = {"experts": {k: round(100 * v, 2) for k, v in own.items()}}
     for label, name, options in methods:
         target = out / expert_kind / re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
@@ -84,7 +85,7 @@ def score_merges(
         per_task = {}
         for d in tests:
             model.set_head(d)
-            per_task[short(d)] = evaluate(model, tests[d], device)
+            per_task[short(d)] = evaluate_classifier(model, tests[d], device)
         results[label] = {
             "per_task": {k: round(100 * v, 2) for k, v in per_task.items()},
             "average": round(100 * sum(per_task.values()) / len(per_task), 2),

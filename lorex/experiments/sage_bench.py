@@ -26,6 +26,7 @@ from lorex.adaptation.sage.stages import GATE_VARIANTS, interleaved_ms_per_image
 from lorex.adapters.gated import GateConfig, attach_gate, gate_parameters
 from lorex.backbones import build_backbone
 from lorex.data import DIGIT_DOMAINS, REID_DOMAINS
+from lorex.data.reid import load_reid_data
 from lorex.data.reid_synth import PRETRAIN_DOMAIN
 from lorex.experiments import settings as demo_settings
 from lorex.experiments.sage_bench_report import gate_png, sage_bench_report
@@ -37,10 +38,10 @@ from lorex.models import LorexModel
 from lorex.models.stamps import stamp
 from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert, train_reid_expert
 from lorex.training.methods import METHODS
-from lorex.training.reid_objective import load_reid_data, train_reid_expert
-from lorex.training.run import run_record, train_expert
+from lorex.training.records import run_record
 
 say = teller("sage")
 
@@ -181,6 +182,7 @@ def digits_leave_one_out(
 ) -> dict[str, Any]:
     """The same pipeline on the digit domains: full experts from the chars base, then each
     target adapted from the other three (``adapt_classification``); test accuracy per variant."""
+
     cfg = TrainConfig(
         epochs=s.digit_epochs, batch_size=64, lr=1e-3, seed=seed, max_samples=s.digit_samples
     )

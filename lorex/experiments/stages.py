@@ -26,8 +26,8 @@ from lorex.experiments.settings import DemoSettings
 from lorex.io import atomic_directory, write_json
 from lorex.models.stamps import STAGE_FILE, stage_record, stamp
 from lorex.pretrained import find_shipped, install_shipped
-from lorex.training.loop import TrainConfig
-from lorex.training.run import pretrain
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import pretrain
 
 #: The quick base shipped as package data (``lorex.pretrained``; recipe.json says how to remake it).
 SHIPPED_BASE = "chars-vit-micro"

@@ -3,7 +3,7 @@
 It walks the ranked gallery of one query at a time, the way torchreid's Python
 ``eval_market1501`` does (argsort of the whole matrix, then per query: drop the same-id
 same-camera entries, cumulative hits, precision at each rank). Same protocol as
-:func:`lorex.metrics.reid.evaluate`, which is the one to use.
+:func:`lorex.metrics.reid.reid_scores`, which is the one to use.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def reference_evaluate_loop(
     sort_kind: str = "stable",
     python_precision: bool = True,
 ) -> dict[str, Any]:
-    """Per-query loop over the full ranked gallery; returns what ``evaluate`` returns.
+    """Per-query loop over the full ranked gallery; returns what ``reid_scores`` returns.
 
-    ``sort_kind="stable"`` breaks distance ties by gallery order, as ``evaluate`` does;
+    ``sort_kind="stable"`` breaks distance ties by gallery order, as ``reid_scores`` does;
     ``"quicksort"`` is torchreid's (same result without ties). ``python_precision`` builds the
     precision at each rank as a Python list, as torchreid does; ``False`` divides in NumPy.
     """

@@ -137,7 +137,7 @@ def _chunk_positive_ranks(dist, q_ids, q_cams, g_ids, g_cams):
     return rows[keep], (rank - removed_before + 1)[keep]
 
 
-def evaluate(
+def reid_scores(
     distmat: Any,
     query_ids: Any,
     gallery_ids: Any,
@@ -202,7 +202,9 @@ def random_ranking_map(
     return float(
         np.mean(
             [
-                evaluate(rng.random(shape), query_ids, gallery_ids, query_cams, gallery_cams)["mAP"]
+                reid_scores(rng.random(shape), query_ids, gallery_ids, query_cams, gallery_cams)[
+                    "mAP"
+                ]
                 for _ in range(draws)
             ]
         )

@@ -20,9 +20,9 @@ from lorex.errors import LorexError
 from lorex.io import read_json, write_json
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions, work_directory
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import TrainingMethod
-from lorex.training.run import train_expert
 
 log = logging.getLogger("lorex")
 

@@ -4,9 +4,15 @@ they are compared with (source-only, SHOT, SOCKET); docs/cross_modal.md."""
 from typing import Any
 
 from lorex.adaptation.cross_modal.config import CrossModalConfig
-from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS, METHODS
+from lorex.adaptation.cross_modal.methods import ABLATIONS, CROSS_MODAL_METHODS, MAIN_METHODS
 
-__all__ = ["ABLATIONS", "MAIN_METHODS", "METHODS", "CrossModalConfig", "adapt_cross_modal"]
+__all__ = [
+    "ABLATIONS",
+    "CROSS_MODAL_METHODS",
+    "MAIN_METHODS",
+    "CrossModalConfig",
+    "adapt_cross_modal",
+]
 
 
 def __getattr__(name: str) -> Any:

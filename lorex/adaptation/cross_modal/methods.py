@@ -30,7 +30,7 @@ class CrossModalMethod:
 
 
 _NO_TGKT = ("kd_weight",)
-METHODS: dict[str, CrossModalMethod] = {
+CROSS_MODAL_METHODS: dict[str, CrossModalMethod] = {
     m.name: m
     for m in [
         CrossModalMethod(
@@ -100,13 +100,15 @@ METHODS: dict[str, CrossModalMethod] = {
     ]
 }
 MAIN_METHODS = ("source-only", "shot", "socket", "tgmb-tgkt")
-ABLATIONS = tuple(name for name in METHODS if name not in MAIN_METHODS)
+ABLATIONS = tuple(name for name in CROSS_MODAL_METHODS if name not in MAIN_METHODS)
 
 
 def get_method(name: str) -> CrossModalMethod:
-    if name not in METHODS:
-        raise LorexError(f"unknown cross-modal method '{name}'; choose from {', '.join(METHODS)}")
-    return METHODS[name]
+    if name not in CROSS_MODAL_METHODS:
+        raise LorexError(
+            f"unknown cross-modal method '{name}'; choose from {', '.join(CROSS_MODAL_METHODS)}"
+        )
+    return CROSS_MODAL_METHODS[name]
 
 
 def resolve_methods(names: list[str]) -> list[CrossModalMethod]:

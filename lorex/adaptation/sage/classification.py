@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import (
     add_target_head,
     gate_optimizer,
 )
+from lorex.adaptation.sage.objectives import train_on_class_pseudo_labels
 from lorex.adaptation.sage.stages import (
     GATE_VARIANTS,
     check_sources,
@@ -47,169 +43,13 @@ from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_t
 from lorex.data import ImageDataset, load_dataset
 from lorex.errors import LorexError
 from lorex.metrics.classification import accuracy
-from lorex.metrics.resources import PeakMemory
 from lorex.models import LorexModel, load_model, save_model
 from lorex.training import distributed
-from lorex.training.checkpoint import Checkpointer, CheckpointOptions
-from lorex.training.loop import (
-    DataParallelStep,
-    TrainingDiverged,
-    TrainResult,
-    as_float,
-    diverged,
-    finish_training,
-    images_to_tensor,
-    make_optimizer,
-    optimizer_step,
-    predict,
-    random_shift,
-    share_of_batch_cross_entropy,
-)
+from lorex.training.batches import predict
+from lorex.training.checkpoint import CheckpointOptions
+from lorex.training.engine import TrainResult, make_optimizer
 
 log = logging.getLogger("lorex")
-
-
-def class_pseudo_labels(features: np.ndarray, probs: np.ndarray, rounds: int = 2) -> np.ndarray:
-    """SHOT's labels: nearest class centroid by cosine, centroids first weighted by ``probs``
-    ``(N, C)``, then (each further round) the mean of the images that took that label."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    weights = probs
-    labels = np.zeros(len(x), np.int64)
-    for _ in range(rounds):
-        cents = weights.T @ x / np.maximum(weights.sum(0)[:, None], 1e-12)
-        cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
-        labels = np.argmax(x @ cents.T, axis=1)
-        weights = np.eye(probs.shape[1], dtype=x.dtype)[labels]
-    return labels
-
-
-@torch.inference_mode()
-def _features_and_probs(
-    model: LorexModel, x: torch.Tensor, device: torch.device, batch: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    feats, probs = [], []
-    for i in range(0, len(x), batch):
-        f = model.features(as_float(x[i : i + batch], device))
-        feats.append(f.float().cpu())
-        probs.append(F.softmax(model.heads[model.active_head](f), 1).float().cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
-
-
-def train_on_class_pseudo_labels(
-    model: LorexModel,
-    data: ImageDataset,
-    params: list[nn.Parameter],
-    make_opt: Callable[[int], tuple[torch.optim.Optimizer, Any]],
-    cfg: SageConfig,
-    epochs: int,
-    iters: int,
-    device: torch.device,
-    progress: bool | None = None,
-    desc: str = "adapt",
-    checkpoint: CheckpointOptions | None = None,
-    fingerprint: dict[str, Any] | None = None,
-) -> TrainResult:
-    """Each epoch: label the target with the current model, then ``iters`` steps of
-    cross-entropy on random batches (the head frozen). ``checkpoint``/``fingerprint``: as in
-    ``fit``; a checkpoint holds the epoch's pseudo-labels."""
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    x, true = images_to_tensor(data)
-    optimizer, scheduler = make_opt(epochs * iters)
-    result = TrainResult(trainable_params=sum(p.numel() for p in params))
-    ckpt = Checkpointer(
-        checkpoint,
-        {
-            "loop": "class-pseudo-labels",
-            "config": cfg.to_dict(),
-            "epochs": epochs,
-            "iters": iters,
-            "images": len(x),
-            "desc": desc,
-            **(fingerprint or {}),
-        },
-        model,
-        optimizer,
-        scheduler,
-        {"batches": generator},
-    )
-    step, epoch0, batch0, resumed = 0, 0, 0, None
-    restored = ckpt.restore()
-    if restored is not None:
-        step, position, arrays = restored
-        epoch0, batch0, result.history = position["epoch"], position["batch"], position["history"]
-        resumed = position, arrays["labels"]
-    world = distributed.current()
-    step_model = DataParallelStep.wrap(model, device, find_unused=True)
-    bar = tqdm(
-        total=epochs * iters,
-        initial=step,
-        desc=desc,
-        disable=progress is False or None or not world.main,
-        leave=False,
-    )
-    with PeakMemory(device=device) as mem:
-        start = time.perf_counter()
-        for epoch in range(epoch0, epochs):
-            if resumed is None:
-                feats, probs = _features_and_probs(model, x, device)
-                mine = class_pseudo_labels(feats, probs) if world.main else None
-                link = device if device.type == "cuda" else torch.device("cpu")
-                labels = torch.from_numpy(distributed.broadcast_array(mine, link))  # rank 0's
-                loss_sum, correct = 0.0, 0
-            else:  # the epoch a checkpoint was taken in, with its labels
-                position, labels = resumed
-                loss_sum, correct = position["loss_sum"], position["correct"]
-                if not world.main:  # rank 0 carries the sums so far
-                    loss_sum, correct = 0.0, 0
-                resumed = None
-            model.train()
-            for b in range(batch0, iters):
-                drawn = torch.randint(len(x), (cfg.batch_size,), generator=generator)
-                rows = distributed.shard_slice(len(drawn), world)
-                idx = drawn[rows]  # this rank's share of the global batch
-                batch = as_float(x[idx], device)
-                if cfg.augment:
-                    batch = random_shift(batch, 2, generator, (len(drawn), rows))
-                logits = step_model(batch, False)
-                loss = share_of_batch_cross_entropy(
-                    logits, labels[idx].to(device), cfg.label_smoothing, len(drawn)
-                )
-                try:
-                    optimizer_step(loss, optimizer, scheduler, params, epoch)
-                except TrainingDiverged as exc:
-                    raise diverged(exc, ckpt) from None
-                step += 1
-                loss_sum += loss.item() / world.size
-                correct += int((logits.argmax(1).cpu() == labels[idx]).sum())
-                bar.update(1)
-                if ckpt.due(step) or step == epochs * iters:
-                    sums = distributed.all_sum([loss_sum, correct], device)
-                    position = {
-                        "epoch": epoch,
-                        "batch": b + 1,
-                        "loss_sum": sums[0],
-                        "correct": int(sums[1]),
-                        "history": result.history,
-                    }
-                    ckpt.save(step, position, {"labels": labels})
-            batch0 = 0
-            loss_sum, correct = distributed.all_sum([loss_sum, correct], device)
-            result.history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": loss_sum / iters,
-                    # the share of pseudo-labels that are right: a diagnostic nothing reads
-                    "diagnostic_label_accuracy": float((labels == true).float().mean()),
-                    # agreement with the pseudo-labels it trains on, as in the re-ID loop
-                    "train_accuracy": int(correct) / (iters * cfg.batch_size),
-                }
-            )
-        result.train_seconds = time.perf_counter() - start
-    bar.close()
-    result.checkpoint = ckpt
-    return finish_training(model, result, mem)
 
 
 def adapt_source_expert_classification(

@@ -9,7 +9,7 @@ from typing import Any
 
 from lorex.adapters.gated import GATE_KINDS
 from lorex.errors import LorexError
-from lorex.training.loop import TrainConfig
+from lorex.training.config import TrainConfig
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
-from lorex.adaptation.sage.pseudo_label_training import train_on_pseudo_labels
+from lorex.adaptation.sage.objectives import train_on_pseudo_labels
 from lorex.adaptation.sage.target_experts import TARGET_HEAD
 from lorex.adapters.gated import (
     GateConfig,
@@ -32,7 +32,7 @@ from lorex.backbones import build_backbone
 from lorex.errors import LorexError
 from lorex.models import BNNeckHead, LorexModel, load_model
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.loop import TrainResult
+from lorex.training.engine import TrainResult
 
 
 class _RunningMean:

@@ -30,12 +30,13 @@ from lorex.adaptation.sage.stages import (
     write_adapted,
 )
 from lorex.adaptation.sage.target_experts import adapt_source_expert
+from lorex.data.reid import load_reid_data, subset_ids
 from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.reid_objective import evaluate_reid, load_reid_data, subset_ids
-from lorex.training.run import run_record
+from lorex.training.evaluation import evaluate_reid
+from lorex.training.records import run_record
 
 __all__ = ["GATE_VARIANTS", "adapt_reid", "source_names"]
 

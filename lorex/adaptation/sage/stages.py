@@ -23,10 +23,11 @@ from lorex.models import LorexModel, is_model_dir, load_model, save_model
 from lorex.models.stamps import reusable, stamp
 from lorex.models.store import file_sha256
 from lorex.training import distributed
+from lorex.training.batches import as_float, chw_tensor
 from lorex.training.checkpoint import work_directory
-from lorex.training.loop import TrainResult, as_float
-from lorex.training.reid_objective import _tensor, reid_embeddings
-from lorex.training.run import run_record
+from lorex.training.engine import TrainResult
+from lorex.training.evaluation import reid_embeddings
+from lorex.training.records import run_record
 
 log = logging.getLogger("lorex")
 GATE_VARIANTS = {"published": "gated", "light": "gated-light"}
@@ -146,7 +147,7 @@ def interleaved_ms_per_image(
 ) -> dict[str, float]:
     """Embedding time per image for each model, measured in interleaved rounds (each model once
     per round, best round kept) so that the machine's drift hits every model alike."""
-    batch = as_float(_tensor(images[:64]), device)
+    batch = as_float(chw_tensor(images[:64]), device)
     runners = {name: _Embedder(m).eval() for name, m in models.items()}
     for runner in runners.values():
         runner(batch)

@@ -18,7 +18,8 @@ import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
-from lorex.adaptation.sage.pseudo_label_training import reid_head, train_on_pseudo_labels
+from lorex.adaptation.sage.objectives import train_on_pseudo_labels
+from lorex.adaptation.sage.relabel import reid_head
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
 from lorex.data.market1501 import Market1501
 from lorex.errors import LorexError
@@ -26,8 +27,8 @@ from lorex.models import LorexModel, load_model, save_model
 from lorex.report import curve_png
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.loop import make_optimizer
-from lorex.training.reid_objective import evaluate_reid
+from lorex.training.engine import make_optimizer
+from lorex.training.evaluation import evaluate_reid
 
 TARGET_HEAD = "target"
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from lorex.adaptation.cross_modal.config import CrossModalConfig
+from lorex.adaptation.cross_modal.objectives import train_target_model, train_translator
 from lorex.adaptation.cross_modal.pipeline import _source_statistics
-from lorex.adaptation.cross_modal.tgmb import train_translator, translate
-from lorex.adaptation.cross_modal.transfer import features_and_logits, train_target_model
+from lorex.adaptation.cross_modal.tgmb import translate
+from lorex.adaptation.cross_modal.transfer import features_and_logits
 from lorex.data.paired import load_paired
 from lorex.models import load_model
 

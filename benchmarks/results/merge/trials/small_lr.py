@@ -18,8 +18,9 @@ from lorex.data import DIGIT_DOMAINS
 from lorex.experiments.merge_bench import score_merges
 from lorex.experiments.settings import FULL, QUICK
 from lorex.experiments.stages import short
+from lorex.training.config import TrainConfig
+from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import METHODS
-from lorex.training.run import TrainConfig, train_expert
 
 size, lrs, work = sys.argv[1], [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
 s = QUICK if size == "quick" else FULL

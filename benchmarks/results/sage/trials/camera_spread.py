@@ -16,8 +16,9 @@ import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.merged_model import gated_model
+from lorex.data.reid import load_reid_data
 from lorex.models import load_model
-from lorex.training.reid_objective import load_reid_data, reid_embeddings
+from lorex.training.evaluation import reid_embeddings
 
 torch.set_num_threads(2)
 dev = torch.device("cpu")

@@ -21,18 +21,14 @@ import torch.nn.functional as F
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import gate_optimizer, gated_model
-from lorex.adaptation.sage.pseudo_label_training import _cycle, reid_head, relabel
+from lorex.adaptation.sage.relabel import cycle_batches as _cycle
+from lorex.adaptation.sage.relabel import reid_head, relabel
 from lorex.adapters.gated import mark_gate_trainable
-from lorex.training.loop import as_float
-from lorex.training.reid_objective import (
-    PKSampler,
-    _tensor,
-    augment_batch,
-    batch_hard_soft_triplet,
-    evaluate_reid,
-    label_smoothed_cross_entropy,
-    load_reid_data,
-)
+from lorex.data.reid import PKSampler, load_reid_data
+from lorex.training.batches import as_float, chw_tensor
+from lorex.training.evaluation import evaluate_reid
+from lorex.training.objectives.reid import augment_batch
+from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 
 torch.set_num_threads(2)
 dev = torch.device("cpu")
@@ -63,7 +59,7 @@ def train(model, data, cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     images, cams = data.train.images, torch.from_numpy(data.train.cams)
-    x = _tensor(images)
+    x = chw_tensor(images)
     labels, _ = relabel(model, images, PseudoLabeler(cfg.k1, cfg.k2, cfg.rho, cfg.min_samples), dev)
     keep = np.flatnonzero(labels >= 0)
     sampler = PKSampler(labels[keep], cfg.batch_size // cfg.num_instances, cfg.num_instances, 1)

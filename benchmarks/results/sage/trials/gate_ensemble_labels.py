@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from lorex.adaptation.pseudo_labels import PseudoLabeler, centroids
-from lorex.adaptation.sage import pseudo_label_training as plt
+from lorex.adaptation.sage import objectives as plt
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import gated_model, train_gate
-from lorex.metrics.reid import evaluate
+from lorex.data.reid import load_reid_data
+from lorex.metrics.reid import reid_scores as evaluate
 from lorex.models import load_model
-from lorex.training.reid_objective import evaluate_reid, load_reid_data, reid_embeddings
+from lorex.training.evaluation import evaluate_reid, reid_embeddings
 
 torch.set_num_threads(2)
 dev = torch.device("cpu")

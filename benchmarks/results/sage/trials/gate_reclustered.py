@@ -14,9 +14,10 @@ import torch
 from lorex.adaptation.pseudo_labels import PseudoLabeler
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import gate_optimizer, gated_model
-from lorex.adaptation.sage.pseudo_label_training import train_on_pseudo_labels
+from lorex.adaptation.sage.objectives import train_on_pseudo_labels
 from lorex.adapters.gated import mark_gate_trainable
-from lorex.training.reid_objective import evaluate_reid, load_reid_data
+from lorex.data.reid import load_reid_data
+from lorex.training.evaluation import evaluate_reid
 
 torch.set_num_threads(2)
 dev = torch.device("cpu")

@@ -1,26 +1,44 @@
-"""End-to-end steps shared by the CLI and the demo: pretrain a base, train an expert, evaluate."""
+"""Whole training jobs, shared by the CLI and the experiments: pretrain a base, train a
+classification or re-ID expert, and write it with its metrics and provenance."""
 
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from lorex import __version__
 from lorex.backbones import build_backbone, preset_config
-from lorex.data import ImageDataset, load_dataset
+from lorex.data import load_dataset
+from lorex.data.reid import (
+    DEFAULT_INSTANCES,
+    is_reid_data,
+    load_reid_data,
+    reid_class_names,
+    subset_ids,
+)
 from lorex.errors import LorexError
-from lorex.metrics import accuracy
-from lorex.metrics.resources import inference_ms_per_image
 from lorex.models import LorexModel, load_model, save_model
+from lorex.models.resize import fit_image_size
 from lorex.report import curve_png
 from lorex.training import distributed
+from lorex.training.batches import images_to_tensor
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.loop import TrainConfig, TrainResult, as_float, fit, images_to_tensor, predict
+from lorex.training.config import TrainConfig
+from lorex.training.engine import TrainResult
+from lorex.training.evaluation import (
+    classifier_ms_per_image,
+    embedding_ms_per_image,
+    evaluate_classifier,
+    evaluate_reid,
+)
+from lorex.training.feature_stats import STATS_FILE, feature_statistics, stats_bytes
 from lorex.training.methods import METHODS, TrainingMethod
+from lorex.training.objectives.classification import fit
+from lorex.training.objectives.reid import fit_reid
+from lorex.training.records import efficiency_metrics, run_record, run_stamp
 
 log = logging.getLogger("lorex")
 
@@ -35,42 +53,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LorexError("--device: CUDA was requested but is not available")
     return device
-
-
-def check_classes(model: LorexModel, data: ImageDataset, source: str) -> None:
-    if list(model.classes) != list(data.classes):
-        raise LorexError(
-            f"{source}: classes {data.classes[:5]}... do not match the model head's "
-            f"{model.classes[:5]}..."
-        )
-
-
-def evaluate(
-    model: LorexModel, data: ImageDataset, device: torch.device | str = "cpu", batch_size: int = 256
-) -> float:
-    """Top-1 accuracy of ``model``'s active head on ``data``."""
-    check_classes(model, data, data.name or "dataset")
-    return accuracy(predict(model, data, batch_size, device), data.labels)
-
-
-def run_record(command: str, cfg: TrainConfig | None = None, **extra: Any) -> dict[str, Any]:
-    """What made an output: command, settings, seed, versions. Stored beside every result."""
-    record = {
-        "command": command,
-        "lorex_version": __version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        **extra,
-    }
-    if cfg is not None:
-        record["config"] = cfg.to_dict()
-        record["seed"] = cfg.seed
-    return record
-
-
-def _latency(model: LorexModel, data: ImageDataset, device: torch.device, batch: int = 64) -> float:
-    x, _ = images_to_tensor(data)
-    return inference_ms_per_image(model, as_float(x[:batch], device))
 
 
 def _metrics(
@@ -92,31 +74,6 @@ def _metrics(
         "train_samples": n_train,
         "test_samples": n_test,
         **run_stamp(result, cfg, device),
-    }
-
-
-def efficiency_metrics(result: TrainResult, infer_ms: float) -> dict[str, Any]:
-    """The four-axis cost figures every training run reports (any method, any objective)."""
-    return {
-        "infer_ms_per_image": infer_ms,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "train_seconds": result.train_seconds,
-        "peak_rss_mb": result.peak_rss_mb,
-        "peak_train_mb": result.peak_train_mb,
-        "peak_device_mb": result.peak_device_mb,
-        "feature_cache": result.feature_cache,
-        "cache_seconds": result.cache_seconds,
-    }
-
-
-def run_stamp(result: TrainResult, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Where, with which seed and lorex version a run trained, and its loss curve."""
-    return {
-        "device": str(device),
-        "seed": cfg.seed,
-        "lorex_version": __version__,
-        "history": result.history,
     }
 
 
@@ -148,8 +105,8 @@ def pretrain(
     )
     if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
         return {}
-    acc = evaluate(model, test, device)
-    infer_ms = _latency(model, test, device)
+    acc = evaluate_classifier(model, test, device)
+    infer_ms = classifier_ms_per_image(model, test, device)
     metrics = _metrics(acc, result, data, "pretrain", cfg, len(train), len(test), device, infer_ms)
     made_by = run_record(
         "pretrain", cfg, preset=preset if isinstance(preset, str) else None, data=data
@@ -202,8 +159,6 @@ def train_expert(
     """
     if freeze_head and head_from is None:
         raise LorexError("--freeze-head needs --head-from: a fixed zero head cannot learn a task")
-    from lorex.training.reid_objective import is_reid_data
-
     device = torch.device(device)
     if is_reid_data(data):
         raise LorexError(f"{data} is a re-ID dataset: train on it with --objective reid")
@@ -223,8 +178,8 @@ def train_expert(
     result = fit(model, method, train, cfg, device, progress, freeze_head, checkpoint, fingerprint)
     if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
         return {}
-    acc = evaluate(model, test, device)
-    infer_ms = _latency(model, test, device)
+    acc = evaluate_classifier(model, test, device)
+    infer_ms = classifier_ms_per_image(model, test, device)
     metrics = _metrics(acc, result, data, method.name, cfg, len(train), len(test), device, infer_ms)
     log.info(
         "efficiency (%s): %s trainable parameters (%.2f%% of %s), peak training memory %.0f MB, "
@@ -246,12 +201,6 @@ def train_expert(
         made_by.update(head_from=str(head_from), freeze_head=freeze_head)
     extra = {}
     if feature_stats:
-        from lorex.adaptation.cross_modal.statistics import (
-            STATS_FILE,
-            feature_statistics,
-            stats_bytes,
-        )
-
         x, _ = images_to_tensor(train)
         extra[STATS_FILE] = stats_bytes(*feature_statistics(model, x, device))
         made_by["feature_stats"] = True
@@ -293,3 +242,99 @@ def save_expert(
             **(extra_files or {}),
         },
     )
+
+
+def train_reid_expert(
+    base: str | Path,
+    data: str,
+    method: TrainingMethod,
+    out: str | Path,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+    num_instances: int = DEFAULT_INSTANCES,
+    checkpoint: CheckpointOptions | None = None,
+) -> dict[str, Any]:
+    """Train a re-ID expert from ``base`` on ``data``'s train split; save it with its metrics
+    (query-vs-gallery on the same dataset) and provenance, like ``train_expert``."""
+    device = torch.device(device)
+    splits = load_reid_data(data)
+    train = subset_ids(splits.train, cfg.max_samples, cfg.seed)
+    hw = (int(train.images.shape[1]), int(train.images.shape[2]))
+    model = load_model(base, device)
+    if method.saves == "delta" and model.image_hw != hw:
+        raise LorexError(
+            f"--method {method.name} saves only what differs from the base, but the base takes "
+            f"{model.image_hw[0]}x{model.image_hw[1]} images and {data} is {hw[0]}x{hw[1]}: "
+            "train --method full first, or start from a base of that size"
+        )
+    resized = fit_image_size(model, hw)
+    torch.manual_seed(cfg.seed)  # the classifier's N(0, 0.001) initialisation
+    model.add_head(splits.name or str(data), reid_class_names(train), kind="bnneck")
+    result = fit_reid(
+        model,
+        method,
+        train,
+        cfg,
+        device,
+        progress,
+        num_instances,
+        checkpoint,
+        {"base": str(base), "data": str(data)},
+    )
+    if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
+        return {}
+    scores = evaluate_reid(model, splits, device)
+    infer_ms = embedding_ms_per_image(model, splits.query.images, device)
+    p = min(cfg.batch_size // num_instances, len(np.unique(train.ids)))
+    metrics = {
+        **scores,
+        **efficiency_metrics(result, infer_ms),
+        "data": str(data),
+        "method": method.name,
+        "objective": "reid",
+        "train_samples": len(train),
+        "train_ids": len(np.unique(train.ids)),
+        "query_samples": len(splits.query),
+        "gallery_samples": len(splits.gallery),
+        "image_size": list(hw),
+        **run_stamp(result, cfg, device),
+    }
+    objective = _reid_recipe(p, num_instances, cfg.label_smoothing, resized)
+    made_by = run_record(
+        "train",
+        cfg,
+        method=method.name,
+        method_options=method.options(),
+        objective=objective,
+        data=str(data),
+        base=str(base),
+    )
+    save_expert(
+        model, out, method, base, cfg, made_by, metrics, result, f"{method.name} re-ID on {data}"
+    )
+    result.checkpoint.discard()
+    log.info(
+        "trained %s re-ID expert %s: mAP %.4f rank-1 %.4f mINP %.4f on %s",
+        method.name,
+        out,
+        scores["mAP"],
+        scores["rank1"],
+        scores["mINP"],
+        data,
+    )
+    return metrics
+
+
+def _reid_recipe(p: int, k: int, label_smoothing: float, resized: bool) -> dict[str, Any]:
+    """How a re-ID expert was trained, for its provenance record."""
+    return {
+        "name": "reid",
+        "ids_per_batch": p,
+        "instances_per_id": k,
+        "label_smoothing": label_smoothing,
+        "triplet": "batch-hard, soft margin (softplus), Euclidean, on the pre-BN feature",
+        "head": "bnneck",
+        "distance": "squared Euclidean on L2-normalised BN features",
+        "position_table_resampled": resized,
+    }
