@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from lorex import __version__
 from lorex.errors import LorexError
+from lorex.version import __version__
 
 log = logging.getLogger("lorex")
 

@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS
 from lorex.adaptation.cross_modal.methods import CROSS_MODAL_METHODS as METHODS
@@ -33,6 +32,7 @@ from lorex.report import markdown_table
 from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import METHODS as TRAINING_METHODS
 from lorex.training.records import run_record
+from lorex.version import __version__
 
 say = teller("cross-modal")
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lorex import __version__
 from lorex.experiments.merge_bench import merge_table
 from lorex.experiments.settings import DemoSettings
 from lorex.experiments.stages import SHIPPED_BASE, base_recipe, short
 from lorex.io import read_json, write_json
 from lorex.pretrained import find_shipped, recipe_of
 from lorex.report import accuracy_table, heatmap_png, markdown_table
+from lorex.version import __version__
 
 
 @dataclass

@@ -26,12 +26,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorex import __version__
 from lorex.experiments import settings as demo_settings
 from lorex.experiments.stages import ensure_base, run_stage, teller
 from lorex.io import write_json
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import pretrain
+from lorex.version import __version__
 
 METHODS = ("full", "lora", "losa")
 

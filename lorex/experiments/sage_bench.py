@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorex import __version__
 from lorex.adaptation.sage.classification import adapt_classification
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.pipeline import adapt_reid
@@ -42,6 +41,7 @@ from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert, train_reid_expert
 from lorex.training.methods import METHODS
 from lorex.training.records import run_record
+from lorex.version import __version__
 
 say = teller("sage")
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from lorex import __version__
 from lorex.data import cache_dir
 from lorex.experiments.settings import DemoSettings
 from lorex.io import atomic_directory, write_json
@@ -28,6 +27,7 @@ from lorex.models.stamps import STAGE_FILE, stage_record, stamp
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import pretrain
+from lorex.version import __version__
 
 #: The quick base shipped as package data (``lorex.pretrained``; recipe.json says how to remake it).
 SHIPPED_BASE = "chars-vit-micro"

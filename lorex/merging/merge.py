@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lorex import __version__
 from lorex.errors import LorexError
 from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
 from lorex.merging.sources import ModelSource
 from lorex.metrics.resources import PeakMemory
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
+from lorex.version import __version__
 
 HF_EXTRA_FILES = ("preprocessor_config.json",)
 #: The rule of an expert's own head, copied as it is (it has no counterpart in the base).

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from lorex import __version__
 from lorex.backbones import build_backbone
 from lorex.backbones.hf import HFBackbone
 from lorex.errors import LorexError
@@ -36,6 +35,7 @@ from lorex.models.layout import (
     is_model_dir,
 )
 from lorex.models.model import LorexModel
+from lorex.version import __version__
 
 REQUIRED_FIELDS = {"lorex_version", "format_version", "backbone", "heads", "active_head", "weights"}
 OPTIONAL_FIELDS = {"base", "made_by", "seed", "metrics"} | {k.field for k in ADAPTER_KINDS}

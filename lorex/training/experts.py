@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from lorex import __version__
 from lorex.errors import LorexError
 from lorex.io import read_json, write_json
 from lorex.training import distributed
@@ -23,6 +22,7 @@ from lorex.training.checkpoint import CheckpointOptions, work_directory
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
 from lorex.training.methods import TrainingMethod
+from lorex.version import __version__
 
 log = logging.getLogger("lorex")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from lorex import __version__
 from lorex.training.config import TrainConfig
 from lorex.training.engine import TrainResult
+from lorex.version import __version__
 
 
 def run_record(command: str, cfg: TrainConfig | None = None, **extra: Any) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from lorex import __version__
 from lorex.adaptation.cross_modal.config import CrossModalConfig
 from lorex.adaptation.cross_modal.losses import teacher_log_probs
 from lorex.adaptation.cross_modal.methods import CrossModalMethod, resolve_methods
@@ -36,6 +35,7 @@ from lorex.models.stamps import stamp  # what a stage was made from
 from lorex.training.checkpoint import CheckpointOptions, remove_if_empty, work_directory
 from lorex.training.feature_stats import feature_statistics, load_statistics
 from lorex.training.records import run_record
+from lorex.version import __version__
 
 log = logging.getLogger("lorex")
 

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorex import __version__
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import averaged_sources, gated_model
 from lorex.adapters.gated import expert_parameter_count, gate_parameters, record_gate_weights
@@ -28,6 +27,7 @@ from lorex.training.checkpoint import work_directory
 from lorex.training.engine import TrainResult
 from lorex.training.evaluation import reid_embeddings
 from lorex.training.records import run_record
+from lorex.version import __version__
 
 log = logging.getLogger("lorex")
 GATE_VARIANTS = {"published": "gated", "light": "gated-light"}
