@@ -18,7 +18,7 @@ from lorex.adapters.losa import LosaConfig
 from lorex.models import is_model_dir
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.run import pretrain, run_record, train_expert
 
 DATA = "video/moving-digits"

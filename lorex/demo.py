@@ -26,7 +26,7 @@ from lorex.models import is_model_dir, load_model
 from lorex.pretrained import find_shipped, install_shipped, recipe_of
 from lorex.report import accuracy_table, heatmap_png, markdown_table
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.run import evaluate, pretrain, run_record, train_expert
 
 log = logging.getLogger("lorex")

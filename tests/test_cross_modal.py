@@ -21,7 +21,7 @@ from lorex.cli import main
 from lorex.data import load_dataset, load_paired, paired
 from lorex.models import load_model
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.run import train_expert
 
 TINY = CrossModalConfig(

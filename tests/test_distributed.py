@@ -108,7 +108,7 @@ def reid_source(tiny_base, tmp_path_factory):
     from lorex.data import make_reid_domain
     from lorex.data.market1501 import write_market1501
     from lorex.training.loop import TrainConfig
-    from lorex.training.methods import METHODS
+    from lorex.training.methods import TRAINING_METHODS as METHODS
     from lorex.training.reid_objective import load_reid_data, train_reid_expert
 
     root = tmp_path_factory.mktemp("dist-reid")
@@ -189,7 +189,7 @@ def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
     """SAGE on a classification target: LoRA experts and gates trained data-parallel, on class
     pseudo-labels made by rank 0, end where one process ends (within float tolerance)."""
     from lorex.training.loop import TrainConfig
-    from lorex.training.methods import METHODS
+    from lorex.training.methods import TRAINING_METHODS as METHODS
     from lorex.training.run import train_expert
 
     sources = []

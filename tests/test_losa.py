@@ -16,7 +16,7 @@ from lorex.data.moving_digits import DIRECTIONS, FRAMES
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.training.loop import TrainConfig, fit
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 
 def _model(frames: int = 1, classes: int = 5, seed: int = 0) -> LorexModel:

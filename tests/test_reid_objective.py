@@ -18,7 +18,7 @@ from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import BNNeckHead, LorexModel, load_model, save_model
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.reid_objective import (
     PKSampler,
     batch_hard_soft_triplet,

@@ -22,7 +22,7 @@ from lorex.models import load_model
 from lorex.training import checkpoint as checkpoint_module
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions, work_directory
 from lorex.training.loop import TrainConfig, TrainingDiverged, fit
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 TRAIN = ["--data", "digits/mnist", "--method", "full", "--augment", "--epochs", "2"]
 TRAIN += ["--max-samples", "256", "--batch-size", "16", "--checkpoint-every", "1"]

@@ -24,7 +24,7 @@ from lorex.errors import LorexError
 from lorex.io import load_tensors
 from lorex.models import load_model
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.reid_objective import load_reid_data, train_reid_expert
 from lorex.training.run import train_expert
 

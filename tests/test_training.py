@@ -7,7 +7,7 @@ from lorex.errors import LorexError
 from lorex.models import load_model
 from lorex.training import loop
 from lorex.training.loop import TrainConfig, fit, random_shift
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 
 def _trainable(model):

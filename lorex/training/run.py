@@ -20,7 +20,8 @@ from lorex.report import curve_png
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.loop import TrainConfig, TrainResult, as_float, fit, images_to_tensor, predict
-from lorex.training.methods import METHODS, TrainingMethod
+from lorex.training.methods import TRAINING_METHODS as METHODS
+from lorex.training.methods import TrainingMethod
 
 log = logging.getLogger("lorex")
 

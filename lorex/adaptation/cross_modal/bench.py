@@ -27,7 +27,7 @@ from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreemen
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS as TRAINING_METHODS
+from lorex.training.methods import TRAINING_METHODS
 from lorex.training.run import run_record, train_expert
 
 

@@ -35,7 +35,7 @@ from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.report import markdown_table
 from lorex.training.loop import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.reid_objective import load_reid_data, train_reid_expert
 from lorex.training.run import run_record
 

@@ -143,7 +143,7 @@ def _resized(data, size: int):
 
 def _make_method(name: str):
     from lorex.adapters.lora import LoraConfig
-    from lorex.training.methods import METHODS as TRAINERS
+    from lorex.training.methods import TRAINING_METHODS as TRAINERS
 
     if name == "lora":  # r = 8 on qkv, proj, fc1, fc2 of every block, scaling alpha / r = 2
         return TRAINERS["lora"](LoraConfig(r=8, lora_alpha=16.0))

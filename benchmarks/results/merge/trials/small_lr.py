@@ -17,7 +17,7 @@ from pathlib import Path
 from lorex.data import DIGIT_DOMAINS
 from lorex.demo import FULL, QUICK, short
 from lorex.merging.bench import score_merges
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.run import TrainConfig, train_expert
 
 size, lrs, work = sys.argv[1], [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
