@@ -67,14 +67,18 @@ def cmd_bench_losa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """What the SAGE and cross-modal benches take from their flags."""
+    return {
+        "quick": args.quick,
+        "seed": args.seed,
+        "device": args.device,
+        "full_results": args.full_results,
+    }
+
+
 def cmd_bench_sage(args: argparse.Namespace) -> int:
-    summary = sage_bench.run_sage_bench(
-        args.out,
-        quick=args.quick,
-        seed=args.seed,
-        device=args.device,
-        full_results=args.full_results,
-    )
+    summary = sage_bench.run_sage_bench(args.out, **_run_options(args))
     g = summary["goals"]
     print(
         f"gated beats every LoRA expert and the uniform mix on {g['gated_wins']} of "
@@ -85,13 +89,7 @@ def cmd_bench_sage(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cross_modal(args: argparse.Namespace) -> int:
-    summary = cross_modal_bench.run_cross_modal_bench(
-        args.out,
-        quick=args.quick,
-        seed=args.seed,
-        device=args.device,
-        full_results=args.full_results,
-    )
+    summary = cross_modal_bench.run_cross_modal_bench(args.out, **_run_options(args))
     for method, value in summary["goals"]["mean_accuracy"].items():
         print(f"{method:>18}: mean accuracy {100 * value:5.1f}")
     print(f"wrote {args.out / 'results.md'}")

@@ -4,7 +4,9 @@ checked as it is read ("must be at least 1"), so no command sees a value out of 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from typing import Any
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,44 +24,32 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, ok: Callable[[Any], bool], rule: str) -> Any:
+    """``text`` as an int or float that passes ``ok``; else argparse's one-line error."""
+    what = "a whole number" if kind is int else "a number"
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value if kind is int else text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "must be at least 1")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "must be a positive number")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < math.inf, "must be a number >= 0")
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2**63), got {value}")
-    return value
+    return _number(text, int, lambda v: 0 <= v < 2**63, "must be a whole number in [0, 2**63)")
 
 
 def positive_or_auto(text: str) -> float | str:

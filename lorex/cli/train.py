@@ -110,33 +110,45 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     method = method_from_args(args)
-    if args.objective == "reid":
-        return _train_reid(args, method)
-    if args.num_instances is not None:
-        raise LorexError("--num-instances applies to --objective reid only")
-    metrics = train_expert(
+    reid = args.objective == "reid"
+    _check_objective_flags(args, reid)
+    job = (
         args.base,
         args.data,
         method,
         args.out,
         train_config(args, False, lr=type(method).default_lr),
         args.device,
-        head_from=args.head_from,
-        freeze_head=args.freeze_head,
-        feature_stats=args.feature_stats,
-        checkpoint=checkpoint_options(args, args.out),
     )
+    checkpoint = checkpoint_options(args, args.out)
+    if reid:
+        instances = args.num_instances or DEFAULT_INSTANCES
+        metrics = train_reid_expert(*job, num_instances=instances, checkpoint=checkpoint)
+    else:
+        metrics = train_expert(
+            *job,
+            head_from=args.head_from,
+            freeze_head=args.freeze_head,
+            feature_stats=args.feature_stats,
+            checkpoint=checkpoint,
+        )
     if not metrics:  # another rank than 0 under torchrun
         return 0
-    print(
-        f"trained {args.out} ({args.method}): "
-        f"test accuracy {metrics['accuracy']:.4f} on {args.data}"
-    )
+    if reid:
+        print(f"trained {args.out} ({args.method}, re-ID): {reid_line(metrics)} on {args.data}")
+    else:
+        score = f"test accuracy {metrics['accuracy']:.4f}"
+        print(f"trained {args.out} ({args.method}): {score} on {args.data}")
     print(efficiency_line(metrics))
     return 0
 
 
-def _train_reid(args: argparse.Namespace, method: TrainingMethod) -> int:
+def _check_objective_flags(args: argparse.Namespace, reid: bool) -> None:
+    """Refuse the flags of the other objective rather than ignore them."""
+    if not reid:
+        if args.num_instances is not None:
+            raise LorexError("--num-instances applies to --objective reid only")
+        return
     for flag, given in (
         ("--head-from", args.head_from),
         ("--freeze-head", args.freeze_head),
@@ -144,21 +156,6 @@ def _train_reid(args: argparse.Namespace, method: TrainingMethod) -> int:
     ):
         if given:
             raise LorexError(f"{flag} does not apply to --objective reid")
-    metrics = train_reid_expert(
-        args.base,
-        args.data,
-        method,
-        args.out,
-        train_config(args, False, lr=type(method).default_lr),
-        args.device,
-        num_instances=args.num_instances or DEFAULT_INSTANCES,
-        checkpoint=checkpoint_options(args, args.out),
-    )
-    if not metrics:  # another rank than 0 under torchrun
-        return 0
-    print(f"trained {args.out} ({args.method}, re-ID): {reid_line(metrics)} on {args.data}")
-    print(efficiency_line(metrics))
-    return 0
 
 
 def cmd_train_experts(args: argparse.Namespace) -> int:
