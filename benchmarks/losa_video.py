@@ -19,7 +19,7 @@ from lorex.models import is_model_dir
 from lorex.report import markdown_table
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import pretrain, train_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.records import run_record
 
 DATA = "video/moving-digits"

@@ -19,7 +19,7 @@ from lorex.models import load_model
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
 from lorex.training.feature_stats import feature_statistics, load_statistics
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 TINY = CrossModalConfig(
     epochs=1, batch_size=16, translator_steps=4, max_target_samples=48, max_ti_samples=32

@@ -110,7 +110,7 @@ def reid_source(tiny_base, tmp_path_factory):
     from lorex.data.reid import load_reid_data
     from lorex.training.config import TrainConfig
     from lorex.training.expert_jobs import train_reid_expert
-    from lorex.training.methods import METHODS
+    from lorex.training.methods import TRAINING_METHODS as METHODS
 
     root = tmp_path_factory.mktemp("dist-reid")
     for name in ("a", "c"):
@@ -191,7 +191,7 @@ def test_adapt_classify_under_ddp_equals_one_process(tiny_base, tmp_path):
     pseudo-labels made by rank 0, end where one process ends (within float tolerance)."""
     from lorex.training.config import TrainConfig
     from lorex.training.expert_jobs import train_expert
-    from lorex.training.methods import METHODS
+    from lorex.training.methods import TRAINING_METHODS as METHODS
 
     sources = []
     for name in ("digits/mnist", "digits/optdigits"):

@@ -16,7 +16,7 @@ from lorex.data.moving_digits import DIRECTIONS, FRAMES
 from lorex.errors import LorexError
 from lorex.models import LorexModel, load_model, save_model
 from lorex.training.config import TrainConfig
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.objectives.classification import fit
 
 

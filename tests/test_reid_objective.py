@@ -22,7 +22,7 @@ from lorex.models.resize import fit_image_size
 from lorex.training.config import TrainConfig
 from lorex.training.evaluation import evaluate_reid
 from lorex.training.expert_jobs import train_reid_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.reid_losses import batch_hard_soft_triplet, label_smoothed_cross_entropy
 
 CFG = TrainConfig(epochs=1, batch_size=16, seed=0)  # P = 4 ids x K = 4

@@ -24,7 +24,7 @@ from lorex.training import checkpoint as checkpoint_module
 from lorex.training.checkpoint import Checkpointer, CheckpointOptions, work_directory
 from lorex.training.config import TrainConfig
 from lorex.training.engine import TrainingDiverged
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.objectives.classification import fit
 
 CPU = torch.device("cpu")

@@ -27,7 +27,7 @@ from lorex.io import load_tensors
 from lorex.models import load_model
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert, train_reid_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 # Tiny: 1 epoch of 2 steps, pseudo-labels with a larger rho (few identities: docs/reid.md).
 CFG = SageConfig(epochs=1, iters=2, batch_size=16, rho=0.05, gate_iters=2, k1=10)

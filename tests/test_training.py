@@ -14,7 +14,7 @@ from lorex.training.batches import random_shift
 from lorex.training.checkpoint import CHECKPOINT_FILE, CheckpointOptions
 from lorex.training.config import TrainConfig
 from lorex.training.engine import Objective, TrainingDiverged, train
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 from lorex.training.objectives.classification import fit
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorex.adaptation.cross_modal.config import CrossModalConfig
-from lorex.adaptation.cross_modal.methods import ABLATIONS, MAIN_METHODS
-from lorex.adaptation.cross_modal.methods import CROSS_MODAL_METHODS as METHODS
+from lorex.adaptation.cross_modal.methods import ABLATIONS, CROSS_MODAL_METHODS, MAIN_METHODS
 from lorex.adaptation.cross_modal.pipeline import adapt_cross_modal
 from lorex.adaptation.cross_modal.report import METHOD_COLUMNS, method_rows
 from lorex.experiments import settings as demo_settings
@@ -30,7 +29,7 @@ from lorex.models.stamps import stamp
 from lorex.models.store import file_sha256
 from lorex.report import markdown_table
 from lorex.training.expert_jobs import train_expert
-from lorex.training.methods import METHODS as TRAINING_METHODS
+from lorex.training.methods import TRAINING_METHODS
 from lorex.training.records import run_record
 from lorex.version import __version__
 
@@ -261,7 +260,9 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
     }
     tgkt_seconds = {t: r["tgmb-tgkt"]["seconds"] for t, r in results.items() if "tgmb-tgkt" in r}
     return {
-        "mean_accuracy": {m: _mean(results, m) for m in METHODS if _mean(results, m) is not None},
+        "mean_accuracy": {
+            m: _mean(results, m) for m in CROSS_MODAL_METHODS if _mean(results, m) is not None
+        },
         "gain_over_source_only": None if ours is None or src is None else ours - src,
         "gain_over_socket": None if ours is None or socket is None else ours - socket,
         "source_only_goal_met": None if ours is None or src is None else ours >= src + 0.10,
@@ -275,7 +276,7 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
 def bench_report(summary: dict[str, Any], quick: bool) -> str:
     results = summary["tasks"]
     tasks = list(results)
-    methods = [m for m in METHODS if any(m in results[t] for t in tasks)]
+    methods = [m for m in CROSS_MODAL_METHODS if any(m in results[t] for t in tasks)]
     rows = [
         [m, *(_cell(results[t].get(m)) for t in tasks), _cell_mean(summary["goals"], m)]
         for m in methods

@@ -26,7 +26,7 @@ from lorex.models import load_model
 from lorex.training.config import TrainConfig
 from lorex.training.evaluation import evaluate_classifier
 from lorex.training.expert_jobs import train_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS
 from lorex.training.records import run_record
 
 
@@ -136,7 +136,7 @@ def train_frozen_head_experts(
                 target,
                 stamp,
                 lambda d=domain, p=probe, t=target, c=cfg: train_expert(
-                    base, d, METHODS["full"](), t, c, device, head_from=p, freeze_head=True
+                    base, d, TRAINING_METHODS["full"](), t, c, device, head_from=p, freeze_head=True
                 ),
                 f"full expert under the probe's frozen head on {domain}"
                 + ("" if kind == "frozen-head" else f", lr {lr:g}"),
@@ -197,11 +197,11 @@ def _config(s: DemoSettings, epochs: int, lr: float, seed: int) -> TrainConfig:
 def _method(name: str, s: DemoSettings):
     """The training method for one demo stage; LoRA takes the settings' rank-8 recipe."""
     if name != "lora":
-        return METHODS[name]()
+        return TRAINING_METHODS[name]()
     options = {"lora_alpha": s.lora_alpha or 8.0}
     if s.lora_targets:
         options["target_modules"] = s.lora_targets
-    return METHODS["lora"](LoraConfig(r=8, **options), backbone_targets=not s.lora_targets)
+    return TRAINING_METHODS["lora"](LoraConfig(r=8, **options), backbone_targets=not s.lora_targets)
 
 
 __all__ = ["FULL", "QUICK", "DemoResults", "DemoSettings", "replace", "run_demo"]

@@ -24,7 +24,7 @@ from lorex.models import LorexModel, load_model
 from lorex.training.batches import as_float, images_to_tensor
 from lorex.training.config import TrainConfig
 from lorex.training.evaluation import evaluate_classifier
-from lorex.training.methods import METHODS as TRAINING_METHODS
+from lorex.training.methods import TRAINING_METHODS
 from lorex.training.objectives.classification import fit
 
 

@@ -39,7 +39,7 @@ from lorex.models.store import file_sha256
 from lorex.pretrained import find_shipped, install_shipped
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert, train_reid_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS
 from lorex.training.records import run_record
 from lorex.version import __version__
 
@@ -140,7 +140,7 @@ def people_base(out: Path, base: Path, s: SageBenchSettings, seed: int, device, 
     else:
         label = f"people base on {PRETRAIN_DOMAIN}"
         make = lambda: train_reid_expert(  # noqa: E731
-            base, PRETRAIN_DOMAIN, METHODS["full"](), path, cfg, device, progress
+            base, PRETRAIN_DOMAIN, TRAINING_METHODS["full"](), path, cfg, device, progress
         )
     run_stage(path, {"stamp": value}, make, label, say)
     return path
@@ -168,7 +168,7 @@ def train_sources(
             path,
             {"stamp": value},
             lambda d=domain, p=path: train_reid_expert(
-                base, d, METHODS["full"](), p, cfg, device, progress
+                base, d, TRAINING_METHODS["full"](), p, cfg, device, progress
             ),
             f"source expert on {domain}",
             say,
@@ -195,7 +195,9 @@ def digits_leave_one_out(
         run_stage(
             path,
             {"stamp": value},
-            lambda d=domain, p=path: train_expert(base, d, METHODS["full"](), p, cfg, device),
+            lambda d=domain, p=path: train_expert(
+                base, d, TRAINING_METHODS["full"](), p, cfg, device
+            ),
             f"digit expert on {domain}",
             say,
         )

@@ -35,7 +35,7 @@ from lorex.training.evaluation import (
     evaluate_reid,
 )
 from lorex.training.feature_stats import STATS_FILE, feature_statistics, stats_bytes
-from lorex.training.methods import METHODS, TrainingMethod
+from lorex.training.methods import TRAINING_METHODS, TrainingMethod
 from lorex.training.objectives.classification import fit
 from lorex.training.objectives.reid import fit_reid
 from lorex.training.records import efficiency_metrics, run_record, run_stamp
@@ -101,7 +101,15 @@ def pretrain(
     model.add_head(train.name or data, train.classes)
     fingerprint = {"preset": backbone_cfg}
     result = fit(
-        model, METHODS["full"](), train, cfg, device, progress, False, checkpoint, fingerprint
+        model,
+        TRAINING_METHODS["full"](),
+        train,
+        cfg,
+        device,
+        progress,
+        False,
+        checkpoint,
+        fingerprint,
     )
     if not distributed.current().main:  # under torchrun rank 0 evaluates and writes
         return {}

@@ -1,13 +1,13 @@
-"""Training methods behind one interface, looked up by name (``--method``).
+"""Training methods behind one interface, looked up by name (``lorex train --method``).
 
-A method decides which parameters train and what a trained model saves. Later methods (LoRA, LoSA)
-register here with their own options, and the training loop and CLI pick them up unchanged.
+A method decides which parameters train and what a trained model saves. A method with settings
+names their dataclass (``Config``); the CLI makes its flags from that dataclass's fields, so a
+new method registers here and the training loop and CLI pick it up unchanged.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -24,11 +24,11 @@ from lorex.adapters.losa import LosaConfig, attach_losa
 from lorex.data import ImageDataset
 from lorex.models import LorexModel
 
-METHODS: dict[str, type[TrainingMethod]] = {}
+TRAINING_METHODS: dict[str, type[TrainingMethod]] = {}
 
 
 def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
-    METHODS[cls.name] = cls
+    TRAINING_METHODS[cls.name] = cls
     return cls
 
 
@@ -41,14 +41,13 @@ class TrainingMethod(abc.ABC):
     #: The learning rate ``lorex train`` uses when ``--lr`` is not given.
     default_lr: ClassVar[float] = 1e-3
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add this method's own CLI options (none by default)."""
-        return None
+    #: The dataclass of the method's settings (its fields are ``lorex train`` flags), or None.
+    Config: ClassVar[type | None] = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
-        return cls()
+    def from_settings(cls, settings: dict[str, Any]) -> TrainingMethod:
+        """The method with ``settings`` (fields of ``Config``) over the config's defaults."""
+        return cls() if cls.Config is None else cls(cls.Config(**settings))
 
     def options(self) -> dict[str, Any]:
         """The method's settings, recorded in the model's provenance."""
@@ -102,6 +101,7 @@ class Lora(TrainingMethod):
     """Train low-rank updates of the chosen layers and the head; the backbone stays frozen."""
 
     name = "lora"
+    Config = LoraConfig
     saves = "delta"  # the head in model.safetensors, the adapter in PEFT's format under adapter/
     # Low-rank updates from a zero B take larger steps than full fine-tuning: on the quick demo's
     # base, 5 epochs on 3,000 images, 5e-3 beat 2e-3 on all four digit domains (docs/lora.md).
@@ -115,42 +115,13 @@ class Lora(TrainingMethod):
         self.backbone_targets = config is None if backbone_targets is None else backbone_targets
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("LoRA (--method lora)")
-        group.add_argument("--rank", type=int, default=8, help="rank r of the updates (8)")
-        group.add_argument("--alpha", type=float, default=None, help="scaling alpha (default: r)")
-        group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout before A (0)")
-        group.add_argument(
-            "--targets",
-            nargs="+",
-            default=None,
-            help="module names (suffix match) or one regex; default: every block's attention "
-            "projections and MLP layers (qkv, proj, fc1, fc2 in the built-in ViT)",
-        )
-        group.add_argument(
-            "--lora-bias",
-            choices=("none", "all", "lora_only"),
-            default="none",
-            help="which biases train with the adapter (none)",
-        )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
-        targets: str | list[str] | None = None
-        if args.targets:
-            targets = (
-                args.targets[0]
-                if len(args.targets) == 1 and _is_regex(args.targets[0])
-                else list(args.targets)
-            )
-        config = LoraConfig(
-            r=args.rank,
-            lora_alpha=args.alpha if args.alpha is not None else float(args.rank),
-            lora_dropout=args.lora_dropout,
-            bias=args.lora_bias,
-            **({"target_modules": targets} if targets else {}),
-        )
-        return cls(config, backbone_targets=targets is None)
+    def from_settings(cls, settings: dict[str, Any]) -> TrainingMethod:
+        """Without ``target_modules``, the backbone's own placement; a list of one name that
+        reads as a regex is that regex (PEFT full-matches a string target)."""
+        targets = settings.get("target_modules")
+        if isinstance(targets, list) and len(targets) == 1 and _is_regex(targets[0]):
+            settings = {**settings, "target_modules": targets[0]}
+        return cls(LoraConfig(**settings), backbone_targets=not targets)
 
     def options(self) -> dict[str, Any]:
         return self.config.to_peft()
@@ -175,6 +146,7 @@ class Losa(TrainingMethod):
     """
 
     name = "losa"
+    Config = LosaConfig
     frozen_backbone = True
     saves = "delta"  # the side network and the head; the backbone stays the base's
     # Like LoRA, zero-initialised up-projections take large steps (docs/losa.md).
@@ -182,52 +154,6 @@ class Losa(TrainingMethod):
 
     def __init__(self, config: LosaConfig | None = None):
         self.config = config or LosaConfig()
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("LoSA (--method losa)")
-        group.add_argument(
-            "--rank-channel", type=int, default=16, help="rank of the channel mixing (16)"
-        )
-        group.add_argument("--rank-token", type=int, default=8, help="rank of the token mixing (8)")
-        group.add_argument(
-            "--rank-temporal",
-            type=int,
-            default=2,
-            help="rank of the temporal mixing of clips (2; 0: none)",
-        )
-        group.add_argument(
-            "--losa-width",
-            type=int,
-            default=0,
-            help="width of the side stream (0: the backbone's; smaller: projected, cheaper)",
-        )
-        group.add_argument(
-            "--losa-layers",
-            type=int,
-            nargs="+",
-            default=None,
-            help="tapped block indices, 0-based (default: every block)",
-        )
-        group.add_argument(
-            "--losa-pool",
-            choices=("backbone", "token", "avg"),
-            default="backbone",
-            help="pooling of the refined tokens (backbone: the backbone's own)",
-        )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingMethod:
-        return cls(
-            LosaConfig(
-                rank_channel=args.rank_channel,
-                rank_token=args.rank_token,
-                rank_temporal=args.rank_temporal,
-                width=args.losa_width,
-                layers=list(args.losa_layers or []),
-                pool=args.losa_pool,
-            )
-        )
 
     def options(self) -> dict[str, Any]:
         return self.config.to_dict()

@@ -12,7 +12,7 @@ one is an option.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lorex.errors import LorexError
@@ -22,42 +22,103 @@ TRANSLATOR_ARCHS = ("tiny", "unet")
 
 @dataclass
 class CrossModalConfig:
+    """Each field's ``help`` is its ``lorex adapt cross-modal`` flag's."""
+
     # Target-model training (SHOT, SOCKET and TGKT share the loop).
-    epochs: int = 10  # each epoch re-computes the centroid pseudo-labels
-    batch_size: int = 64
-    lr: float = 3e-4  # AdamW on the backbone; the classifier stays frozen (SHOT, SOCKET)
-    weight_decay: float = 1e-4
-    augment: bool = True  # flip + 2-pixel shift of the target images
-    im_weight: float = 1.0  # SHOT/SOCKET ent_par; the paper's alpha_im
-    self_weight: float = 0.3  # SHOT/SOCKET cls_par; the paper's beta_self
-    stats_weight: float = 0.5  # SOCKET lambda_d: per-block feature-statistics matching
-    first_layer_stats_factor: float = 10.0  # SOCKET weights its first BN layer x10
-    ti_weight: float = 2.0  # the paper's beta_f; SOCKET's lambda_TI 0.5 is on another scale
-    kd_weight: float = 1.0  # the paper's alpha_d read as the KL-distillation weight (TGKT)
-    kd_temperature: float = 1.0
-    kd_confidence: bool = True  # weight each image's KL by the teacher's top probability
+    epochs: int = field(
+        default=10, metadata={"help": "target-model epochs; each re-computes the pseudo-labels"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "target and TI batch size"})
+    lr: float = field(
+        default=3e-4,
+        metadata={
+            "help": "AdamW peak learning rate of the target backbone (the classifier stays frozen)"
+        },
+    )
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    augment: bool = field(default=True, metadata={"help": "flip + 2-pixel shift of target images"})
+    im_weight: float = field(
+        default=1.0, metadata={"help": "information maximisation (SHOT ent_par; alpha_im)"}
+    )
+    self_weight: float = field(
+        default=0.3,
+        metadata={"help": "centroid pseudo-label cross-entropy (SHOT cls_par; beta_self)"},
+    )
+    stats_weight: float = field(
+        default=0.5, metadata={"help": "per-block feature-statistics matching (SOCKET lambda_d)"}
+    )
+    # SOCKET weights its first BN layer x10.
+    first_layer_stats_factor: float = field(
+        default=10.0, metadata={"help": "the first block's statistics term counts this many times"}
+    )
+    # SOCKET's lambda_TI 0.5 is on another scale than the paper's beta_f.
+    ti_weight: float = field(
+        default=2.0, metadata={"help": "TI feature alignment (SOCKET lambda_TI; beta_f)"}
+    )
+    # The paper's alpha_d, read as the KL-distillation weight.
+    kd_weight: float = field(
+        default=1.0, metadata={"help": "KL from the source on translated images (TGKT; alpha_d)"}
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    kd_confidence: bool = field(
+        default=True, metadata={"help": "weight each image's KL by the teacher's top probability"}
+    )
     # The teacher (lorex's choice, docs/cross_modal.md): the source's reading of the translation
     # averaged with its reading of the raw target image, then each class divided by its mean
     # probability over the target set. All three off: the paper's teacher, the translation alone.
-    kd_raw_view: bool = True
-    kd_balance: bool = True
+    kd_raw_view: bool = field(
+        default=True,
+        metadata={
+            "help": "average the teacher with the source on the raw target images (two views)"
+        },
+    )
+    kd_balance: bool = field(
+        default=True,
+        metadata={
+            "help": "divide the teacher's classes by their mean probability over the target set"
+        },
+    )
     # From the second epoch on, the teacher is the fixed teacher averaged with the target
     # model's own reading at the epoch's start (balanced the same way): lorex's change, chosen
     # on six tasks and three seeds, confirmed on three held-out seeds (docs/cross_modal.md).
-    kd_refresh: bool = True
+    kd_refresh: bool = field(
+        default=True,
+        metadata={
+            "help": "from the second epoch, average the teacher with the target model's own reading"
+        },
+    )
     # TGMB: the translator from the target modality to source-like RGB.
-    translator: str = "tiny"  # conv1x1 -> BN -> ReLU -> conv3x3 (the published size) or "unet"
-    translator_width: int = 32
-    translator_steps: int = 300
-    translator_lr: float = 2e-4  # Adam, betas (0.5, 0.999), for the translator and the critic
-    rec_weight: float = 1.0  # L_rec: MSE to the paired TI RGB
-    tgmb_feat_weight: float = 0.0  # L_rec in the source's feature space (lorex's addition)
-    tgmb_im_weight: float = 0.1  # L_IM through the frozen source on translated TR images
-    adv_weight: float = 0.1  # L_D: LSGAN critic, real TI RGB vs translated TR target; 0 = off
+    # tiny: conv1x1 -> BN -> ReLU -> conv3x3, the published size.
+    translator: str = field(
+        default="tiny",
+        metadata={
+            "help": "TGMB translator: tiny (the paper's size) or unet",
+            "choices": TRANSLATOR_ARCHS,
+        },
+    )
+    translator_width: int = field(default=32, metadata={"help": "translator channels"})
+    translator_steps: int = field(default=300, metadata={"help": "TGMB Adam steps"})
+    # For the translator and the critic alike.
+    translator_lr: float = field(default=2e-4, metadata={"help": "TGMB Adam lr (betas 0.5, 0.999)"})
+    rec_weight: float = field(
+        default=1.0, metadata={"help": "TGMB reconstruction (MSE to the paired TI RGB)"}
+    )
+    tgmb_feat_weight: float = field(
+        default=0.0,
+        metadata={"help": "TGMB reconstruction in the source's feature space (lorex's addition)"},
+    )
+    # L_IM, on translated TR images.
+    tgmb_im_weight: float = field(
+        default=0.1, metadata={"help": "TGMB information maximisation through the frozen source"}
+    )
+    # L_D: real TI RGB against translated TR target images.
+    adv_weight: float = field(default=0.1, metadata={"help": "TGMB LSGAN critic weight (0: off)"})
     # Data.
-    max_target_samples: int | None = None
-    max_ti_samples: int | None = None
-    seed: int = 0
+    max_target_samples: int | None = field(
+        default=None, metadata={"help": "use at most N target images (class-balanced)"}
+    )
+    max_ti_samples: int | None = field(default=None, metadata={"help": "use at most N TI pairs"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
         weights = (

@@ -4,41 +4,108 @@ deliberate departures, each with its reason (docs/sage.md)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorex.adapters.gated import GATE_KINDS
+from lorex.adapters.lora.config import RANK_OPTION
 from lorex.errors import LorexError
 from lorex.training.config import TrainConfig
 
 
 @dataclass
 class SageConfig:
+    """Each field's ``help`` (and ``check``, how its flag parses) is its ``lorex adapt`` flag's."""
+
     # Stage 2: one LoRA expert per source, adapted on target pseudo-labels.
-    epochs: int = 6  # each epoch re-labels the target, then trains `iters` steps
-    iters: int | None = None  # steps per epoch; None: one pass over the clustered images
-    batch_size: int = 64  # P x K = 16 pseudo-identities x 4 images
-    num_instances: int = 4
-    lr: float = 2e-4  # AdamW, warmup + cosine over all stage-2 steps (docs/sage.md: 1e-3 hurt)
-    weight_decay: float = 1e-4  # the authors' value
-    rank: int = 8  # r = 8, alpha = 32 (scaling 4), on qkv, proj, fc1, fc2, plus every bias
-    alpha: float = 32.0
-    label_smoothing: float = 0.1
-    augment: bool = True  # flip + 2-pixel shift (SAGE's flip + pad-and-crop at 64x32)
+    epochs: int = field(
+        default=6,
+        metadata={
+            "help": "stage 2: each epoch re-labels the target, then trains",
+            "check": "positive",
+        },
+    )
+    iters: int | None = field(
+        default=None,
+        metadata={
+            "help": "stage 2: steps per epoch (default: one pass over the target)",
+            "check": "positive",
+        },
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "stage 2: P x K = 16 x 4", "check": "positive"}
+    )
+    num_instances: int = field(
+        default=4, metadata={"help": "stage 2: K images per pseudo-identity", "check": "positive"}
+    )
+    # AdamW, warmup + cosine over all stage-2 steps (docs/sage.md: 1e-3 hurt).
+    lr: float = field(
+        default=2e-4, metadata={"help": "stage 2: AdamW peak lr", "check": "positive"}
+    )
+    weight_decay: float = field(
+        default=1e-4,
+        metadata={
+            "help": "stage 2: AdamW weight decay, the authors' value",
+            "check": "non_negative",
+        },
+    )
+    # r = 8, alpha = 32 (scaling 4), on qkv, proj, fc1, fc2, plus every bias.
+    rank: int = field(default=8, metadata=RANK_OPTION)
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha", "check": "positive"})
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "stage 2: cross-entropy label smoothing"}
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "stage 2: flip + 2-pixel shift (SAGE's flip + pad-and-crop)"},
+    )
     # Pseudo-labels (lorex.adaptation.pseudo_labels).
-    k1: int = 20
-    k2: int = 6
-    rho: float = 1.6e-3
-    min_samples: int = 4
+    k1: int = field(default=20, metadata={"help": "k-reciprocal k1", "check": "positive"})
+    k2: int = field(default=6, metadata={"help": "query expansion k2", "check": "positive"})
+    rho: float = field(
+        default=1.6e-3, metadata={"help": "DBSCAN eps heuristic", "check": "positive"}
+    )
+    min_samples: int = field(
+        default=4, metadata={"help": "DBSCAN min samples", "check": "positive"}
+    )
     # Stage 4: only the gate trains, on one clustering by the initial (uniform) model.
-    gate_iters: int = 41  # the authors' 10% of 400 + 1 (400 was tried: docs/sage.md)
-    gate_lr: float = 1e-2  # Adam: the published and light gates' gradients differ in scale
-    gate: str = "light"  # the gate of the model written to --out; both are measured
-    # The gate also lowers the features' between-camera share (target camera ids; docs/sage.md).
-    gate_camera: bool = True
-    gate_camera_batch: int = 128  # random target images per step for that term
-    max_target_samples: int | None = None  # whole identities of the target train split
-    seed: int = 0
+    gate_iters: int = field(
+        default=41,
+        metadata={
+            "help": "stage 4: gate steps, the authors' 10% of 400 + 1 (docs/sage.md)",
+            "check": "positive",
+        },
+    )
+    # Adam: the published and light gates' gradients differ in scale.
+    gate_lr: float = field(
+        default=1e-2, metadata={"help": "stage 4: the gate's Adam lr", "check": "positive"}
+    )
+    gate: str = field(
+        default="light",
+        metadata={
+            "help": "stage 4: the gate of the model written to --out; both are measured",
+            "choices": tuple(sorted(GATE_KINDS)),
+        },
+    )
+    gate_camera: bool = field(
+        default=True,
+        metadata={
+            "help": "re-ID targets: the gate also lowers the features' between-camera share, "
+            "read from the target's camera ids (docs/sage.md)"
+        },
+    )
+    gate_camera_batch: int = field(
+        default=128,
+        metadata={
+            "help": "random target images per gate step for the camera term",
+            "check": "positive",
+        },
+    )
+    max_target_samples: int | None = field(
+        default=None,
+        metadata={"help": "whole target identities, at most N", "check": "positive"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed", "check": "seed"})
 
     def __post_init__(self) -> None:
         checks = {

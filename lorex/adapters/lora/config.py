@@ -57,18 +57,48 @@ def default_targets(backbone: object) -> str:
     return getattr(backbone, "lora_targets", VIT_TARGETS)
 
 
+#: PEFT's ``lora_alpha`` when an ``adapter_config.json`` leaves it out.
+PEFT_DEFAULT_ALPHA = 8.0
+#: The rank option, one definition for every command that trains LoRA updates (``--rank``).
+RANK_OPTION = {"flag": "--rank", "help": "LoRA rank r of the updates"}
+
+
 @dataclass
 class LoraConfig:
-    r: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    target_modules: str | list[str] = field(default_factory=lambda: VIT_TARGETS)
-    bias: str = "none"
-    use_rslora: bool = False
+    """PEFT's LoRA fields that lorex reads; each field's ``help`` is its command-line flag's."""
+
+    r: int = field(default=8, metadata=RANK_OPTION)
+    #: None: alpha = r (scaling 1), resolved here so every caller gets the same default.
+    lora_alpha: float | None = field(
+        default=None, metadata={"flag": "--alpha", "help": "scaling alpha (default: r)"}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout before A"})
+    target_modules: str | list[str] = field(
+        default_factory=lambda: VIT_TARGETS,
+        metadata={
+            "flag": "--targets",
+            "help": "module names (suffix match) or one regex; default: every block's attention "
+            "projections and MLP layers (qkv, proj, fc1, fc2 in the built-in ViT)",
+        },
+    )
+    bias: str = field(
+        default="none",
+        metadata={
+            "flag": "--lora-bias",
+            "choices": BIAS_MODES,
+            "help": "which biases train with the adapter",
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"cli": False, "help": "scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise LorexError(f"rank: must be a whole number of at least 1, got {self.r!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.r)
         if not _is_number(self.lora_alpha) or not 0 < self.lora_alpha < math.inf:
             raise LorexError(f"alpha: must be positive, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
@@ -151,6 +181,7 @@ class LoraConfig:
                 f"{source}: missing field 'r'" + (f" (found '{close[0]}')" if close else "")
             )
         kwargs = {k: data[k] for k in known if k in data and data[k] is not None}
+        kwargs.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)  # PEFT's, not lorex's alpha = r
         if isinstance(kwargs.get("target_modules"), list | tuple | set):
             kwargs["target_modules"] = list(kwargs["target_modules"])
         return cls(**kwargs)

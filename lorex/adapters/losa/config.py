@@ -13,24 +13,46 @@ POOLS = ("backbone", "token", "avg")
 
 @dataclass
 class LosaConfig:
-    #: Rank of the channel-mixing MLP (D -> r -> D).
-    rank_channel: int = 16
-    #: Rank of the token-mixing MLP over the tokens of one image or frame (N -> r -> N).
-    rank_token: int = 8
-    #: Rank of the temporal mixing over the frames of a clip (T -> r -> T); capped at T.
-    #: 0 leaves clips without temporal mixing (the ablation in docs/losa.md).
-    rank_temporal: int = 2
-    #: Width of the side stream. 0 keeps the backbone's width D (the paper's reconstruction);
-    #: 0 < width < D projects every tap down to ``width`` with one shared learned map and the
-    #: refinement back up with another (LST-style), so each mixer moves D/width times less data.
-    width: int = 0
-    #: Backbone blocks whose outputs feed the side network (0-based); empty means every block.
-    layers: list[int] = field(default_factory=list)
-    #: How the refined last tokens become features: the backbone's own pooling ("backbone":
-    #: its final norm and class token or mean), or the class token / token mean after that norm.
-    pool: str = "backbone"
-    #: Frames per clip (1 for images). Set from the training data; > 1 adds temporal mixing.
-    frames: int = 1
+    """Each field's ``help`` is its ``lorex train --method losa`` flag's."""
+
+    #: Channel-mixing MLP: D -> r -> D.
+    rank_channel: int = field(default=16, metadata={"help": "rank of the channel mixing"})
+    #: Token-mixing MLP over the tokens of one image or frame: N -> r -> N.
+    rank_token: int = field(default=8, metadata={"help": "rank of the token mixing"})
+    #: Temporal mixing over the frames of a clip (T -> r -> T), capped at T. 0 leaves clips
+    #: without temporal mixing (the ablation in docs/losa.md).
+    rank_temporal: int = field(
+        default=2, metadata={"help": "rank of the temporal mixing of clips; 0: none"}
+    )
+    #: 0 keeps the backbone's width D (the paper's reconstruction); 0 < width < D projects every
+    #: tap down to ``width`` with one shared learned map and the refinement back up with another
+    #: (LST-style), so each mixer moves D/width times less data.
+    width: int = field(
+        default=0,
+        metadata={
+            "flag": "--losa-width",
+            "help": "width of the side stream; 0: the backbone's, smaller: projected, cheaper",
+        },
+    )
+    layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--losa-layers",
+            "help": "tapped block indices, 0-based (default: every block)",
+        },
+    )
+    #: "backbone": the backbone's final norm and class token or mean; "token" / "avg": the class
+    #: token / token mean after that norm.
+    pool: str = field(
+        default="backbone",
+        metadata={
+            "flag": "--losa-pool",
+            "choices": POOLS,
+            "help": "pooling of the refined tokens; backbone: the backbone's own",
+        },
+    )
+    #: Set from the training data, not by hand; > 1 adds temporal mixing.
+    frames: int = field(default=1, metadata={"cli": False, "help": "frames per clip (1: images)"})
 
     def __post_init__(self) -> None:
         for name in ("rank_channel", "rank_token", "rank_temporal", "width", "frames"):

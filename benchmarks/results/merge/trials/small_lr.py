@@ -20,7 +20,7 @@ from lorex.experiments.settings import FULL, QUICK
 from lorex.experiments.stages import short
 from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import train_expert
-from lorex.training.methods import METHODS
+from lorex.training.methods import TRAINING_METHODS as METHODS
 
 size, lrs, work = sys.argv[1], [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
 s = QUICK if size == "quick" else FULL
