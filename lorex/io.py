@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 from lorex.errors import LorexError
 
@@ -137,17 +138,32 @@ def _sort_metadata(path: str) -> None:
     process: without this, two runs that train the same weights would write different bytes."""
     with open(path, "r+b") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        raw = fh.read(size)
-        header = json.loads(raw, object_pairs_hook=dict)
-        if len(header.get("__metadata__") or {}) < 2:
-            return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        text += b" " * (size - len(text))
-        if len(text) != size:  # never change the layout; an unsorted header is still valid
-            return
-        fh.seek(8)
-        fh.write(text)
+        text = _sorted_header(fh.read(size))
+        if text is not None:
+            fh.seek(8)
+            fh.write(text)
+
+
+def _sorted_header(raw: bytes) -> bytes | None:
+    """The header ``raw`` with its metadata keys sorted and padded to the same length; None when
+    there is nothing to sort (or it would not fit: an unsorted header is still valid)."""
+    header = json.loads(raw, object_pairs_hook=dict)
+    if len(header.get("__metadata__") or {}) < 2:
+        return None
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (len(raw) - len(text))
+    return text if len(text) == len(raw) else None
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """A safetensors file's bytes, metadata keys sorted as ``save_tensors`` writes them (for files
+    written with others in one atomic directory)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = safetensors_save(clean, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    text = _sorted_header(data[8 : 8 + size])
+    return data if text is None else data[:8] + text + data[8 + size :]
 
 
 def check_tensors_match(

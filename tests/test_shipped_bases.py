@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lorex.experiments import sage_bench
 from lorex.experiments.settings import FULL, QUICK
 from lorex.experiments.stages import SHIPPED_BASE, base_recipe
-from lorex.io import _sort_metadata, save_tensors
+from lorex.io import _sort_metadata, save_tensors, tensors_bytes
 from lorex.models import load_model
 from lorex.models.store import file_sha256
 from lorex.pretrained import ROOT, find_shipped, install_shipped, recipe_of, shipped_names
@@ -98,6 +98,9 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
     # And through save_tensors, whatever order the caller gives.
     save_tensors(tmp_path / "s.safetensors", {"t": torch.ones(3)}, {"b": "1", "a": "2", "c": "3"})
     assert list(json.loads(_header(tmp_path / "s.safetensors"))["__metadata__"]) == ["a", "b", "c"]
+    # And as bytes (a file written inside an atomic directory): the same bytes as the file.
+    data = tensors_bytes({"t": torch.ones(3)}, {"c": "3", "a": "2", "b": "1"})
+    assert data == (tmp_path / "s.safetensors").read_bytes()
 
 
 @pytest.mark.slow

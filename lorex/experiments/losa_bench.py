@@ -33,7 +33,7 @@ from lorex.training.config import TrainConfig
 from lorex.training.expert_jobs import pretrain
 from lorex.version import __version__
 
-COMPARED_METHODS = ("full", "lora", "losa")
+METHODS = ("full", "lora", "losa")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0, resume: bool = True
     for size_name, size in s.sizes.items():
         base = str(_pretrained_base(out, s, size, seed)) if size.pretrained else None
         for task in size.tasks or s.tasks:
-            for method in COMPARED_METHODS:
+            for method in METHODS:
                 for cache in (False, True) if method == "losa" else (False,):
                     jobs.append((size_name, task, method, cache, size, base))
     for size_name, task, method, cache, size, base in tqdm(jobs, desc="bench losa", unit="run"):
@@ -201,9 +201,7 @@ def run_bench(out: Path, quick: bool = False, seed: int = 0, resume: bool = True
     for size_name, size in s.sizes.items():
         block = results[size_name]
         block["settings"] = asdict(size)
-        for (
-            method
-        ) in COMPARED_METHODS:  # the task mean, under the method's name, as the issue specifies
+        for method in METHODS:  # the task mean, under the method's name, as the issue specifies
             runs = [block["tasks"][t][method] for t in size.tasks or s.tasks]
             keys = [
                 k
@@ -235,10 +233,10 @@ def _memory_sweep(s: BenchSettings, jobs_dir: Path | None, reused: list[int]) ->
         "image": s.memory_image,
         "batch": s.memory_batch,
         "width": 768,
-        "runs": {m: [] for m in COMPARED_METHODS},
+        "runs": {m: [] for m in METHODS},
         "largest_depth": {},
     }
-    for method in tqdm(COMPARED_METHODS, desc="memory cap", unit="method"):
+    for method in tqdm(METHODS, desc="memory cap", unit="method"):
         largest = None
         for depth in s.memory_depths:
             job = {

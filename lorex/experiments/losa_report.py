@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorex.experiments.losa_bench import COMPARED_METHODS
+from lorex.experiments.losa_bench import METHODS
 from lorex.io import write_json
 from lorex.metrics.agreement import binomial_se, chance_check, ordering_agreement
 from lorex.report import markdown_table
@@ -54,11 +54,11 @@ def quick_checks(results: dict[str, Any], full: dict[str, Any] | None, source: s
     if full is not None:
         full_block = next((full[k] for k in full.get("settings", {}).get("sizes", ["tiny"])), None)
     for task, scores in block["tasks"].items():
-        acc = {m: scores[m]["accuracy"] for m in COMPARED_METHODS}
+        acc = {m: scores[m]["accuracy"] for m in METHODS}
         chance = 1.0 / 10  # ten digit classes
         full_acc = None
         if full_block is not None and task in full_block.get("tasks", {}):
-            full_acc = {m: full_block["tasks"][task][m]["accuracy"] for m in COMPARED_METHODS}
+            full_acc = {m: full_block["tasks"][task][m]["accuracy"] for m in METHODS}
         order = ordering_agreement(
             acc, {m: binomial_se(a, n) for m, a in acc.items()}, full_acc, source
         )
@@ -113,7 +113,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             "",
         ]
         rows = []
-        for method in COMPARED_METHODS:
+        for method in METHODS:
             m = block[method]
             cached = m.get("train_seconds_cached")
             rows.append(
@@ -154,14 +154,13 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         lines.append("")
         if len(block["tasks"]) > 1:
             per = [
-                [task]
-                + [f"{100 * block['tasks'][task][m]['accuracy']:.1f}" for m in COMPARED_METHODS]
+                [task] + [f"{100 * block['tasks'][task][m]['accuracy']:.1f}" for m in METHODS]
                 for task in block["tasks"]
             ]
             lines += [
                 "Accuracy per task (%):",
                 "",
-                markdown_table(["task", *COMPARED_METHODS], per),
+                markdown_table(["task", *METHODS], per),
                 "",
             ]
     if "quick_checks" in results:
@@ -175,7 +174,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "",
     ]
     rows = []
-    for method in COMPARED_METHODS:
+    for method in METHODS:
         for run in sweep["runs"][method]:
             peak = "failed: " + run["error"] if "error" in run else f"{run['peak_mb']:.0f}"
             params = f"{run['params'] / 1e6:.0f}M" if "params" in run else ""
@@ -183,7 +182,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     lines += [markdown_table(["method", "depth", "parameters", "peak MB"], rows), ""]
     lines += [
         "Largest depth that fits: "
-        + ", ".join(f"{m} {sweep['largest_depth'][m]}" for m in COMPARED_METHODS),
+        + ", ".join(f"{m} {sweep['largest_depth'][m]}" for m in METHODS),
         "",
         "![accuracy against each cost](losa_costs.png)",
         "",
@@ -217,9 +216,7 @@ def _costs_png(results: dict[str, Any]) -> bytes:
     ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for ax, (key, label) in zip(axes, axes_keys, strict=True):
-        for method, colour in zip(
-            COMPARED_METHODS, ("tab:red", "tab:blue", "tab:green"), strict=True
-        ):
+        for method, colour in zip(METHODS, ("tab:red", "tab:blue", "tab:green"), strict=True):
             m = block[method]
             ax.scatter(m[key], 100 * m["accuracy"], s=60, color=colour, label=method)
             if method == "losa" and key == "train_seconds":

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from lorex.errors import LorexError
-from lorex.io import load_tensors
+from lorex.io import load_tensors, tensors_bytes
 from lorex.models import LorexModel
 
 STATS_FILE = "feature_stats.safetensors"
@@ -55,7 +54,7 @@ def stats_bytes(means: list[torch.Tensor], variances: list[torch.Tensor]) -> byt
     for i, (m, v) in enumerate(zip(means, variances, strict=True)):
         tensors[f"blocks.{i}.mean"] = m.detach().cpu().contiguous()
         tensors[f"blocks.{i}.var"] = v.detach().cpu().contiguous()
-    return save(tensors, metadata={"what": "per-block token channel statistics"})
+    return tensors_bytes(tensors, metadata={"what": "per-block token channel statistics"})
 
 
 def load_statistics(

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from lorex.adaptation.cross_modal.config import CrossModalConfig
@@ -30,6 +29,7 @@ from lorex.adaptation.cross_modal.tgmb import translate
 from lorex.adaptation.cross_modal.transfer import features_and_logits
 from lorex.data.paired import PAIRED, PairedDataset, load_paired
 from lorex.errors import LorexError
+from lorex.io import tensors_bytes
 from lorex.models import LorexModel, load_model, save_model
 from lorex.models.stamps import stamp  # what a stage was made from
 from lorex.training.checkpoint import CheckpointOptions, remove_if_empty, work_directory
@@ -312,8 +312,8 @@ def _output_files(
             i.x_tr[:8],
             translate(net, i.x_tr[:8], device),
         )
-        files["translator.safetensors"] = save(
-            {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        files["translator.safetensors"] = tensors_bytes(
+            net.state_dict(),
             metadata={"arch": cfg.translator, "width": str(cfg.translator_width)},
         )
     return files
