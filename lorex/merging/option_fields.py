@@ -8,66 +8,55 @@ name has one help text in every method that takes it (its default may differ).
 
 from __future__ import annotations
 
-from dataclasses import field
 from typing import Any
 
 from lorex.merging.ops import MERGE_FUNCS
 from lorex.merging.steps import AUTO
+from lorex.settings_field import setting
 
 
 def scale_field(default: float) -> Any:
-    return field(default=default, metadata={"help": "lambda: the merged update's weight"})
+    return setting(default, "lambda: the merged update's weight")
 
 
 def merge_func_field() -> Any:
-    return field(
-        default="mean",
-        metadata={
-            "help": "how the entries that agree with the elected sign combine",
-            "choices": MERGE_FUNCS,
-        },
+    return setting(
+        "mean", "how the entries that agree with the elected sign combine", choices=MERGE_FUNCS
     )
 
 
 def drop_field() -> Any:
-    return field(default=0.5, metadata={"help": "drop probability p"})
+    return setting(0.5, "drop probability p")
 
 
 def seed_field() -> Any:
-    return field(default=0, metadata={"help": "seed of the drop masks"})
+    return setting(0, "seed of the drop masks")
 
 
 def steps_field(default: int) -> Any:
-    return field(default=default, metadata={"help": "Adam steps per matrix"})
+    return setting(default, "Adam steps per matrix")
 
 
 def lr_field() -> Any:
-    return field(
-        default=AUTO,
-        metadata={
-            "help": "Adam step; 'auto' (default) follows each matrix's task vectors "
-            "(--lr-relative x their RMS entry); the papers' absolute steps are 1e-4 (doge) and "
-            "1e-5 (wudi)"
-        },
+    return setting(
+        AUTO,
+        "Adam step; 'auto' (default) follows each matrix's task vectors "
+        "(--lr-relative x their RMS entry); the papers' absolute steps are 1e-4 (doge) and "
+        "1e-5 (wudi)",
     )
 
 
 def lr_relative_field(default: float) -> Any:
-    return field(
-        default=default,
-        metadata={
-            "help": "the auto step relative to the matrix's RMS task-vector entry (chosen on "
-            "validation data)"
-        },
+    return setting(
+        default,
+        "the auto step relative to the matrix's RMS task-vector entry (chosen on validation data)",
     )
 
 
 def blocks_field() -> Any:
-    return field(
-        default=None,
-        metadata={
-            "help": "the tensors inside blocks are those whose names match REGEX (default: the "
-            "repeated, numbered blocks found from the names, e.g. 'h.N.', 'layers.N.')",
-            "metavar": "REGEX",
-        },
+    return setting(
+        None,
+        "the tensors inside blocks are those whose names match REGEX (default: the "
+        "repeated, numbered blocks found from the names, e.g. 'h.N.', 'layers.N.')",
+        metavar="REGEX",
     )

@@ -10,6 +10,7 @@ from typing import Any
 from lorex.adapters.gated import GATE_KINDS
 from lorex.adapters.lora.config import RANK_OPTION
 from lorex.errors import LorexError
+from lorex.settings_field import setting
 from lorex.training.config import TrainConfig
 
 
@@ -18,94 +19,52 @@ class SageConfig:
     """Each field's ``help`` (and ``check``, how its flag parses) is its ``lorex adapt`` flag's."""
 
     # Stage 2: one LoRA expert per source, adapted on target pseudo-labels.
-    epochs: int = field(
-        default=6,
-        metadata={
-            "help": "stage 2: each epoch re-labels the target, then trains",
-            "check": "positive",
-        },
+    epochs: int = setting(
+        6, "stage 2: each epoch re-labels the target, then trains", check="positive"
     )
-    iters: int | None = field(
-        default=None,
-        metadata={
-            "help": "stage 2: steps per epoch (default: one pass over the target)",
-            "check": "positive",
-        },
+    iters: int | None = setting(
+        None, "stage 2: steps per epoch (default: one pass over the target)", check="positive"
     )
-    batch_size: int = field(
-        default=64, metadata={"help": "stage 2: P x K = 16 x 4", "check": "positive"}
-    )
-    num_instances: int = field(
-        default=4, metadata={"help": "stage 2: K images per pseudo-identity", "check": "positive"}
-    )
+    batch_size: int = setting(64, "stage 2: P x K = 16 x 4", check="positive")
+    num_instances: int = setting(4, "stage 2: K images per pseudo-identity", check="positive")
     # AdamW, warmup + cosine over all stage-2 steps (docs/sage.md: 1e-3 hurt).
-    lr: float = field(
-        default=2e-4, metadata={"help": "stage 2: AdamW peak lr", "check": "positive"}
-    )
-    weight_decay: float = field(
-        default=1e-4,
-        metadata={
-            "help": "stage 2: AdamW weight decay, the authors' value",
-            "check": "non_negative",
-        },
+    lr: float = setting(2e-4, "stage 2: AdamW peak lr", check="positive")
+    weight_decay: float = setting(
+        1e-4, "stage 2: AdamW weight decay, the authors' value", check="non_negative"
     )
     # r = 8, alpha = 32 (scaling 4), on qkv, proj, fc1, fc2, plus every bias.
     rank: int = field(default=8, metadata=RANK_OPTION)
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha", "check": "positive"})
-    label_smoothing: float = field(
-        default=0.1, metadata={"help": "stage 2: cross-entropy label smoothing"}
-    )
-    augment: bool = field(
-        default=True,
-        metadata={"help": "stage 2: flip + 2-pixel shift (SAGE's flip + pad-and-crop)"},
-    )
+    alpha: float = setting(32.0, "LoRA alpha", check="positive")
+    label_smoothing: float = setting(0.1, "stage 2: cross-entropy label smoothing")
+    augment: bool = setting(True, "stage 2: flip + 2-pixel shift (SAGE's flip + pad-and-crop)")
     # Pseudo-labels (lorex.adaptation.pseudo_labels).
-    k1: int = field(default=20, metadata={"help": "k-reciprocal k1", "check": "positive"})
-    k2: int = field(default=6, metadata={"help": "query expansion k2", "check": "positive"})
-    rho: float = field(
-        default=1.6e-3, metadata={"help": "DBSCAN eps heuristic", "check": "positive"}
-    )
-    min_samples: int = field(
-        default=4, metadata={"help": "DBSCAN min samples", "check": "positive"}
-    )
+    k1: int = setting(20, "k-reciprocal k1", check="positive")
+    k2: int = setting(6, "query expansion k2", check="positive")
+    rho: float = setting(1.6e-3, "DBSCAN eps heuristic", check="positive")
+    min_samples: int = setting(4, "DBSCAN min samples", check="positive")
     # Stage 4: only the gate trains, on one clustering by the initial (uniform) model.
-    gate_iters: int = field(
-        default=41,
-        metadata={
-            "help": "stage 4: gate steps, the authors' 10% of 400 + 1 (docs/sage.md)",
-            "check": "positive",
-        },
+    gate_iters: int = setting(
+        41, "stage 4: gate steps, the authors' 10% of 400 + 1 (docs/sage.md)", check="positive"
     )
     # Adam: the published and light gates' gradients differ in scale.
-    gate_lr: float = field(
-        default=1e-2, metadata={"help": "stage 4: the gate's Adam lr", "check": "positive"}
+    gate_lr: float = setting(1e-2, "stage 4: the gate's Adam lr", check="positive")
+    gate: str = setting(
+        "light",
+        "stage 4: the gate of the model written to --out; both are measured",
+        choices=tuple(sorted(GATE_KINDS)),
     )
-    gate: str = field(
-        default="light",
-        metadata={
-            "help": "stage 4: the gate of the model written to --out; both are measured",
-            "choices": tuple(sorted(GATE_KINDS)),
-        },
+    gate_camera: bool = setting(
+        True,
+        "re-ID targets: the gate also lowers the features' between-camera share, "
+        "read from the target's camera ids (docs/sage.md)",
     )
-    gate_camera: bool = field(
-        default=True,
-        metadata={
-            "help": "re-ID targets: the gate also lowers the features' between-camera share, "
-            "read from the target's camera ids (docs/sage.md)"
-        },
+    gate_camera_batch: int = setting(
+        128, "random target images per gate step for the camera term", check="positive"
     )
-    gate_camera_batch: int = field(
-        default=128,
-        metadata={
-            "help": "random target images per gate step for the camera term",
-            "check": "positive",
-        },
+    max_target_samples: int | None = setting(
+        None, "whole target identities, at most N", check="positive"
     )
-    max_target_samples: int | None = field(
-        default=None,
-        metadata={"help": "whole target identities, at most N", "check": "positive"},
-    )
-    seed: int = field(default=0, metadata={"help": "random seed", "check": "seed"})
+    seed: int = setting(0, "random seed", check="seed")
 
     def __post_init__(self) -> None:
         checks = {

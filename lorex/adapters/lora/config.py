@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorex.errors import LorexError
+from lorex.settings_field import setting
 
 # Every block's attention and MLP projections of the built-in (timm-named) ViT; a regex, as PEFT
 # full-matches a string target, so `patch_embed.proj` is not caught by a bare "proj".
@@ -69,10 +70,8 @@ class LoraConfig:
 
     r: int = field(default=8, metadata=RANK_OPTION)
     #: None: alpha = r (scaling 1), resolved here so every caller gets the same default.
-    lora_alpha: float | None = field(
-        default=None, metadata={"flag": "--alpha", "help": "scaling alpha (default: r)"}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout before A"})
+    lora_alpha: float | None = setting(None, "scaling alpha (default: r)", flag="--alpha")
+    lora_dropout: float = setting(0.0, "dropout before A")
     target_modules: str | list[str] = field(
         default_factory=lambda: VIT_TARGETS,
         metadata={
@@ -81,17 +80,11 @@ class LoraConfig:
             "projections and MLP layers (qkv, proj, fc1, fc2 in the built-in ViT)",
         },
     )
-    bias: str = field(
-        default="none",
-        metadata={
-            "flag": "--lora-bias",
-            "choices": BIAS_MODES,
-            "help": "which biases train with the adapter",
-        },
+    bias: str = setting(
+        "none", "which biases train with the adapter", flag="--lora-bias", choices=BIAS_MODES
     )
-    use_rslora: bool = field(
-        default=False,
-        metadata={"cli": False, "help": "scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r"},
+    use_rslora: bool = setting(
+        False, "scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r", cli=False
     )
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorex.errors import LorexError
+from lorex.settings_field import setting
 
 POOLS = ("backbone", "token", "avg")
 
@@ -16,23 +17,19 @@ class LosaConfig:
     """Each field's ``help`` is its ``lorex train --method losa`` flag's."""
 
     #: Channel-mixing MLP: D -> r -> D.
-    rank_channel: int = field(default=16, metadata={"help": "rank of the channel mixing"})
+    rank_channel: int = setting(16, "rank of the channel mixing")
     #: Token-mixing MLP over the tokens of one image or frame: N -> r -> N.
-    rank_token: int = field(default=8, metadata={"help": "rank of the token mixing"})
+    rank_token: int = setting(8, "rank of the token mixing")
     #: Temporal mixing over the frames of a clip (T -> r -> T), capped at T. 0 leaves clips
     #: without temporal mixing (the ablation in docs/losa.md).
-    rank_temporal: int = field(
-        default=2, metadata={"help": "rank of the temporal mixing of clips; 0: none"}
-    )
+    rank_temporal: int = setting(2, "rank of the temporal mixing of clips; 0: none")
     #: 0 keeps the backbone's width D (the paper's reconstruction); 0 < width < D projects every
     #: tap down to ``width`` with one shared learned map and the refinement back up with another
     #: (LST-style), so each mixer moves D/width times less data.
-    width: int = field(
-        default=0,
-        metadata={
-            "flag": "--losa-width",
-            "help": "width of the side stream; 0: the backbone's, smaller: projected, cheaper",
-        },
+    width: int = setting(
+        0,
+        "width of the side stream; 0: the backbone's, smaller: projected, cheaper",
+        flag="--losa-width",
     )
     layers: list[int] = field(
         default_factory=list,
@@ -43,16 +40,14 @@ class LosaConfig:
     )
     #: "backbone": the backbone's final norm and class token or mean; "token" / "avg": the class
     #: token / token mean after that norm.
-    pool: str = field(
-        default="backbone",
-        metadata={
-            "flag": "--losa-pool",
-            "choices": POOLS,
-            "help": "pooling of the refined tokens; backbone: the backbone's own",
-        },
+    pool: str = setting(
+        "backbone",
+        "pooling of the refined tokens; backbone: the backbone's own",
+        flag="--losa-pool",
+        choices=POOLS,
     )
     #: Set from the training data, not by hand; > 1 adds temporal mixing.
-    frames: int = field(default=1, metadata={"cli": False, "help": "frames per clip (1: images)"})
+    frames: int = setting(1, "frames per clip (1: images)", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("rank_channel", "rank_token", "rank_temporal", "width", "frames"):

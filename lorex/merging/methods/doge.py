@@ -22,7 +22,7 @@ matrices is refused):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from lorex.merging.base import KEPT, BlockwiseMethod, MergeContext, check_blocks
 from lorex.merging.ops import global_thresholds
 from lorex.merging.option_fields import blocks_field, lr_field, lr_relative_field, steps_field
 from lorex.merging.steps import AUTO, check_step
+from lorex.settings_field import setting
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
 #: matrices all have the mean norm gets task arithmetic's default coefficient (0.3).
@@ -44,18 +45,14 @@ LR_RELATIVE = 0.003
 
 @dataclass(frozen=True)
 class DogeOptions:
-    eta: float | str = field(
-        default=AUTO,
-        metadata={
-            "help": "lambda_i = eta / ||tau_i||; 'auto' (default): --eta-relative x the mean "
-            "||tau_i||; the paper's 0.07 fits CLIP-sized task vectors"
-        },
+    eta: float | str = setting(
+        AUTO,
+        "lambda_i = eta / ||tau_i||; 'auto' (default): --eta-relative x the mean "
+        "||tau_i||; the paper's 0.07 fits CLIP-sized task vectors",
     )
-    eta_relative: float = field(
-        default=ETA_RELATIVE, metadata={"help": "auto's eta relative to the mean ||tau_i||"}
-    )
-    subspace: int = field(default=6, metadata={"help": "shared directions = rank / this"})
-    mask: float = field(default=0.3, metadata={"help": "fraction kept by the global mask"})
+    eta_relative: float = setting(ETA_RELATIVE, "auto's eta relative to the mean ||tau_i||")
+    subspace: int = setting(6, "shared directions = rank / this")
+    mask: float = setting(0.3, "fraction kept by the global mask")
     steps: int = steps_field(400)
     lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)

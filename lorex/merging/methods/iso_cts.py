@@ -23,7 +23,7 @@ is not filled up with round-off directions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,14 +31,13 @@ from lorex.errors import LorexError
 from lorex.merging.base import MatrixMethod
 from lorex.merging.ops import nearest_orthogonal, numerical_rank, roundoff
 from lorex.merging.option_fields import scale_field
+from lorex.settings_field import setting
 
 
 @dataclass(frozen=True)
 class IsoCtsOptions:
     scale: float = scale_field(1.0)  # alpha, as for iso-c
-    common: float = field(  # the official common_space_fraction
-        default=0.8, metadata={"help": "fraction of the rank kept as common subspace"}
-    )
+    common: float = setting(0.8, "fraction of the rank kept as common subspace")
 
     def __post_init__(self) -> None:
         if not 0 <= self.common <= 1:

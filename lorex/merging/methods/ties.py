@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +25,12 @@ from lorex.merging.ops import (
     majority_sign,
 )
 from lorex.merging.option_fields import merge_func_field, scale_field
+from lorex.settings_field import setting
 
 
 @dataclass(frozen=True)
 class TiesOptions:
-    density: float = field(default=0.2, metadata={"help": "fraction kept per task vector"})
+    density: float = setting(0.2, "fraction kept per task vector")
     scale: float = scale_field(1.0)
     merge_func: str = merge_func_field()
 
