@@ -26,7 +26,7 @@ from lorex.adaptation.sage.merged_model import (
     add_target_head,
     gate_optimizer,
 )
-from lorex.adaptation.sage.objectives import train_on_class_pseudo_labels
+from lorex.adaptation.sage.objectives import ClassPseudoLabels
 from lorex.adaptation.sage.stages import SageRun
 from lorex.adapters.gated import mark_gate_trainable
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
@@ -37,7 +37,7 @@ from lorex.models import LorexModel, load_model, save_model
 from lorex.training import distributed
 from lorex.training.batches import predict
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.engine import TrainResult, make_optimizer
+from lorex.training.engine import TrainResult, make_optimizer, train
 
 log = logging.getLogger("lorex")
 
@@ -75,7 +75,7 @@ def adapt_source_expert_classification(
     params = [p for p in model.parameters() if p.requires_grad]
     train_cfg = cfg.train_config()
     iters = cfg.iters or math.ceil(len(target) / cfg.batch_size)
-    result = train_on_class_pseudo_labels(
+    objective = ClassPseudoLabels(
         model,
         target,
         params,
@@ -83,12 +83,10 @@ def adapt_source_expert_classification(
         cfg,
         cfg.epochs,
         iters,
-        device,
-        progress,
         f"LoRA expert {Path(source).name}",
-        checkpoint,
         {"source": str(source)},
     )
+    result = train(objective, device, progress, checkpoint)
     if not distributed.current().main:  # under torchrun rank 0 writes
         return {}
     metrics = {"history": result.history, "train_seconds": result.train_seconds}
@@ -119,20 +117,10 @@ def train_gate_classification(
         return gate_optimizer(model, cfg.gate_lr)
 
     kind = model.backbone.gate_config.kind
-    return train_on_class_pseudo_labels(
-        model,
-        target,
-        params,
-        make_opt,
-        cfg,
-        1,
-        cfg.gate_iters,
-        device,
-        progress,
-        f"{kind} gate",
-        checkpoint,
-        {"gate": kind},
+    objective = ClassPseudoLabels(
+        model, target, params, make_opt, cfg, 1, cfg.gate_iters, f"{kind} gate", {"gate": kind}
     )
+    return train(objective, device, progress, checkpoint)
 
 
 def adapt_classification(
