@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -88,6 +89,27 @@ def extract_features(
             as_float(x_u8[i : i + batch_size], device)
         )
     return store
+
+
+@torch.inference_mode()
+def features_and_head(
+    model: LorexModel,
+    images: torch.Tensor,
+    read: Callable[[torch.Tensor], torch.Tensor],
+    batch: int = 256,
+    head_out: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and the active head's output (through ``head_out``, per batch) of every
+    image, in eval mode, on the CPU. ``read`` turns a slice of ``images`` into the model's float
+    input on its device: the one reading that pseudo-labelling and distillation both need."""
+    model.eval()
+    feats, outs = [], []
+    for i in range(0, len(images), batch):
+        f = model.features(read(images[i : i + batch]))
+        out = model.heads[model.active_head](f)
+        feats.append(f.float().cpu())
+        outs.append((out if head_out is None else head_out(out)).float().cpu())
+    return torch.cat(feats), torch.cat(outs)
 
 
 @torch.inference_mode()

@@ -119,16 +119,7 @@ def pretrain(
     made_by = run_record(
         "pretrain", cfg, preset=preset if isinstance(preset, str) else None, data=data
     )
-    save_model(
-        model,
-        out,
-        made_by=made_by,
-        seed=cfg.seed,
-        extra_files={
-            "metrics.json": metrics,
-            "train_curve.png": curve_png(result.history, f"pretrain {data}"),
-        },
-    )
+    save_trained(model, out, metrics, result, f"pretrain {data}", cfg.seed, made_by)
     result.checkpoint.discard()
     log.info("pretrained %s: test accuracy %.4f on %s", out, acc, data)
     return metrics
@@ -237,13 +228,34 @@ def save_expert(
     for key in [k for k in model.heads if k != model.active_head]:
         del model.heads[key]
         del model.head_info[key]
+    base_dir = base if method.saves == "delta" else None
+    save_trained(
+        model, out, metrics, result, title, cfg.seed, made_by, method.saves, base_dir, extra_files
+    )
+
+
+def save_trained(
+    model: LorexModel,
+    out: str | Path,
+    metrics: dict[str, Any],
+    result: TrainResult,
+    title: str,
+    seed: int,
+    made_by: dict[str, Any] | None = None,
+    weights: str = "full",
+    base_dir: str | Path | None = None,
+    extra_files: dict[str, Any] | None = None,
+) -> None:
+    """Write a trained model atomically with ``metrics.json`` and its loss curve
+    (``train_curve.png``, titled ``title``): what every trained model carries beside it.
+    ``weights``/``base_dir``: as in ``save_model``."""
     save_model(
         model,
         out,
-        weights=method.saves,
-        base_dir=base if method.saves == "delta" else None,
+        weights=weights,
+        base_dir=base_dir,
         made_by=made_by,
-        seed=cfg.seed,
+        seed=seed,
         extra_files={
             "metrics.json": metrics,
             "train_curve.png": curve_png(result.history, title),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lorex.models import LorexModel
+from lorex.training.batches import features_and_head
 
 
 def replicate(one_channel: torch.Tensor) -> torch.Tensor:
@@ -16,16 +17,13 @@ def replicate(one_channel: torch.Tensor) -> torch.Tensor:
     return one_channel.expand(-1, 3, -1, -1)
 
 
-@torch.inference_mode()
 def features_and_logits(
     model: LorexModel, images: torch.Tensor, device: torch.device, batch: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features and logits of float images ``(N, C, H, W)`` (1 channel: replicated)."""
-    model.eval()
-    feats, logits = [], []
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch].to(device)
-        f = model.features(replicate(x) if x.shape[1] == 1 else x)
-        feats.append(f.cpu())
-        logits.append(model.heads[model.active_head](f).cpu())
-    return torch.cat(feats), torch.cat(logits)
+
+    def read(part: torch.Tensor) -> torch.Tensor:
+        x = part.to(device)
+        return replicate(x) if x.shape[1] == 1 else x
+
+    return features_and_head(model, images, read, batch)

@@ -26,18 +26,8 @@ from lorex.adaptation.sage.merged_model import (
     add_target_head,
     gate_optimizer,
 )
-from lorex.adaptation.sage.objectives import train_on_class_pseudo_labels
-from lorex.adaptation.sage.stages import (
-    GATE_VARIANTS,
-    check_sources,
-    costs,
-    gate_weight_means,
-    lora_experts,
-    source_names,
-    variant_models,
-    work_dir,
-    write_adapted,
-)
+from lorex.adaptation.sage.objectives import ClassPseudoLabels
+from lorex.adaptation.sage.stages import SageRun
 from lorex.adapters.gated import mark_gate_trainable
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
 from lorex.data import ImageDataset, load_dataset
@@ -47,7 +37,7 @@ from lorex.models import LorexModel, load_model, save_model
 from lorex.training import distributed
 from lorex.training.batches import predict
 from lorex.training.checkpoint import CheckpointOptions
-from lorex.training.engine import TrainResult, make_optimizer
+from lorex.training.engine import TrainResult, make_optimizer, train
 
 log = logging.getLogger("lorex")
 
@@ -85,7 +75,7 @@ def adapt_source_expert_classification(
     params = [p for p in model.parameters() if p.requires_grad]
     train_cfg = cfg.train_config()
     iters = cfg.iters or math.ceil(len(target) / cfg.batch_size)
-    result = train_on_class_pseudo_labels(
+    objective = ClassPseudoLabels(
         model,
         target,
         params,
@@ -93,12 +83,10 @@ def adapt_source_expert_classification(
         cfg,
         cfg.epochs,
         iters,
-        device,
-        progress,
         f"LoRA expert {Path(source).name}",
-        checkpoint,
         {"source": str(source)},
     )
+    result = train(objective, device, progress, checkpoint)
     if not distributed.current().main:  # under torchrun rank 0 writes
         return {}
     metrics = {"history": result.history, "train_seconds": result.train_seconds}
@@ -129,20 +117,10 @@ def train_gate_classification(
         return gate_optimizer(model, cfg.gate_lr)
 
     kind = model.backbone.gate_config.kind
-    return train_on_class_pseudo_labels(
-        model,
-        target,
-        params,
-        make_opt,
-        cfg,
-        1,
-        cfg.gate_iters,
-        device,
-        progress,
-        f"{kind} gate",
-        checkpoint,
-        {"gate": kind},
+    objective = ClassPseudoLabels(
+        model, target, params, make_opt, cfg, 1, cfg.gate_iters, f"{kind} gate", {"gate": kind}
     )
+    return train(objective, device, progress, checkpoint)
 
 
 def adapt_classification(
@@ -157,58 +135,27 @@ def adapt_classification(
 ) -> dict[str, Any]:
     """``adapt_reid``'s pipeline on a classification target: every variant's test accuracy.
     ``checkpoint`` (every, resume): each training stage checkpoints under the work directory."""
-    cfg = cfg or SageConfig()
-    device = torch.device(device)
-    sources = check_sources(sources)
-    out = Path(out)
-    work = work_dir(out, work)
-    ckpt = checkpoint.at(work / "checkpoints") if checkpoint is not None else None
+    run = SageRun.start(sources, out, cfg, device, work, checkpoint)
+    cfg, device = run.cfg, run.device
     train = load_dataset(target, "train", cfg.max_target_samples, cfg.seed)
     test = load_dataset(target, "test")
-    names = source_names(sources)
-    timings: dict[str, float] = {}
-    histories: dict[str, Any] = {}
 
-    def adapt(source: Path, path: Path) -> None:
-        sub = ckpt and ckpt.sub(f"experts-{path.name}")
+    def adapt(source: Path, path: Path, sub: CheckpointOptions | None) -> None:
         adapt_source_expert_classification(source, train, path, cfg, device, progress, sub)
 
-    experts = lora_experts(sources, names, work, f"classify {target}", cfg, adapt, timings)
-    models = variant_models(
-        sources,
+    experts = run.experts(f"classify {target}", adapt)
+    models = run.variants(
         experts,
-        names,
-        work,
-        cfg,
-        lambda model, label: train_gate_classification(
-            model, train, cfg, device, progress, ckpt and ckpt.sub(label.replace("/", "-"))
-        ),
-        device,
-        timings,
-        histories,
+        lambda model, sub: train_gate_classification(model, train, cfg, device, progress, sub),
     )
-    if not distributed.current().main:  # under torchrun rank 0 measures and writes
-        return {}
-    variants = {
-        label: {"accuracy": _accuracy(model, test, device)} for label, model in models.items()
-    }
-    cost = costs(models, names, variants, test.images, device)
-    gate_weights = {
-        label: gate_weight_means(models[label], test.images[:512], device)
-        for label in GATE_VARIANTS.values()
-    }
-    results = {
-        "names": names,
-        "variants": variants,
-        "costs": cost,
-        "gate_weights": gate_weights,
-        "histories": histories,
-        "stage_seconds": timings,
-    }
-    metrics = write_adapted(
-        "adapt classify", models, out, work, cfg, sources, target, results, device=device
+    return run.finish(
+        "adapt classify",
+        target,
+        models,
+        lambda model: {"accuracy": _accuracy(model, test, device)},
+        test.images,
+        test.images[:512],
     )
-    return metrics
 
 
 def _accuracy(model: LorexModel, data: ImageDataset, device: torch.device) -> float:

@@ -372,26 +372,3 @@ def train_on_pseudo_labels(
         camera_batch=camera_batch,
     )
     return train(objective, device, progress, checkpoint)
-
-
-def train_on_class_pseudo_labels(
-    model: LorexModel,
-    data: ImageDataset,
-    params: list[nn.Parameter],
-    make_opt: MakeOptimizer,
-    cfg: SageConfig,
-    epochs: int,
-    iters: int,
-    device: torch.device,
-    progress: bool | None = None,
-    desc: str = "adapt",
-    checkpoint: CheckpointOptions | None = None,
-    fingerprint: dict[str, Any] | None = None,
-) -> TrainResult:
-    """Each epoch: label the target with the current model, then ``iters`` steps of
-    cross-entropy on random batches (the head frozen). ``checkpoint``/``fingerprint``: as in
-    ``fit``; a checkpoint holds the epoch's pseudo-labels."""
-    objective = ClassPseudoLabels(
-        model, data, params, make_opt, cfg, epochs, iters, desc, fingerprint
-    )
-    return train(objective, device, progress, checkpoint)

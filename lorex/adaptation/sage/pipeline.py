@@ -18,22 +18,11 @@ import torch
 from lorex.adaptation.sage.config import SageConfig
 from lorex.adaptation.sage.merged_model import train_gate
 from lorex.adaptation.sage.report import gate_weights_png, sage_report
-from lorex.adaptation.sage.stages import (
-    GATE_VARIANTS,
-    check_sources,
-    costs,
-    gate_weight_means,
-    lora_experts,
-    source_names,
-    variant_models,
-    work_dir,
-    write_adapted,
-)
+from lorex.adaptation.sage.stages import GATE_VARIANTS, SageRun, source_names
 from lorex.adaptation.sage.target_experts import adapt_source_expert
 from lorex.data.reid import load_reid_data, subset_ids
 from lorex.errors import LorexError
 from lorex.io import read_json
-from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.evaluation import evaluate_reid
 from lorex.training.records import run_record
@@ -57,12 +46,8 @@ def adapt_reid(
     ``gate_weights.png``. ``diagnostics`` records each clustering's agreement with the true
     target ids (synthetic benchmarks; the method never reads them). ``checkpoint`` (every,
     resume): each training stage checkpoints under the work directory. Returns the metrics."""
-    cfg = cfg or SageConfig()
-    device = torch.device(device)
-    sources = check_sources(sources)
-    out = Path(out)
-    work = work_dir(out, work)
-    ckpt = checkpoint.at(work / "checkpoints") if checkpoint is not None else None
+    run = SageRun.start(sources, out, cfg, device, work, checkpoint)
+    cfg, device = run.cfg, run.device
     data = load_reid_data(target)
     data.train = subset_ids(data.train, cfg.max_target_samples, cfg.seed)
     images = data.train.images
@@ -73,65 +58,32 @@ def adapt_reid(
             f"{target}: every target train image has the same camera id; the gate's camera term "
             "needs two or more cameras (--no-gate-camera turns it off)"
         )
-    names = source_names(sources)
-    timings: dict[str, float] = {}
 
-    def adapt(source: Path, path: Path) -> None:
+    def adapt(source: Path, path: Path, sub: CheckpointOptions | None) -> None:
         made_by = run_record("adapt reid (stage 2)", source=str(source), target=str(target))
-        sub = ckpt and ckpt.sub(f"experts-{path.name}")
         adapt_source_expert(source, data, path, cfg, device, progress, true_ids, made_by, sub)
 
-    experts = lora_experts(sources, names, work, str(target), cfg, adapt, timings)
-    histories: dict[str, Any] = {
-        f"lora/{n}": read_json(e / "metrics.json")["history"]
-        for n, e in zip(names, experts, strict=True)
-    }
-    models = variant_models(
-        sources,
+    experts = run.experts(str(target), adapt)
+    for name, expert in zip(run.names, experts, strict=True):
+        run.histories[f"lora/{name}"] = read_json(expert / "metrics.json")["history"]
+    models = run.variants(
         experts,
-        names,
-        work,
-        cfg,
-        lambda model, label: train_gate(
-            model,
-            images,
-            cfg,
-            device,
-            progress,
-            true_ids,
-            ckpt and ckpt.sub(label.replace("/", "-")),
-            cameras,
-        ),
-        device,
-        timings,
-        histories,
+        lambda model, sub: train_gate(model, images, cfg, device, progress, true_ids, sub, cameras),
     )
-
-    if not distributed.current().main:  # under torchrun rank 0 measures and writes
-        return {}
-    # measurements (reporting only)
-    variants = {label: evaluate_reid(model, data, device) for label, model in models.items()}
-    cost = costs(models, names, variants, data.query.images, device)
-    everything = np.concatenate([data.query.images, data.gallery.images])
-    gate_weights = {
-        label: gate_weight_means(models[label], everything, device)
-        for label in GATE_VARIANTS.values()
-    }
-    results = {
-        "names": names,
-        "variants": variants,
-        "costs": cost,
-        "gate_weights": gate_weights,
-        "histories": histories,
-        "stage_seconds": timings,
-        "target_train_images": len(images),
-    }
 
     def files(metrics: dict[str, Any]) -> dict[str, Any]:
-        png = gate_weights_png(gate_weights, names, f"gate weights on {target}")
+        title = f"gate weights on {target}"
+        png = gate_weights_png(metrics["gate_weights"], run.names, title)
         return {"report.md": sage_report(metrics).encode(), "gate_weights.png": png}
 
-    metrics = write_adapted(
-        "adapt reid", models, out, work, cfg, sources, str(target), results, files, device
+    # measurements (reporting only)
+    return run.finish(
+        "adapt reid",
+        str(target),
+        models,
+        lambda model: evaluate_reid(model, data, device),
+        data.query.images,
+        np.concatenate([data.query.images, data.gallery.images]),
+        {"target_train_images": len(images)},
+        files,
     )
-    return metrics

@@ -20,7 +20,7 @@ from lorex.data.reid import PKSampler
 from lorex.errors import LorexError
 from lorex.models import BNNeckHead, LorexModel
 from lorex.training import distributed
-from lorex.training.batches import as_float
+from lorex.training.batches import as_float, features_and_head
 from lorex.training.evaluation import reid_embeddings
 
 
@@ -103,14 +103,11 @@ def class_pseudo_labels(features: np.ndarray, probs: np.ndarray, rounds: int = 2
     return labels
 
 
-@torch.inference_mode()
 def features_and_probs(
     model: LorexModel, x: torch.Tensor, device: torch.device, batch: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    feats, probs = [], []
-    for i in range(0, len(x), batch):
-        f = model.features(as_float(x[i : i + batch], device))
-        feats.append(f.float().cpu())
-        probs.append(F.softmax(model.heads[model.active_head](f), 1).float().cpu())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+    """Features and class probabilities of uint8 images ``x``, as numpy arrays."""
+    feats, probs = features_and_head(
+        model, x, lambda part: as_float(part, device), batch, lambda logits: F.softmax(logits, 1)
+    )
+    return feats.numpy(), probs.numpy()

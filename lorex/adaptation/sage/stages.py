@@ -1,12 +1,13 @@
-"""The orchestration shared by ``adapt_reid`` and ``adapt_classification``: stage outputs with
-reuse, the variants' models, and their costs. Only the labelling, the losses and the scoring
-differ between the two tasks; they come in as callables."""
+"""The orchestration shared by ``adapt_reid`` and ``adapt_classification`` (:class:`SageRun`):
+stage outputs with reuse, the variants' models, their costs and the written result. Only the
+labelling, the losses and the scoring differ between the two tasks; they come in as callables."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lorex.models.stamps import reusable, stamp
 from lorex.models.store import file_sha256
 from lorex.training import distributed
 from lorex.training.batches import as_float, chw_tensor
-from lorex.training.checkpoint import work_directory
+from lorex.training.checkpoint import CheckpointOptions, work_directory
 from lorex.training.engine import TrainResult
 from lorex.training.evaluation import reid_embeddings
 from lorex.training.records import run_record
@@ -243,3 +244,118 @@ def write_adapted(
         extra_files={"metrics.json": metrics, **(files(metrics) if files else {})},
     )
     return metrics
+
+
+@dataclass
+class SageRun:
+    """One ``lorex adapt`` run: what its stages share (sources, folders, checkpoints, timings,
+    histories). The task supplies how an expert is adapted, how a gate trains and how a variant
+    is scored."""
+
+    cfg: SageConfig
+    device: torch.device
+    sources: list[Path]
+    names: list[str]
+    out: Path
+    work: Path
+    checkpoint: CheckpointOptions | None
+    timings: dict[str, float] = field(default_factory=dict)
+    histories: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        sources: Sequence[str | Path],
+        out: str | Path,
+        cfg: SageConfig | None,
+        device: torch.device | str,
+        work: str | Path | None,
+        checkpoint: CheckpointOptions | None,
+    ) -> SageRun:
+        """Checks the sources; the work directory beside ``out`` unless ``work`` is given, and
+        the checkpoints under it."""
+        cfg = cfg or SageConfig()
+        device = torch.device(device)
+        paths = check_sources(sources)
+        out = Path(out)
+        work_path = work_dir(out, work)
+        ckpt = checkpoint.at(work_path / "checkpoints") if checkpoint is not None else None
+        names = source_names(paths)
+        return cls(cfg, device, paths, names, out, work_path, ckpt)
+
+    def sub_checkpoint(self, label: str) -> CheckpointOptions | None:
+        return self.checkpoint and self.checkpoint.sub(label.replace("/", "-"))
+
+    def experts(
+        self, target: str, adapt: Callable[[Path, Path, CheckpointOptions | None], Any]
+    ) -> list[Path]:
+        """Stage 2 (``lora_experts``): ``adapt(source, out, checkpoint)`` for each source."""
+
+        def each(source: Path, path: Path) -> None:
+            adapt(source, path, self.sub_checkpoint(f"experts-{path.name}"))
+
+        return lora_experts(
+            self.sources, self.names, self.work, target, self.cfg, each, self.timings
+        )
+
+    def variants(
+        self,
+        experts: Sequence[Path],
+        train_gate: Callable[[LorexModel, CheckpointOptions | None], TrainResult],
+    ) -> dict[str, LorexModel]:
+        """Every variant's model (``variant_models``); ``train_gate(model, checkpoint)``."""
+        return variant_models(
+            self.sources,
+            experts,
+            self.names,
+            self.work,
+            self.cfg,
+            lambda model, label: train_gate(model, self.sub_checkpoint(label)),
+            self.device,
+            self.timings,
+            self.histories,
+        )
+
+    def finish(
+        self,
+        command: str,
+        target: str,
+        models: dict[str, LorexModel],
+        score: Callable[[LorexModel], dict[str, Any]],
+        images: np.ndarray,
+        gate_images: np.ndarray,
+        extra: dict[str, Any] | None = None,
+        files: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Score every variant (reporting only), measure its costs on ``images`` and the gates'
+        mean weights on ``gate_images``, and write the result (``write_adapted``). Under torchrun
+        only rank 0 does this; the others return ``{}``."""
+        if not distributed.current().main:
+            return {}
+        variants = {label: score(model) for label, model in models.items()}
+        cost = costs(models, self.names, variants, images, self.device)
+        gate_weights = {
+            label: gate_weight_means(models[label], gate_images, self.device)
+            for label in GATE_VARIANTS.values()
+        }
+        results = {
+            "names": self.names,
+            "variants": variants,
+            "costs": cost,
+            "gate_weights": gate_weights,
+            "histories": self.histories,
+            "stage_seconds": self.timings,
+            **(extra or {}),
+        }
+        return write_adapted(
+            command,
+            models,
+            self.out,
+            self.work,
+            self.cfg,
+            self.sources,
+            target,
+            results,
+            files,
+            self.device,
+        )

@@ -23,12 +23,12 @@ from lorex.adaptation.sage.relabel import reid_head
 from lorex.adapters.lora import LoraConfig, add_adapter, default_targets, mark_trainable
 from lorex.data.market1501 import Market1501
 from lorex.errors import LorexError
-from lorex.models import LorexModel, load_model, save_model
-from lorex.report import curve_png
+from lorex.models import LorexModel, load_model
 from lorex.training import distributed
 from lorex.training.checkpoint import CheckpointOptions
 from lorex.training.engine import make_optimizer
 from lorex.training.evaluation import evaluate_reid
+from lorex.training.expert_jobs import save_trained
 
 TARGET_HEAD = "target"
 
@@ -106,17 +106,7 @@ def adapt_source_expert(
         "peak_train_mb": result.peak_train_mb,
         "history": result.history,
     }
-    save_model(
-        model,
-        out,
-        weights="delta",
-        base_dir=source,
-        made_by=made_by,
-        seed=cfg.seed,
-        extra_files={
-            "metrics.json": metrics,
-            "train_curve.png": curve_png(result.history, f"LoRA expert from {Path(source).name}"),
-        },
-    )
+    title = f"LoRA expert from {Path(source).name}"
+    save_trained(model, out, metrics, result, title, cfg.seed, made_by, "delta", source)
     result.checkpoint.discard()
     return metrics
