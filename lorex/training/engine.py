@@ -12,6 +12,7 @@ objective had its own loop, so outputs are bit-identical to those loops' (CPU, s
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ class TrainingDiverged(LorexError):
     """A NaN or Inf loss: training stops before the step, so no bad weights are saved."""
 
 
-class Objective:
+class Objective(abc.ABC):
     """What one way of training adds to the engine. Subclasses set the attributes in
     ``__init__`` (checks only: the engine seeds, then calls ``prepare``) and override the
     hooks they need; ``step`` is the one every objective writes."""
@@ -70,17 +71,18 @@ class Objective:
         self.forward: nn.Module | None = None  # forward_module(), in DDP under torchrun
 
     # ---- set up (after the engine's torch.manual_seed(seed))
+    @abc.abstractmethod
     def prepare(self, device: torch.device) -> None:
         """Build what trains; set ``self.model`` (finished at the end), ``self.params`` (the
         trainable tensors, in the order they are clipped) and ``self.generators``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def total_steps(self) -> int:
-        raise NotImplementedError
+        """How many optimisation steps the whole run takes (the schedule's length)."""
 
+    @abc.abstractmethod
     def optimizers(self, total: int) -> tuple[Any, Any]:
         """``(optimizer or {name: optimizer}, scheduler or None)``."""
-        raise NotImplementedError
 
     def checkpointed(self) -> nn.Module:
         """The module whose state a checkpoint holds."""
@@ -93,9 +95,11 @@ class Objective:
     # ---- resumption
     def before_load(self, position: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
         """Reshape the model to fit a checkpoint before its state is loaded."""
+        return None  # optional: nothing to do unless overridden
 
     def load_state(self, position: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
         """Take back what ``extra_state`` saved (used by the epoch the checkpoint was in)."""
+        return None  # optional: nothing to do unless overridden
 
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """What a checkpoint adds to resume mid-epoch: plain numbers and tensors."""
@@ -104,15 +108,16 @@ class Objective:
     # ---- the loop
     def start(self, result: TrainResult) -> None:
         """Once, inside the timed and measured part, before the first epoch."""
+        return None  # optional: nothing to do unless overridden
 
+    @abc.abstractmethod
     def begin_epoch(self, epoch: int) -> Sequence[Any]:
         """The epoch's batches (re-clustering, a new order...); ``step`` gets each in turn."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def step(self, batch: Any) -> tuple[Loss, dict[str, Any] | None]:
         """One batch's loss (or ``{optimizer name: loss}``, stepped in that order) and what the
         progress bar shows. Runs before the update: the engine checks, steps and clips."""
-        raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> dict[str, Any] | None:
         """The epoch's history entry."""
