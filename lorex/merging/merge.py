@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,24 @@ import torch
 from tqdm.auto import tqdm
 
 from lorex.errors import LorexError
-from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
+from lorex.io import atomic_directory, read_json, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
+from lorex.merging.output import (
+    MODEL_CARD,
+    ShardedWriter,
+    check_out_path,
+    copy_base_files,
+    hf_config_with_dtype,
+    model_card_text,
+    output_dtype,
+    parse_size,
+    resolve_out_dtype,
+)
 from lorex.merging.sources import ModelSource
 from lorex.metrics.resources import PeakMemory
-from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
+from lorex.models.store import CONFIG, FORMAT_VERSION
 from lorex.version import __version__
 
-HF_EXTRA_FILES = ("preprocessor_config.json",)
 #: The rule of an expert's own head, copied as it is (it has no counterpart in the base).
 HEAD_RULE = "copied_from_expert"
 
@@ -94,10 +105,20 @@ def merge_models(
     out: str | Path,
     progress: bool | None = None,
     device: torch.device | str = "cpu",
+    *,
+    out_dtype: str | None = None,
+    max_shard_size: int | str | None = None,
+    copy_files: bool = True,
+    model_card: bool = True,
+    recipe_text: str | None = None,
 ) -> dict[str, Any]:
     """Merge ``experts`` (full, LoRA or mixed, all from ``base``) into a model directory ``out``.
 
     The per-tensor work (DOGE's optimisation above all) runs on ``device``; files stay on disk.
+    ``out_dtype`` ("float32", "float16", "bfloat16"; None: the base's, tensor by tensor) is the
+    floating tensors' output dtype; ``max_shard_size`` (bytes or "2GB"; None: one file) splits
+    the weights into shards with an index; ``copy_files`` copies a Hugging Face base's tokenizer
+    and generation config; ``model_card`` writes ``README.md`` (with ``recipe_text`` if given).
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
     seconds, ``rules`` (each rule applied -> the tensors that got it; every written tensor is in
@@ -105,6 +126,15 @@ def merge_models(
     """
     if len(experts) < 1:
         raise LorexError("merge needs at least one expert")
+    check_out_path(Path(out), [("the base", Path(base))] + [("expert", Path(e)) for e in experts])
+    output = OutputOptions(
+        dtype=out_dtype,
+        max_bytes=None if max_shard_size is None else parse_size(max_shard_size),
+        copy_files=copy_files,
+        model_card=model_card,
+        recipe_text=recipe_text,
+    )
+    resolve_out_dtype(out_dtype)  # a bad name fails before anything is read
     with PeakMemory() as memory:
         record = _merge(
             method,
@@ -114,8 +144,20 @@ def merge_models(
             progress,
             torch.device(device),
             memory,
+            output,
         )
     return record
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the merged folder is written (``merge_models``' keyword arguments)."""
+
+    dtype: str | None = None
+    max_bytes: int | None = None
+    copy_files: bool = True
+    model_card: bool = True
+    recipe_text: str | None = None
 
 
 def _merge(
@@ -126,6 +168,7 @@ def _merge(
     progress: bool | None,
     device: torch.device,
     memory: PeakMemory | None = None,
+    output: OutputOptions = OutputOptions(),  # noqa: B008 - frozen, never modified
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
@@ -143,8 +186,10 @@ def _merge(
         for part in ("weight", "bias")
         if f"heads.{key}.{part}" in head_owner[key].own_keys()
     ]
+    out_dtype = resolve_out_dtype(output.dtype)
     specs = [(k, *base_src.spec(k)) for k in keys]
     specs += [(name, *src.spec(name)) for name, src in head_tensors]
+    specs = [(name, output_dtype(dtype, out_dtype), shape) for name, dtype, shape in specs]
     by_rule: dict[str, list[str]] = {}
     for key, rule in rules.items():
         by_rule.setdefault(rule, []).append(key)
@@ -162,10 +207,10 @@ def _merge(
         "lorex_version": __version__,
         "torch_version": torch.__version__,
     }
-    merged_set = set(merged_keys)
+    dtypes = {name: dtype for name, dtype, _ in specs}
     with atomic_directory(out) as tmp:
-        with SafetensorsStreamWriter(
-            tmp / WEIGHTS, specs, metadata={"format": "pt", "lorex_version": __version__}
+        with ShardedWriter(
+            tmp, specs, output.max_bytes, metadata={"format": "pt", "lorex_version": __version__}
         ) as writer:
             bar = tqdm(  # None: shown on a terminal only, so a log or pipe gets no bar
                 keys,
@@ -173,22 +218,28 @@ def _merge(
                 unit="tensor",
                 disable=progress is False or None,
             )
+            merged_set = set(merged_keys)
             for key in bar:
                 theta0 = base_src.get(key)
                 if key in merged_set:
                     theta = theta0.to(device, torch.float32)
                     value = method.merge(key, theta, ctx.task_vectors(key, theta))
-                    writer.write(key, value.to("cpu", theta0.dtype))
+                    writer.write(key, value.to("cpu", dtypes[key]))
                 else:
-                    writer.write(key, theta0)
+                    writer.write(key, theta0.to(dtypes[key]))
             for name, src in head_tensors:
-                writer.write(name, src.get(name))
+                writer.write(name, src.get(name).to(dtypes[name]))
+        record["output"] = {
+            "dtype": output.dtype,
+            "max_shard_size": output.max_bytes,
+            "files": writer.files,
+        }
         record["seconds"] = round(time.perf_counter() - start, 3)
         # Recorded here, inside the temporary directory: nothing is written to ``out`` after the
         # rename (the merged tensors are all written, so the peak is reached by now).
         record["peak_added_mb"] = round(memory.peak_delta_mb, 1) if memory is not None else None
         record.update(method.report())
-        _write_config(tmp, base_src, heads, record)
+        _write_side_files(tmp, base_src, heads, record, output)
         write_json(tmp / "merge.json", record)
     base_src.close()
     for e in expert_srcs:
@@ -196,9 +247,30 @@ def _merge(
     return record
 
 
-def _write_config(folder: Path, base: ModelSource, heads: dict[str, Any], record: dict) -> None:
+def _write_side_files(
+    folder: Path, base: ModelSource, heads: dict[str, Any], record: dict, output: OutputOptions
+) -> None:
+    """Everything beside the weights: the config, the base's tokenizer and generation files
+    (Hugging Face bases), and the model card."""
+    _write_config(folder, base, heads, record, output.dtype)
+    if output.copy_files and base.kind == "hf":
+        record["copied_files"] = copy_base_files(base.path, folder)
+    if output.model_card:
+        library = "transformers" if base.kind == "hf" else "lorex"
+        text = model_card_text(record, library, output.recipe_text)
+        (folder / MODEL_CARD).write_text(text, encoding="utf-8")
+
+
+def _write_config(
+    folder: Path,
+    base: ModelSource,
+    heads: dict[str, Any],
+    record: dict,
+    out_dtype: str | None = None,
+) -> None:
     """The merged model's config: a lorex config naming the experts' heads and how it was made,
-    or, for a ``save_pretrained`` base, that folder's config and extra files again."""
+    or, for a ``save_pretrained`` base, that folder's config again (its dtype field saying
+    ``out_dtype`` when one is given)."""
     if base.kind == "lorex":
         write_json(
             folder / CONFIG,
@@ -212,8 +284,7 @@ def _write_config(folder: Path, base: ModelSource, heads: dict[str, Any], record
                 "made_by": record,
             },
         )
-    else:
+    elif out_dtype is None:
         shutil.copy2(base.path / CONFIG, folder / CONFIG)
-        for name in HF_EXTRA_FILES:
-            if (base.path / name).is_file():
-                shutil.copy2(base.path / name, folder / name)
+    else:
+        write_json(folder / CONFIG, hf_config_with_dtype(read_json(base.path / CONFIG), out_dtype))
