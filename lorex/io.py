@@ -347,6 +347,26 @@ class SafetensorsStreamWriter:
 _ST_FROM_NAME = {name: dtype for dtype, name in _ST_DTYPES.items()}
 
 
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets; ``__metadata__``) and
+    where its data starts, read without touching the data; a one-line error names a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorexError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LorexError(f"{path}: not a valid safetensors file ({exc})") from None
+    return header, 8 + n
+
+
 class SafetensorsReader:
     """Read one tensor at a time from a safetensors file with plain reads, not a memory map.
 
@@ -358,23 +378,18 @@ class SafetensorsReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise LorexError(f"{self.path}: file not found")
+        header, self._data_start = read_safetensors_header(self.path)
         size = self.path.stat().st_size
-        try:
-            with open(self.path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if size < 8 or n > size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(fh.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise LorexError(f"{self.path}: not a valid safetensors file ({exc})") from None
         self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
+            if isinstance(info, dict) and isinstance(info.get("dtype"), str):
+                if info["dtype"] not in _ST_FROM_NAME:
+                    raise LorexError(
+                        f"{self.path}: tensor '{name}' is {info['dtype']}, which lorex cannot "
+                        "read or merge (it reads F64, F32, F16, BF16, integer and BOOL tensors; "
+                        "float8 and packed quantised types must be dequantised first)"
+                    )
             try:
                 dtype = _ST_FROM_NAME[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])

@@ -70,8 +70,13 @@ class ModelSource:
             return [self.path / WEIGHTS]
         if (self.path / HF_INDEX).is_file():
             index = read_json(self.path / HF_INDEX).get("weight_map")
-            if not isinstance(index, dict):
+            if not isinstance(index, dict) or not index:
                 raise LorexError(f"{self.path / HF_INDEX}: no 'weight_map'")
+            for key, name in index.items():
+                if not isinstance(name, str) or not (self.path / name).is_file():
+                    raise LorexError(
+                        f"{self.path / HF_INDEX}: tensor '{key}' is in {name!r}, which is missing"
+                    )
             return sorted({self.path / v for v in index.values()})
         if any(self.path.glob("*.bin")):
             raise LorexError(
