@@ -12,6 +12,7 @@ from lorex.cli.config_flags import add_union_flags
 from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.merging import MERGE_METHODS, merge_models
+from lorex.merging.output import OUT_DTYPES, parse_size
 from lorex.models import load_model, save_model
 from lorex.version import __version__
 
@@ -31,7 +32,17 @@ MERGE_FLAG_METADATA = {
 
 def cmd_merge(args: argparse.Namespace) -> int:
     method = MERGE_METHODS[args.method].from_args(args)
-    record = merge_models(method, args.base, args.experts, args.out, device=args.device)
+    record = merge_models(
+        method,
+        args.base,
+        args.experts,
+        args.out,
+        device=args.device,
+        out_dtype=args.out_dtype,
+        max_shard_size=args.max_shard_size,
+        copy_files=args.copy_files,
+        model_card=args.model_card,
+    )
     counts = ", ".join(f"{rule} {len(keys)}" for rule, keys in record["rules"].items())
     print(
         f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
@@ -68,6 +79,43 @@ def add_merge_adapter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_merge_adapter)
 
 
+def _shard_size(text: str) -> int:
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except LorexError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("max_shard_size: ")) from None
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """How the merged folder is written (``lorex.merging.output``)."""
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out-dtype",
+        choices=sorted(OUT_DTYPES),
+        help="dtype of the floating tensors written (default: the base's, tensor by tensor; "
+        "integer tensors are never cast)",
+    )
+    out.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="split the weights into shards of at most SIZE (bytes, or 500MB, 2GB, 1.5GiB) "
+        "with a model.safetensors.index.json (default: one model.safetensors)",
+    )
+    out.add_argument(
+        "--no-copy-files",
+        dest="copy_files",
+        action="store_false",
+        help="do not copy a Hugging Face base's tokenizer, generation and preprocessor files",
+    )
+    out.add_argument(
+        "--no-model-card",
+        dest="model_card",
+        action="store_false",
+        help="do not write the README.md model card",
+    )
+
+
 def add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge", help="merge experts fine-tuned from one base into one model, without data"
@@ -78,6 +126,7 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
         "--experts", required=True, nargs="+", type=Path, help="full or LoRA expert directories"
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    add_output_flags(p)
     options = p.add_argument_group("method options (default: the method's own)")
     methods = {name: method.Options for name, method in MERGE_METHODS.items()}
     add_union_flags(options, methods, MERGE_FLAG_METADATA)

@@ -11,6 +11,7 @@ import torch
 from lorex.adapters.gated import expert_parameter_count, gate_parameters
 from lorex.backbones import PRESETS, preset_config
 from lorex.cli.common_flags import add_device_flag
+from lorex.cli.folder_info import foreign_folder_lines
 from lorex.cli.parsing import positive_int
 from lorex.data import load_dataset
 from lorex.data.reid import is_reid_data, load_reid_data
@@ -79,6 +80,10 @@ def _eval_reid(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    foreign = foreign_folder_lines(Path(args.model))
+    if foreign is not None:  # a Hugging Face model or PEFT adapter: described, not loaded
+        print("\n".join(foreign))
+        return 0
     model = load_model(args.model)
     config = read_json(Path(args.model) / "config.json")
     print(f"model      {args.model}")
@@ -148,7 +153,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print a model directory's architecture, heads and provenance")
+    p = sub.add_parser(
+        "info",
+        help="print a model directory's architecture, heads and provenance (a Hugging Face "
+        "folder or PEFT adapter: type, parameters, dtypes, shards, tokenizer, adapter settings)",
+    )
     p.add_argument("model", type=Path)
     p.set_defaults(func=cmd_info)
 
