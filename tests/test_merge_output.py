@@ -392,6 +392,7 @@ def test_info_describes_hugging_face_folders_without_loading_them(llama, tmp_pat
     assert "tokenizer  none" in out and "generation none" in out
     assert f"merged     task-arithmetic {{'scale': 0.5}} from base {base}" in out
     assert f"experts    {experts[0]}, {experts[1]}" in out
+    assert "output     dtype bfloat16" in out
 
 
 def test_info_describes_a_peft_adapter(llama, tmp_path, capsys):

@@ -86,8 +86,11 @@ def _model_lines(folder: Path, config: dict) -> list[str]:
     files = weight_files(folder)
     if files:
         lines += _tensor_lines(files)
-    elif any(folder.glob("*.bin")):
-        lines.append("weights    pickled .bin only (lorex reads safetensors; not read)")
+    elif any(folder.glob("*.bin")):  # refused as everywhere else, though nothing reads it here
+        raise LorexError(
+            f"{folder}: only pickled .bin weights; lorex reads safetensors only "
+            "(save_pretrained(..., safe_serialization=True))"
+        )
     else:
         lines.append(f"weights    none ({WEIGHTS} or {INDEX} missing)")
     lines.append(f"tokenizer  {_present(folder, TOKENIZER_FILES)}")
@@ -101,12 +104,14 @@ def _merge_lines(record: dict) -> list[str]:
     """What a lorex merge into this folder recorded (``merge.json``)."""
     base = (record.get("base") or {}).get("path")
     experts = [e.get("path") for e in record.get("experts") or []]
-    output = record.get("output") or {}
-    return [
+    lines = [
         f"merged     {record.get('method')} {record.get('settings') or {}} from base {base}",
         f"experts    {', '.join(str(e) for e in experts)}",
-        f"output     dtype {output.get('dtype') or 'the base'}, files {output.get('files')}",
     ]
+    output = record.get("output")
+    if output:  # merges written before lorex recorded its output options have none
+        lines.append(f"output     dtype {output.get('dtype') or 'the base'}")
+    return lines
 
 
 def _adapter_lines(folder: Path) -> list[str]:
