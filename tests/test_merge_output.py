@@ -116,6 +116,15 @@ def test_integer_tensors_keep_their_dtype(tmp_path):
     assert torch.equal(merged["fc.weight"], (weights["fc.weight"] + SCALE).half())
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["dtype"] == "float16" and config["model_type"] == "vit"
+    with pytest.raises(LorexError, match="out_dtype: expected one of float32, float16, bfloat16"):
+        merge_models(
+            task_arithmetic(),
+            tmp_path / "base",
+            [tmp_path / "e0"],
+            tmp_path / "x",
+            out_dtype="int8",
+        )
+    assert not (tmp_path / "x").exists()
 
 
 def test_sizes_read_as_transformers_reads_them():
@@ -168,12 +177,12 @@ def test_sharded_output_is_the_single_file_output_split(llama, tmp_path):
     assert split.keys() == one.keys()
     for key, value in one.items():
         assert torch.equal(split[key], value), key
+    models = [transformers.LlamaForCausalLM.from_pretrained(tmp_path / n) for n in ("one", "many")]
+    expected = reference(base, experts)
+    for key, param in models[1].state_dict().items():
+        torch.testing.assert_close(param, expected[key], rtol=0, atol=1e-6)
     ids = torch.arange(10).view(1, 10)
-    logits = [
-        transformers.LlamaForCausalLM.from_pretrained(tmp_path / name)(ids).logits
-        for name in ("one", "many")
-    ]
-    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(models[0](ids).logits, models[1](ids).logits)
 
 
 def test_tokenizer_and_generation_files_are_copied_byte_for_byte(llama, tmp_path):
