@@ -9,9 +9,11 @@ from pathlib import Path
 from lorex.adapters.lora import merge_and_unload
 from lorex.cli.common_flags import add_device_flag
 from lorex.cli.config_flags import add_union_flags
+from lorex.cli.parsing import positive_int
 from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.merging import MERGE_METHODS, merge_models
+from lorex.merging.lora_out import merge_to_lora
 from lorex.merging.output import OUT_DTYPES, parse_size
 from lorex.models import load_model, save_model
 from lorex.version import __version__
@@ -32,6 +34,8 @@ MERGE_FLAG_METADATA = {
 
 def cmd_merge(args: argparse.Namespace) -> int:
     method = MERGE_METHODS[args.method].from_args(args)
+    if args.out_rank is not None:
+        return _merge_to_lora(args, method)
     record = merge_models(
         method,
         args.base,
@@ -48,6 +52,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
         f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
+    )
+    return 0
+
+
+def _merge_to_lora(args: argparse.Namespace, method) -> int:
+    if args.max_shard_size is not None:
+        raise LorexError("--max-shard-size does not apply to --out-rank (an adapter is one file)")
+    record = merge_to_lora(
+        method,
+        args.base,
+        args.experts,
+        args.out,
+        args.out_rank,
+        device=args.device,
+        out_dtype=args.out_dtype,
+    )
+    lora = record["lora_out"]
+    print(
+        f"wrote {args.out}: {len(args.experts)} LoRA experts merged with {args.method} into "
+        f"one rank-{lora['rank']} adapter on {lora['tensors']} tensors (relative error "
+        f"against the dense merge {lora['relative_error']:.2e}, worst tensor "
+        f"{lora['max_tensor_relative_error']:.2e}) in {record['seconds']:.1f} s"
     )
     return 0
 
@@ -127,6 +153,14 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     add_output_flags(p)
+    p.add_argument(
+        "--out-rank",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="LoRA experts in, one rank-R LoRA adapter out (the dense merge's best rank-R "
+        "approximation; its error is reported) instead of a dense model",
+    )
     options = p.add_argument_group("method options (default: the method's own)")
     methods = {name: method.Options for name, method in MERGE_METHODS.items()}
     add_union_flags(options, methods, MERGE_FLAG_METADATA)

@@ -3,6 +3,7 @@ interface (``MergeMethod``), listed in ``lorex.merging.methods``, streamed tenso
 (``merge_models``)."""
 
 from lorex.merging.base import MERGE_METHODS, MergeContext, MergeMethod, register_merge_method
+from lorex.merging.lora_out import merge_to_lora
 from lorex.merging.merge import check_experts, merge_models
 from lorex.merging.methods import METHOD_CLASSES, method_from_name
 from lorex.merging.sources import ModelSource
@@ -15,6 +16,7 @@ __all__ = [
     "ModelSource",
     "check_experts",
     "merge_models",
+    "merge_to_lora",
     "method_from_name",
     "register_merge_method",
 ]

@@ -129,6 +129,13 @@ class ModelSource:
         own = set(self._where)
         return sorted(own | set(self.base.keys()) if self.base is not None else own)
 
+    def lora_keys(self) -> set[str] | None:
+        """The base keys this expert's applied LoRA adapters change; None for a full model,
+        whose every tensor may differ from the base."""
+        if self.base is None:
+            return None
+        return set(self._lora)
+
     def own_keys(self) -> list[str]:
         """The names stored in this model's own file (a delta model: its heads)."""
         return sorted(self._where)
