@@ -12,6 +12,7 @@ from lorex.cli.config_flags import add_union_flags
 from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.merging import MERGE_METHODS, merge_models
+from lorex.merging.recipe import Recipe, read_recipe, recipe_text, write_recipe
 from lorex.models import load_model, save_model
 from lorex.version import __version__
 
@@ -29,12 +30,51 @@ MERGE_FLAG_METADATA = {
 }
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The run's recipe: the ``--config`` file, or the flags. Giving both is an error (the file
+    says everything the flags would, so neither silently wins)."""
+    option_names = {n for m in MERGE_METHODS.values() for n in m.Options.__dataclass_fields__}
+    if args.config is not None:
+        flags = ["method", "base", "experts", "weights", *sorted(option_names)]
+        given = [n for n in flags if getattr(args, n, None) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise LorexError(f"{flag}: not with --config (the recipe {args.config} gives it)")
+        return read_recipe(args.config)
+    for name in ("method", "base", "experts"):
+        if getattr(args, name) is None:
+            raise LorexError(f"--{name}: required (or give a recipe with --config)")
     method = MERGE_METHODS[args.method].from_args(args)
-    record = merge_models(method, args.base, args.experts, args.out, device=args.device)
+    if args.weights is not None and len(args.weights) != len(args.experts):
+        raise LorexError(
+            f"--weights: {len(args.weights)} given for {len(args.experts)} experts (one per expert)"
+        )
+    return Recipe(
+        args.method, method.settings(), args.base, list(args.experts), weights=args.weights
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    method = recipe.build_method()
+    if args.write_config is not None:
+        recipe_text(recipe, args.write_config.parent)  # a recipe it cannot write fails first
+    # TODO(out_dtype): pass out_dtype=recipe.out_dtype (and recipe_text=... for the model card)
+    # once merge_models takes them (issue 26, the output helper's branch).
+    record = merge_models(
+        method,
+        recipe.base,
+        recipe.experts,
+        args.out,
+        device=args.device,
+        weights=recipe.weights,
+        densities=recipe.densities,
+    )
+    if args.write_config is not None:
+        write_recipe(args.write_config, recipe)
     counts = ", ".join(f"{rule} {len(keys)}" for rule, keys in record["rules"].items())
     print(
-        f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
+        f"wrote {args.out}: {len(recipe.experts)} experts merged with {recipe.method} "
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
         f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
     )
@@ -72,10 +112,36 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge", help="merge experts fine-tuned from one base into one model, without data"
     )
-    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
-    p.add_argument("--base", required=True, type=Path, help="the base the experts come from")
+    p.add_argument("--method", choices=sorted(MERGE_METHODS), help="required without --config")
     p.add_argument(
-        "--experts", required=True, nargs="+", type=Path, help="full or LoRA expert directories"
+        "--base", type=Path, help="the base the experts come from (required without --config)"
+    )
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        type=Path,
+        help="full or LoRA expert directories (required without --config)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per expert (default 1 each): task vector i is multiplied by W_i after "
+        "sparsification; average, task-arithmetic, ties, dare and dare-ties take them",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RECIPE.yaml",
+        help="a merge recipe (mergekit's YAML, or lorex names for lorex's own methods): it "
+        "gives the method, base, experts, weights and options, so those flags are not given",
+    )
+    p.add_argument(
+        "--write-config",
+        type=Path,
+        metavar="RECIPE.yaml",
+        help="also write the recipe that reproduces this merge (written atomically)",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     options = p.add_argument_group("method options (default: the method's own)")

@@ -94,10 +94,15 @@ def merge_models(
     out: str | Path,
     progress: bool | None = None,
     device: torch.device | str = "cpu",
+    *,
+    weights: list[float] | None = None,
+    densities: list[float] | None = None,
 ) -> dict[str, Any]:
     """Merge ``experts`` (full, LoRA or mixed, all from ``base``) into a model directory ``out``.
 
     The per-tensor work (DOGE's optimisation above all) runs on ``device``; files stay on disk.
+    ``weights`` (one per expert, 1.0 each by default) and ``densities`` (one per expert, default:
+    the method's option) are for the methods that take them; the others refuse them.
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
     seconds, ``rules`` (each rule applied -> the tensors that got it; every written tensor is in
@@ -105,6 +110,12 @@ def merge_models(
     """
     if len(experts) < 1:
         raise LorexError("merge needs at least one expert")
+    for name, values in (("weights", weights), ("densities", densities)):
+        if values is not None and len(values) != len(experts):
+            raise LorexError(
+                f"{name}: {len(values)} given for {len(experts)} experts (one per expert)"
+            )
+    method.check_weights(weights, densities)
     with PeakMemory() as memory:
         record = _merge(
             method,
@@ -114,6 +125,8 @@ def merge_models(
             progress,
             torch.device(device),
             memory,
+            weights=weights,
+            densities=densities,
         )
     return record
 
@@ -126,6 +139,8 @@ def _merge(
     progress: bool | None,
     device: torch.device,
     memory: PeakMemory | None = None,
+    weights: list[float] | None = None,
+    densities: list[float] | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
@@ -134,8 +149,8 @@ def _merge(
     heads, head_owner = _expert_heads(expert_srcs)
     rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
     merged_keys = [k for k in keys if rules[k] != KEPT]
-    ctx = MergeContext(base_src, expert_srcs, merged_keys, device)
-    method.prepare(ctx)
+    ctx = MergeContext(base_src, expert_srcs, merged_keys, device, weights, densities)
+    method.begin(ctx)
 
     head_tensors = [
         (f"heads.{key}.{part}", head_owner[key])
@@ -156,6 +171,8 @@ def _merge(
         "settings": method.settings(),
         "base": {"path": str(Path(base)), "sha256": base_src.sha256()},
         "experts": [{"path": str(Path(e.path)), "sha256": e.sha256()} for e in expert_srcs],
+        "weights": ctx.weights,
+        "densities": densities,
         "merged_tensors": len(merged_keys),
         "kept_from_base": len(keys) - len(merged_keys),
         "rules": by_rule,
