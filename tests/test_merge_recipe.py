@@ -8,6 +8,7 @@ recipes against mergekit itself where it is installed (``compare`` extra).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def _sign(x: float) -> float:
     return (x > 0) - (x < 0)
 
 
-# --- references: plain loops over entries ----------------------------------------------------------
+# --- references: plain loops over entries -------------------------------------------------------
 def _trim_global(taus, densities):
     """Per task, keep |x| >= the k-th smallest |x| over the whole task vector."""
     kept = {k: [list(row) for row in rows] for k, rows in taus.items()}
@@ -427,11 +428,17 @@ dtype: bfloat16
     assert r.out_dtype == "bfloat16"
 
 
+TIES_E0 = "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\n"
+LINEAR = "merge_method: linear\nbase_model: base\n"
+TA = "merge_method: task_arithmetic\nbase_model: base\n"
+BASE = "base_model: base\n"
+
+
 @pytest.mark.parametrize(
     "text,method,options,weights",
     [
         (
-            "merge_method: linear\nbase_model: base\nmodels:\n  - model: e0\n    parameters: {weight: 3}\n"
+            LINEAR + "models:\n  - model: e0\n    parameters: {weight: 3}\n"
             "  - model: e1\n    parameters: {weight: 1}\nparameters: {weight: 2}\n",
             "average",
             {"normalize": True},
@@ -445,8 +452,9 @@ dtype: bfloat16
             [3.0, 1.0],
         ),
         (
-            "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: e0\n    parameters: {weight: 3}\n"
-            "  - model: e1\n    parameters: {weight: 1}\nparameters: {lambda: 0.8, normalize: true}\n",
+            TA + "models:\n  - model: e0\n    parameters: {weight: 3}\n"
+            "  - model: e1\n    parameters: {weight: 1}\n"
+            "parameters: {lambda: 0.8, normalize: true}\n",
             "task-arithmetic",
             {"scale": 0.2},
             [3.0, 1.0],
@@ -465,8 +473,11 @@ dtype: bfloat16
             None,
         ),
         (
-            "merge_method: dare_linear\nbase_model: base\nmodels:\n  - model: e0\n    parameters: {weight: 2}\n"
-            "  - model: e1\n    parameters: {weight: 2}\nparameters: {lambda: 0.5, normalize: true}\n",
+            "merge_method: dare_linear\n"
+            + BASE
+            + "models:\n  - model: e0\n    parameters: {weight: 2}\n"
+            "  - model: e1\n    parameters: {weight: 2}\n"
+            "parameters: {lambda: 0.5, normalize: true}\n",
             "dare",
             {"scale": 0.125, "drop": 0.0, "seed": 0},
             [2.0, 2.0],
@@ -498,23 +509,23 @@ BAD = [
     ("merge_method: ties\nbase_model: gone\nmodels: [{model: e0}]\n", "base_model:"),
     ("merge_method: ties\nmodels: [{model: e0}]\n", "base_model: missing"),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0, parameters: {weight: heavy}}]\n",
+        "merge_method: ties\n" + BASE + "models: [{model: e0, parameters: {weight: heavy}}]\n",
         "models[0].parameters.weight: must be a number",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {normalize: 1}\n",
+        TIES_E0 + "parameters: {normalize: 1}\n",
         "parameters.normalize: must be true or false",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {epsilon: 0.1}\n",
+        TIES_E0 + "parameters: {epsilon: 0.1}\n",
         "parameters.epsilon: ties does not take it",
     ),
     (
-        "merge_method: linear\nbase_model: base\nmodels: [{model: e0, parameters: {density: 0.5}}]\n",
+        LINEAR + "models: [{model: e0, parameters: {density: 0.5}}]\n",
         "models[0].parameters.density: not a per-model parameter",
     ),
     (
-        "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: e0}]\nparameters: {density: 0.5}\n",
+        TA + "models: [{model: e0}]\nparameters: {density: 0.5}\n",
         "parameters.density: task_arithmetic does not take it",
     ),
     (
@@ -526,28 +537,29 @@ BAD = [
         "doge: takes no per-expert weights",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {density: 0.5, rescale: true}\n",
+        TIES_E0 + "parameters: {density: 0.5, rescale: true}\n",
         "parameters.rescale",
     ),
     (
-        "merge_method: dare_ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {density: 0.5, rescale: false}\n",
+        "merge_method: dare_ties\n" + BASE + "models: [{model: e0}]\n"
+        "parameters: {density: 0.5, rescale: false}\n",
         "parameters.rescale",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {trim: sideways}\n",
+        TIES_E0 + "parameters: {trim: sideways}\n",
         "parameters: trim: must be one of global, per-tensor",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nparameters: {weight: [0, 1]}\n",
+        TIES_E0 + "parameters: {weight: [0, 1]}\n",
         "parameters.weight: gradients and filtered values are not supported",
     ),
     ("merge_method: ties\nbase_model: base\nslices: []\n", "slices: not supported"),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\nflavour: x\n",
+        TIES_E0 + "flavour: x\n",
         "flavour: unknown field",
     ),
     (
-        "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\ndtype: float8\n",
+        TIES_E0 + "dtype: float8\n",
         "dtype: must be one of",
     ),
     (
@@ -587,7 +599,7 @@ def test_bad_recipes_one_line_nothing_written(toy, named, capsys, text, needle):
 def test_config_and_flags_together_is_an_error(toy, named, capsys):
     from lorex.cli import main
 
-    path = _recipe(named, "merge_method: ties\nbase_model: base\nmodels: [{model: e0}]\n")
+    path = _recipe(named, TIES_E0)
     for extra in (["--method", "ties"], ["--density", "0.5"], ["--weights", "2"]):
         assert main(["merge", "--config", str(path), "--out", str(named / "o"), *extra]) == 2
         err = capsys.readouterr().err
@@ -650,16 +662,40 @@ def test_recipe_round_trip_api(toy, named):
 
 
 # --- against mergekit -----------------------------------------------------------------------------
+#: name -> (merge_method, with the base listed?, parameters), each over the same three experts.
 MERGEKIT_RECIPES = {
-    "linear": "merge_method: linear\nbase_model: base\nmodels:\n{models}  - model: base\n    parameters: {{weight: 0.5}}\ndtype: float32\n",
-    "linear-sum": "merge_method: linear\nmodels:\n{models}parameters: {{normalize: false}}\ndtype: float32\n",
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: base\nmodels:\n{models}parameters: {{lambda: 0.7}}\ndtype: float32\n",
-    "task_arithmetic-normalize": "merge_method: task_arithmetic\nbase_model: base\nmodels:\n{models}parameters: {{normalize: true}}\ndtype: float32\n",
-    "ties": "merge_method: ties\nbase_model: base\nmodels:\n{models}parameters: {{density: 1.0, lambda: 0.9}}\ndtype: float32\n",
-    "ties-half": "merge_method: ties\nbase_model: base\nmodels:\n{models}parameters: {{density: 0.5}}\ndtype: float32\n",
-    "ties-sum": "merge_method: ties\nbase_model: base\nmodels:\n{models}parameters: {{density: 0.5, normalize: false}}\ndtype: float32\n",
-    "dare_ties": "merge_method: dare_ties\nbase_model: base\nmodels:\n{models}parameters: {{density: 1.0}}\ndtype: float32\n",
+    "linear": ("linear", True, "{}"),
+    "linear-sum": ("linear", False, "{normalize: false}"),
+    "task_arithmetic": ("task_arithmetic", False, "{lambda: 0.7}"),
+    "task_arithmetic-normalize": ("task_arithmetic", False, "{normalize: true}"),
+    "ties": ("ties", False, "{density: 1.0, lambda: 0.9}"),
+    "ties-half": ("ties", False, "{density: 0.5}"),
+    "ties-sum": ("ties", False, "{density: 0.5, normalize: false}"),
+    "dare_ties": ("dare_ties", False, "{density: 1.0}"),
 }
+
+
+def _mergekit_yaml(method: str, list_base: bool, parameters: str, models: str) -> str:
+    """A mergekit recipe; ``linear-sum`` has no base_model (the first model is the base)."""
+    base = "" if parameters == "{normalize: false}" and method == "linear" else "base_model: base\n"
+    listed = "  - model: base\n    parameters: {weight: 0.5}\n" if list_base else ""
+    return (
+        f"merge_method: {method}\n{base}models:\n{models}{listed}"
+        f"parameters: {parameters}\ndtype: float32\n"
+    )
+
+
+RUN_MERGEKIT = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+args = sys.argv[1:]
+for recipe, out in zip(args[::2], args[1::2]):
+    with open(recipe) as fh:
+        config = MergeConfiguration.model_validate(yaml.safe_load(fh))
+    run_merge(config, out, MergeOptions(write_model_card=False, quiet=True))
+"""
 
 
 def _llamas(root: Path, shard: str | None) -> None:
@@ -708,22 +744,28 @@ def test_recipes_match_mergekit(tmp_path, shard):
     models = "".join(
         f"  - model: e{i}\n    parameters: {{weight: {w}}}\n" for i, w in enumerate([0.3, 1.2, 0.7])
     )
-    mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
-    script = None if mergekit_yaml.is_file() else "mergekit.scripts.run_yaml"
-    for name, template in MERGEKIT_RECIPES.items():
+    jobs = []
+    for name, (method, list_base, parameters) in MERGEKIT_RECIPES.items():
         recipe = tmp_path / f"{name}.yaml"
-        recipe.write_text(template.format(models=models))
-        ours, theirs = tmp_path / f"lorex-{name}", tmp_path / f"mergekit-{name}"
-        command = [str(mergekit_yaml)] if script is None else [sys.executable, "-m", script]
-        subprocess.run(
-            [*command, str(recipe), str(theirs)], check=True, capture_output=True, cwd=tmp_path
-        )
-        from lorex.cli import main
+        recipe.write_text(_mergekit_yaml(method, list_base, parameters, models))
+        jobs += [str(recipe), str(tmp_path / f"mergekit-{name}")]
+    # One process for every recipe (mergekit's import is slow), run where the YAML's relative
+    # paths mean what they mean to lorex (mergekit reads them against the working folder).
+    subprocess.run(
+        [sys.executable, "-c", RUN_MERGEKIT, *jobs],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    from lorex.cli import main
 
-        assert main(["merge", "--config", str(recipe), "--out", str(ours)]) == 0
-        a, b = _all_tensors(ours), _all_tensors(theirs)
+    base = _all_tensors(tmp_path / "base")
+    for name in MERGEKIT_RECIPES:
+        ours = tmp_path / f"lorex-{name}"
+        assert main(["merge", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(ours)]) == 0
+        a, b = _all_tensors(ours), _all_tensors(tmp_path / f"mergekit-{name}")
         assert a.keys() == b.keys(), name
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst <= 1e-5, (name, worst)
-        base = _all_tensors(tmp_path / "base")
         assert max(float((a[k] - base[k]).abs().max()) for k in a) > 1e-3, name  # not the base
