@@ -5,6 +5,7 @@ interface (``MergeMethod``), listed in ``lorex.merging.methods``, streamed tenso
 from lorex.merging.base import MERGE_METHODS, MergeContext, MergeMethod, register_merge_method
 from lorex.merging.merge import check_experts, merge_models
 from lorex.merging.methods import METHOD_CLASSES, method_from_name
+from lorex.merging.recipe import Recipe, read_recipe, recipe_text, write_recipe
 from lorex.merging.sources import ModelSource
 
 __all__ = [
@@ -13,8 +14,12 @@ __all__ = [
     "MergeContext",
     "MergeMethod",
     "ModelSource",
+    "Recipe",
     "check_experts",
     "merge_models",
     "method_from_name",
+    "read_recipe",
+    "recipe_text",
     "register_merge_method",
+    "write_recipe",
 ]

@@ -47,7 +47,8 @@ class MergeContext:
     experts: list[ModelSource]
     keys: list[str]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    weights: list[float] = None  # type: ignore[assignment]  # None: 1.0 per expert
+    #: One per expert; None becomes 1.0 each on creation.
+    weights: list[float] | None = None
     densities: list[float] | None = None
 
     def __post_init__(self) -> None:
