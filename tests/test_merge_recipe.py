@@ -659,6 +659,9 @@ def test_recipe_round_trip_api(toy, named):
     )
     back = read_recipe(named / "r.yaml")
     assert back == r
+    # options left out are the method's defaults, in either form
+    assert "trim: global" in recipe_text(Recipe("ties", {}, base, experts))
+    assert "merge_method: doge" in recipe_text(Recipe("doge", {"steps": 3}, base, experts))
 
 
 # --- against mergekit -----------------------------------------------------------------------------

@@ -343,9 +343,9 @@ def _from_lorex(
 def _mergekit_form(recipe: Recipe) -> tuple[str, dict[str, Any]] | None:
     """``(merge_method, parameters)`` in mergekit's words, with the lorex-only settings that
     differ from mergekit's added; None where the method is lorex's own."""
-    o = recipe.options
+    o = recipe.build_method().settings()  # every option, defaults included
     if recipe.method == "average":
-        return "linear", {"normalize": o.get("normalize", True)}
+        return "linear", {"normalize": o["normalize"]}
     if recipe.method == "task-arithmetic":
         return "task_arithmetic", {"lambda": o["scale"], "normalize": False}
     if recipe.method == "ties":
