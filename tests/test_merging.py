@@ -365,7 +365,13 @@ def test_cli_merge_and_eval_each_task(zoo, tmp_path, capsys):
     import json
 
     settings = json.loads((out / "config.json").read_text())["made_by"]["settings"]
-    assert settings == {"drop": 0.3, "scale": 1.0, "merge_func": "mean", "seed": 4}
+    assert settings == {
+        "drop": 0.3,
+        "scale": 1.0,
+        "merge_func": "mean",
+        "seed": 4,
+        "zero_sign": "majority",
+    }
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from lorex.cli.config_flags import add_union_flags
 from lorex.cli.parsing import positive_int
 from lorex.errors import LorexError
 from lorex.io import read_json
-from lorex.merging import MERGE_METHODS, merge_models
+from lorex.merging import MERGE_METHODS, MergeMethod, merge_models
 from lorex.merging.lora_out import merge_to_lora
 from lorex.merging.output import OUT_DTYPES, parse_size
+from lorex.merging.recipe import Recipe, read_recipe, recipe_text, write_recipe
 from lorex.models import load_model, save_model
 from lorex.version import __version__
 
@@ -32,45 +33,83 @@ MERGE_FLAG_METADATA = {
 }
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The run's recipe: the ``--config`` file, or the flags. Giving both is an error (the file
+    says everything the flags would, so neither silently wins)."""
+    option_names = {n for m in MERGE_METHODS.values() for n in m.Options.__dataclass_fields__}
+    if args.config is not None:
+        flags = ["method", "base", "experts", "weights", *sorted(option_names)]
+        given = [n for n in flags if getattr(args, n, None) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise LorexError(f"{flag}: not with --config (the recipe {args.config} gives it)")
+        return read_recipe(args.config)
+    for name in ("method", "base", "experts"):
+        if getattr(args, name) is None:
+            raise LorexError(f"--{name}: required (or give a recipe with --config)")
     method = MERGE_METHODS[args.method].from_args(args)
+    if args.weights is not None and len(args.weights) != len(args.experts):
+        raise LorexError(
+            f"--weights: {len(args.weights)} given for {len(args.experts)} experts (one per expert)"
+        )
+    return Recipe(
+        args.method, method.settings(), args.base, list(args.experts), weights=args.weights
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    method = recipe.build_method()
+    text = recipe_text(recipe)  # a recipe it cannot write fails before the merge
+    out_dtype = args.out_dtype or recipe.out_dtype
     if args.out_rank is not None:
-        return _merge_to_lora(args, method)
+        return _merge_to_lora(args, recipe, method, out_dtype)
     record = merge_models(
         method,
-        args.base,
-        args.experts,
+        recipe.base,
+        recipe.experts,
         args.out,
         device=args.device,
-        out_dtype=args.out_dtype,
+        weights=recipe.weights,
+        densities=recipe.densities,
+        out_dtype=out_dtype,
         max_shard_size=args.max_shard_size,
         copy_files=args.copy_files,
         model_card=args.model_card,
+        recipe_text=text,
     )
+    if args.write_config is not None:
+        write_recipe(args.write_config, recipe)
     counts = ", ".join(f"{rule} {len(keys)}" for rule, keys in record["rules"].items())
     print(
-        f"wrote {args.out}: {len(args.experts)} experts merged with {args.method} "
+        f"wrote {args.out}: {len(recipe.experts)} experts merged with {recipe.method} "
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
         f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
     )
     return 0
 
 
-def _merge_to_lora(args: argparse.Namespace, method) -> int:
+def _merge_to_lora(
+    args: argparse.Namespace, recipe: Recipe, method: MergeMethod, out_dtype: str | None
+) -> int:
     if args.max_shard_size is not None:
         raise LorexError("--max-shard-size does not apply to --out-rank (an adapter is one file)")
     record = merge_to_lora(
         method,
-        args.base,
-        args.experts,
+        recipe.base,
+        recipe.experts,
         args.out,
         args.out_rank,
         device=args.device,
-        out_dtype=args.out_dtype,
+        out_dtype=out_dtype,
+        weights=recipe.weights,
+        densities=recipe.densities,
     )
+    if args.write_config is not None:
+        write_recipe(args.write_config, recipe)
     lora = record["lora_out"]
     print(
-        f"wrote {args.out}: {len(args.experts)} LoRA experts merged with {args.method} into "
+        f"wrote {args.out}: {len(recipe.experts)} LoRA experts merged with {recipe.method} into "
         f"one rank-{lora['rank']} adapter on {lora['tensors']} tensors (relative error "
         f"against the dense merge {lora['relative_error']:.2e}, worst tensor "
         f"{lora['max_tensor_relative_error']:.2e}) in {record['seconds']:.1f} s"
@@ -146,10 +185,36 @@ def add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge", help="merge experts fine-tuned from one base into one model, without data"
     )
-    p.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
-    p.add_argument("--base", required=True, type=Path, help="the base the experts come from")
+    p.add_argument("--method", choices=sorted(MERGE_METHODS), help="required without --config")
     p.add_argument(
-        "--experts", required=True, nargs="+", type=Path, help="full or LoRA expert directories"
+        "--base", type=Path, help="the base the experts come from (required without --config)"
+    )
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        type=Path,
+        help="full or LoRA expert directories (required without --config)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per expert (default 1 each): task vector i is multiplied by W_i after "
+        "sparsification; average, task-arithmetic, ties, dare and dare-ties take them",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RECIPE.yaml",
+        help="a merge recipe (mergekit's YAML, or lorex names for lorex's own methods): it "
+        "gives the method, base, experts, weights and options, so those flags are not given",
+    )
+    p.add_argument(
+        "--write-config",
+        type=Path,
+        metavar="RECIPE.yaml",
+        help="also write the recipe that reproduces this merge (written atomically)",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     add_output_flags(p)

@@ -40,12 +40,20 @@ def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
 
 @dataclass
 class MergeContext:
-    """What a method may read: the base, the experts, and the names it merges (in order)."""
+    """What a method may read: the base, the experts, the names it merges (in order), and the
+    experts' weights (1.0 each unless given) and densities (None: the method's own option)."""
 
     base: ModelSource
     experts: list[ModelSource]
     keys: list[str]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: One per expert; None becomes 1.0 each on creation.
+    weights: list[float] | None = None
+    densities: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = [1.0] * len(self.experts)
 
     def task_vectors(self, key: str, base: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, *shape)`` float32: row i is ``theta_i - theta_0``. Filled row by row, so only
@@ -67,6 +75,16 @@ class MergeMethod(abc.ABC):
     #: The frozen dataclass of this method's settings; its fields, with their
     #: ``metadata["help"]``, become CLI options (``lorex.merging.option_fields``).
     Options: ClassVar[type]
+    #: Whether per-expert weights have a place in the method's maths (mergekit's generalized
+    #: task arithmetic: task vector i is multiplied by w_i after sparsification). A method
+    #: without refuses weights other than 1; its docstring says why.
+    takes_weights: ClassVar[bool] = False
+    #: Whether the method sparsifies each task vector by a density it can take per expert.
+    takes_densities: ClassVar[bool] = False
+    #: The experts' weights, set by :meth:`begin` (None: 1.0 each, as when ``merge`` is called
+    #: on its own), and their densities (None: the method's own option).
+    weights: torch.Tensor | None = None
+    densities: list[float] | None = None
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -116,6 +134,40 @@ class MergeMethod(abc.ABC):
         """What the method resolved while merging, added to merge.json's record after the
         tensors are written (nothing by default; DOGE: its losses and eta)."""
         return {}
+
+    def check_weights(self, weights: list[float] | None, densities: list[float] | None) -> None:
+        """Refuse, in one line, per-expert weights or densities this method has no place for."""
+        if weights is not None and not self.takes_weights and any(w != 1 for w in weights):
+            raise LorexError(
+                f"{self.name}: takes no per-expert weights (its maths has no place for them); "
+                "leave them at 1"
+            )
+        if densities is not None and not self.takes_densities:
+            raise LorexError(f"{self.name}: takes no per-expert densities")
+        for w in weights or []:
+            if not math.isfinite(w):
+                raise LorexError(f"weights: must be finite numbers, got {w}")
+        for d in densities or []:
+            if not 0 < d <= 1:
+                raise LorexError(f"densities: each must be in (0, 1], got {d}")
+
+    def begin(self, ctx: MergeContext) -> None:
+        """Take the context's weights and densities, then :meth:`prepare` (what ``merge_models``
+        calls before the per-tensor pass)."""
+        self.check_weights(ctx.weights, ctx.densities)
+        self.weights = torch.tensor(ctx.weights, dtype=torch.float32, device=ctx.device)
+        self.densities = ctx.densities
+        self.prepare(ctx)
+
+    def task_weights(self, n_tasks: int, device: torch.device) -> torch.Tensor:
+        """``(N,)`` float32: the experts' weights (1.0 each when none were given)."""
+        if self.weights is None:
+            return torch.ones(n_tasks, device=device)
+        return self.weights.to(device)
+
+    def density_of(self, task: int, default: float) -> float:
+        """Expert ``task``'s density: its own where given, else the option's ``default``."""
+        return default if self.densities is None else self.densities[task]
 
     def prepare(self, ctx: MergeContext) -> None:
         """Whole-model statistics before the per-tensor pass (none by default)."""

@@ -34,7 +34,7 @@ from lorex.adapters.lora.model import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorex.errors import LorexError
 from lorex.io import atomic_directory, save_tensors, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
-from lorex.merging.merge import _expert_heads, check_experts
+from lorex.merging.merge import _expert_heads, check_experts, check_per_expert
 from lorex.merging.output import check_out_path, output_dtype, resolve_out_dtype
 from lorex.merging.sources import ModelSource
 from lorex.metrics.resources import PeakMemory
@@ -104,6 +104,8 @@ def merge_to_lora(
     device: torch.device | str = "cpu",
     *,
     out_dtype: str | None = None,
+    weights: list[float] | None = None,
+    densities: list[float] | None = None,
 ) -> dict[str, Any]:
     """Merge LoRA ``experts`` of ``base`` with ``method`` into one rank-``rank`` LoRA adapter.
 
@@ -111,7 +113,8 @@ def merge_to_lora(
     loads it on the base); for a lorex base it is a lorex model holding the adapter and the
     experts' heads. Returns the record written to ``merge.json``, whose ``lora_out`` gives the
     relative Frobenius error of the adapter against the dense merge, per tensor and overall.
-    A and B take ``out_dtype`` (default: each adapted weight's dtype in the base).
+    A and B take ``out_dtype`` (default: each adapted weight's dtype in the base); ``weights``
+    and ``densities`` are ``merge_models``'.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise LorexError(f"out-rank: must be a whole number of at least 1, got {rank!r}")
@@ -119,6 +122,7 @@ def merge_to_lora(
         raise LorexError("merge needs at least one expert")
     check_out_path(Path(out), [("the base", Path(base))] + [("expert", Path(e)) for e in experts])
     dtype = resolve_out_dtype(out_dtype)
+    check_per_expert(method, len(experts), weights, densities)
     with PeakMemory() as memory:
         start = time.perf_counter()
         base_src = ModelSource(base)
@@ -127,8 +131,10 @@ def merge_to_lora(
         targets = lora_targets(expert_srcs)
         rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
         merged_keys = [k for k in keys if rules[k] != KEPT]
-        ctx = MergeContext(base_src, expert_srcs, merged_keys, torch.device(device))
-        method.prepare(ctx)
+        ctx = MergeContext(
+            base_src, expert_srcs, merged_keys, torch.device(device), weights, densities
+        )
+        method.begin(ctx)
         factors, errors = _factorise(method, ctx, targets, rank, progress, dtype)
         record = _record(method, base_src, expert_srcs, rank, errors)
         record["seconds"] = round(time.perf_counter() - start, 3)
@@ -187,6 +193,7 @@ def _record(
         "settings": method.settings(),
         "base": {"path": str(base.path), "sha256": base.sha256()},
         "experts": [{"path": str(e.path), "sha256": e.sha256()} for e in experts],
+        "weights": method.task_weights(len(experts), torch.device("cpu")).tolist(),
         "lora_out": {
             "rank": rank,
             "tensors": len(errors),

@@ -111,6 +111,8 @@ def merge_models(
     copy_files: bool = True,
     model_card: bool = True,
     recipe_text: str | None = None,
+    weights: list[float] | None = None,
+    densities: list[float] | None = None,
 ) -> dict[str, Any]:
     """Merge ``experts`` (full, LoRA or mixed, all from ``base``) into a model directory ``out``.
 
@@ -119,6 +121,8 @@ def merge_models(
     floating tensors' output dtype; ``max_shard_size`` (bytes or "2GB"; None: one file) splits
     the weights into shards with an index; ``copy_files`` copies a Hugging Face base's tokenizer
     and generation config; ``model_card`` writes ``README.md`` (with ``recipe_text`` if given).
+    ``weights`` (one per expert, 1.0 each by default) and ``densities`` (one per expert, default:
+    the method's option) are for the methods that take them; the others refuse them.
 
     Returns the record written to ``merge.json``: method, settings, inputs and their hashes,
     seconds, ``rules`` (each rule applied -> the tensors that got it; every written tensor is in
@@ -135,6 +139,7 @@ def merge_models(
         recipe_text=recipe_text,
     )
     resolve_out_dtype(out_dtype)  # a bad name fails before anything is read
+    check_per_expert(method, len(experts), weights, densities)
     with PeakMemory() as memory:
         record = _merge(
             method,
@@ -145,8 +150,26 @@ def merge_models(
             torch.device(device),
             memory,
             output,
+            weights=weights,
+            densities=densities,
         )
     return record
+
+
+def check_per_expert(
+    method: MergeMethod,
+    n_experts: int,
+    weights: list[float] | None,
+    densities: list[float] | None,
+) -> None:
+    """One weight and density per expert, and only for methods that take them (before any
+    input is read)."""
+    for name, values in (("weights", weights), ("densities", densities)):
+        if values is not None and len(values) != n_experts:
+            raise LorexError(
+                f"{name}: {len(values)} given for {n_experts} experts (one per expert)"
+            )
+    method.check_weights(weights, densities)
 
 
 @dataclass(frozen=True)
@@ -169,6 +192,8 @@ def _merge(
     device: torch.device,
     memory: PeakMemory | None = None,
     output: OutputOptions = OutputOptions(),  # noqa: B008 - frozen, never modified
+    weights: list[float] | None = None,
+    densities: list[float] | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
@@ -177,8 +202,8 @@ def _merge(
     heads, head_owner = _expert_heads(expert_srcs)
     rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
     merged_keys = [k for k in keys if rules[k] != KEPT]
-    ctx = MergeContext(base_src, expert_srcs, merged_keys, device)
-    method.prepare(ctx)
+    ctx = MergeContext(base_src, expert_srcs, merged_keys, device, weights, densities)
+    method.begin(ctx)
 
     head_tensors = [
         (f"heads.{key}.{part}", head_owner[key])
@@ -201,6 +226,8 @@ def _merge(
         "settings": method.settings(),
         "base": {"path": str(Path(base)), "sha256": base_src.sha256()},
         "experts": [{"path": str(Path(e.path)), "sha256": e.sha256()} for e in expert_srcs],
+        "weights": ctx.weights,
+        "densities": densities,
         "merged_tensors": len(merged_keys),
         "kept_from_base": len(keys) - len(merged_keys),
         "rules": by_rule,

@@ -2,7 +2,9 @@
 
 Method files import these rather than each other:
 
-- sparsification: per-task magnitude thresholds over the whole model (TIES, DOGE);
+- sparsification: per-task magnitude thresholds over the whole model (TIES, DOGE), or the top
+  fraction of each tensor (TIES ``trim="per-tensor"``, mergekit's ``magnitude``);
+- per-expert weights (mergekit's generalized task arithmetic: applied after sparsification);
 - sign election and the disjoint merge of the entries that agree with it (TIES, DARE-TIES);
 - spectra: float32 round-off, numerical rank (Iso-C, Iso-CTS, TSV-M) and the nearest orthogonal
   matrix (TSV-M, Iso-CTS).
@@ -20,6 +22,12 @@ from lorex.merging.select import kth_for_density, kth_smallest_abs
 
 #: How a disjoint merge combines the entries that agree with the elected sign.
 MERGE_FUNCS = ("mean", "sum")
+#: The sign an entry gets where the elected sum is 0: the whole model's majority (lorex,
+#: FusionBench) or +1 (mergekit's ``(sum >= 0) * 2 - 1``, which needs no whole-model pass).
+ZERO_SIGNS = ("majority", "positive")
+#: Where TIES' magnitude trim ranks entries: over the whole task vector (lorex, FusionBench) or
+#: within each tensor (mergekit).
+TRIMS = ("global", "per-tensor")
 
 
 def check_merge_func(merge_func: str) -> None:
@@ -27,19 +35,55 @@ def check_merge_func(merge_func: str) -> None:
         raise LorexError(f"merge-func: must be mean or sum, got {merge_func!r}")
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LorexError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+# --- per-expert weights --------------------------------------------------------------------------
+def weigh_(taus: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """In place: row i times ``weights[i]`` (a no-op for weights of 1)."""
+    if bool((weights != 1).any()):
+        taus.mul_(weights.to(taus.device).reshape(-1, *[1] * (taus.dim() - 1)))
+    return taus
+
+
+def weighted_sum(taus: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i tau_i``; overwrites ``taus``."""
+    return weigh_(taus, weights).sum(0)
+
+
+# --- per-tensor magnitude trim -------------------------------------------------------------------
+def keep_top_(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """In place: keep the ``max(1, int(density * numel))`` largest ``|x|`` of one tensor, zero the
+    rest (mergekit's ``magnitude``; ``density >= 1`` keeps everything)."""
+    if density >= 1 or tau.numel() == 0:
+        return tau
+    k = max(1, int(density * tau.numel()))
+    flat = tau.view(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    flat.mul_(keep)
+    return tau
+
+
 # --- magnitude thresholds ------------------------------------------------------------------------
-def global_thresholds(ctx: MergeContext, density: float) -> list[float]:
-    """Per task, the magnitude at or above which an entry is kept (0: keep everything)."""
+def global_thresholds(ctx: MergeContext, density: float | list[float]) -> list[float]:
+    """Per task, the magnitude at or above which an entry is kept (0: keep everything);
+    ``density`` is one for every task or one per task."""
     total = sum(int(torch.Size(ctx.base.spec(k)[1]).numel()) for k in ctx.keys)
-    k = kth_for_density(total, density)
-    if k == 0:
+    densities = density if isinstance(density, list) else [density] * len(ctx.experts)
+    ks = [kth_for_density(total, d) for d in densities]
+    if not any(ks):
         return [0.0] * len(ctx.experts)
+    wanted = [i for i, k in enumerate(ks) if k]
 
     def chunks():
         for _, taus in ctx.stream():
-            yield list(taus)
+            yield [taus[i] for i in wanted]
 
-    return kth_smallest_abs(chunks, [k] * len(ctx.experts))
+    found = dict(zip(wanted, kth_smallest_abs(chunks, [ks[i] for i in wanted]), strict=True))
+    return [found.get(i, 0.0) for i in range(len(ctx.experts))]
 
 
 # --- sign election and disjoint merge ------------------------------------------------------------
@@ -49,13 +93,38 @@ def elect_sign(trimmed: torch.Tensor, majority: float) -> torch.Tensor:
     return torch.where(sign == 0, torch.full_like(sign, majority), sign)
 
 
-def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
-    """Sum or mean of the entries that agree with ``sign``; overwrites ``trimmed`` (memory)."""
+def disjoint_merge(
+    trimmed: torch.Tensor,
+    sign: torch.Tensor,
+    merge_func: str,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum or mean of the entries that agree with ``sign``; overwrites ``trimmed`` (memory).
+
+    ``trimmed`` holds the weighted task vectors ``w_i tau_i``; the mean divides by the sum of the
+    agreeing entries' weights (mergekit's ``normalize``; the count when the weights are 1), and
+    where that is 0 by 1."""
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     total = trimmed.mul_(agree).sum(0)
     if merge_func == "sum":
         return total
-    return total / agree.sum(0).clamp(min=1)
+    if weights is None:
+        return total / agree.sum(0).clamp(min=1)
+    shaped = weights.to(agree.device).reshape(-1, *[1] * (agree.dim() - 1))
+    divisor = (agree * shaped).sum(0)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def zero_sign_value(
+    ctx: MergeContext,
+    zero_sign: str,
+    sparsify: Callable[[str, torch.Tensor], torch.Tensor],
+) -> float:
+    """The sign of entries whose elected sum is 0: +1 for ``positive`` (no pass over the
+    experts), else the whole model's :func:`majority_sign` (one more pass)."""
+    if zero_sign == "positive":
+        return 1.0
+    return majority_sign(ctx, sparsify)
 
 
 def majority_sign(

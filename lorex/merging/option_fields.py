@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorex.merging.ops import MERGE_FUNCS
+from lorex.merging.ops import MERGE_FUNCS, ZERO_SIGNS
 from lorex.merging.steps import AUTO
 from lorex.settings_field import setting
 
@@ -59,4 +59,13 @@ def blocks_field() -> Any:
         "the tensors inside blocks are those whose names match REGEX (default: the "
         "repeated, numbered blocks found from the names, e.g. 'h.N.', 'layers.N.')",
         metavar="REGEX",
+    )
+
+
+def zero_sign_field() -> Any:
+    return setting(
+        "majority",
+        "the sign of entries whose elected sum is 0: the whole model's majority (one more pass "
+        "over the experts) or positive (mergekit's; no extra pass)",
+        choices=ZERO_SIGNS,
     )

@@ -17,6 +17,9 @@ matrices is refused):
   ``lorex.merging.steps``), the paper's absolute 1e-4 is ``--lr 1e-4``;
 - a global top-``mask`` magnitude mask per task, computed on ``tau_i`` over all merged matrices;
 - ``theta = theta_0 + sum_i lambda_i (tau_i + Delta) * M_i``.
+
+Per-expert weights are refused: ``lambda_i = eta / ||tau_i||`` already sets each task's
+coefficient from its own norm, so a weight ``w_i`` on ``tau_i`` would be divided out again.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ floating tensor (biases, norms, embeddings that are not 2-D) gets ``scale * mean
 official code, which treats every 2-D tensor this way; FusionBench's default ``scale`` is 1.0.
 Lorex's one change: the mean is over the sum's numerical rank only, the same thing for full-rank
 sums, but a sum of low-rank (LoRA) updates is not filled up with arbitrary null-space directions.
+Per-expert weights are refused: flattening the spectrum to its mean undoes what a weight on one
+task would do to its directions' singular values.
 """
 
 from __future__ import annotations

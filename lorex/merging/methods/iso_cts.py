@@ -19,6 +19,8 @@ Every other floating tensor gets ``scale * mean_i tau_i``. Lorex's one change, a
 the sum's numerical rank rather than ``min(shape)`` (the same for full-rank sums), and a task's
 residual contributes only directions above the sum's round-off level, so a sum of LoRA updates
 is not filled up with round-off directions.
+Per-expert weights are refused: every kept singular value is set to their mean, so a weight on
+one task would change only which directions rank first, not their share of the update.
 """
 
 from __future__ import annotations

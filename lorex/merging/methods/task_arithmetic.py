@@ -1,4 +1,5 @@
-"""``task-arithmetic`` (Ilharco et al., ICLR 2023): ``theta_0 + lambda * sum_i tau_i``."""
+"""``task-arithmetic`` (Ilharco et al., ICLR 2023): ``theta_0 + lambda * sum_i w_i tau_i``, the
+experts' weights ``w_i`` 1 unless given (mergekit's ``task_arithmetic`` without ``normalize``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lorex.merging.base import MergeMethod
+from lorex.merging.ops import weighted_sum
 from lorex.merging.option_fields import scale_field
 
 
@@ -18,6 +20,8 @@ class TaskArithmeticOptions:
 class TaskArithmetic(MergeMethod):
     name = "task-arithmetic"
     Options = TaskArithmeticOptions
+    takes_weights = True
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
-        return base + self.options.scale * taus.sum(0)
+        weights = self.task_weights(len(taus), taus.device)
+        return base + self.options.scale * weighted_sum(taus, weights)

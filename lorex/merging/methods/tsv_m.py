@@ -13,6 +13,8 @@ Per 2-D tensor with ``r = min(shape)`` and N tasks:
 
 Every other floating tensor gets ``scale * mean_i tau_i``, as the official code does; so does a
 2-D tensor with fewer rows or columns than tasks (``k`` would be 0: the official code zeroes it).
+Per-expert weights are refused: the method gives every task the same ``k`` directions and
+orthogonalises them jointly, and the paper defines no weighting of that split.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ interference it causes on those inputs,
 with no data. Per 2-D weight inside the checkpoint's repeated blocks (``lorex.merging.blocks``: the
 official code's attention and MLP matrices); every other floating tensor gets the mean task
 vector; ``theta = theta_0 + scale * merged``. A checkpoint without such matrices is refused.
+Per-expert weights are refused: each task's loss term is normalised by ``||tau_i||^2``, so a
+weight on ``tau_i`` changes only the start of the solver, not what it solves for.
 
 The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps
 (the official 300). That early stop is part of the method, not a shortcut: the loss only sees
