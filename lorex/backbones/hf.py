@@ -96,6 +96,10 @@ class HFBackbone(nn.Module):
         r"|intermediate\.dense|output\.dense|mlp\.(fc1|fc2))"
     )
 
+    #: The submodule PEFT sees as the model (``lorex.adapters.lora``): adapter files name modules
+    #: relative to it, so ``PeftModel.from_pretrained`` loads them on the plain transformers model.
+    peft_root = "model"
+
     def __init__(
         self, model: nn.Module, model_type: str, image_size: int, mean: Triple, std: Triple
     ):

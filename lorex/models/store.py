@@ -208,6 +208,9 @@ def save_model(
         "active_head": model.active_head,
         "weights": weights,
     }
+    # PEFT's ``base_model_name_or_path`` is the base as the caller named it (PEFT hands it to
+    # ``from_pretrained``); lorex's own ``base`` entry is relative to the model directory.
+    base_as_given = os.fspath(base_dir) if base_dir is not None else None
     if base_dir is not None:
         base_dir = Path(base_dir)
         # Relative to the model directory, so a tree of base + experts can be moved as a whole.
@@ -226,7 +229,7 @@ def save_model(
     with atomic_directory(out) as tmp:
         save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt", "lorex_version": __version__})
         for kind in ADAPTER_KINDS:
-            entry = kind.save(model, tmp, config.get("base", {}).get("path"))
+            entry = kind.save(model, tmp, base_as_given)
             if entry is not None:
                 config[kind.field] = entry
         write_json(tmp / CONFIG, config)
