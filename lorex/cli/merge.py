@@ -7,12 +7,15 @@ import argparse
 from pathlib import Path
 
 from lorex.adapters.lora import merge_and_unload
+from lorex.backbones.hf import is_hf_directory
 from lorex.cli.common_flags import add_device_flag
 from lorex.cli.config_flags import add_union_flags
 from lorex.errors import LorexError
 from lorex.io import read_json
 from lorex.merging import MERGE_METHODS, merge_models
 from lorex.models import load_model, save_model
+from lorex.models.hf_folder import HEADS_CONFIG, save_hf_folder
+from lorex.models.layout import base_path
 from lorex.version import __version__
 
 #: How merge options parse where their type alone says too little. A field's own metadata (its
@@ -54,6 +57,15 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
         "adapters": source["adapters"],
         "lorex_version": __version__,
     }
+    base_dir = base_path(Path(args.model), source["base"]) if source.get("base") else None
+    if base_dir is not None and is_hf_directory(base_dir):
+        heads = save_hf_folder(model, base_dir, args.out, made_by)
+        kept = f"; heads {', '.join(heads)} in {HEADS_CONFIG}" if heads else ""
+        print(
+            f"wrote {args.out}: {', '.join(folded)} folded into the backbone weights, as a "
+            f"Hugging Face folder like {base_dir} (from_pretrained loads it){kept}"
+        )
+        return 0
     save_model(model, args.out, weights="full", made_by=made_by, seed=source.get("seed"))
     print(f"wrote {args.out}: {', '.join(folded)} folded into the backbone weights")
     return 0

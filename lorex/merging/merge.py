@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lorex.errors import LorexError
 from lorex.io import SafetensorsStreamWriter, atomic_directory, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
-from lorex.merging.sources import ModelSource
+from lorex.merging.sources import ModelSource, open_expert
 from lorex.metrics.resources import PeakMemory
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
 from lorex.version import __version__
@@ -87,6 +87,10 @@ def _expert_heads(experts: list[ModelSource]) -> tuple[dict[str, Any], dict[str,
     return info, owner
 
 
+def _heads_not_written(expert: object) -> list[str]:
+    return getattr(expert, "heads_not_written", [])
+
+
 def merge_models(
     method: MergeMethod,
     base: str | Path,
@@ -129,7 +133,7 @@ def _merge(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
-    expert_srcs = [ModelSource(e) for e in experts]
+    expert_srcs = [open_expert(e, base_src) for e in experts]
     keys = check_experts(base_src, expert_srcs)
     heads, head_owner = _expert_heads(expert_srcs)
     rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
@@ -162,6 +166,9 @@ def _merge(
         "lorex_version": __version__,
         "torch_version": torch.__version__,
     }
+    unwritten = {str(e.path): e.heads_not_written for e in expert_srcs if _heads_not_written(e)}
+    if unwritten:  # a Hugging Face folder has no place for lorex heads
+        record["heads_not_written"] = unwritten
     merged_set = set(merged_keys)
     with atomic_directory(out) as tmp:
         with SafetensorsStreamWriter(

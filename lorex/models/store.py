@@ -25,6 +25,7 @@ from lorex.io import (
     save_tensors,
     write_json,
 )
+from lorex.models.hf_folder import attach_heads
 from lorex.models.kinds import ADAPTER_KINDS
 from lorex.models.layout import (
     CONFIG,
@@ -172,6 +173,7 @@ def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path)
 def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
     backbone = HFBackbone.from_pretrained(path)
     model = LorexModel(backbone, backbone.to_config())
+    attach_heads(model, path)  # written by ``lorex merge-adapter`` beside the HF weights
     return model.to(device).eval()
 
 
