@@ -71,12 +71,14 @@ class LoraUpdates:
         file: Path,
         config: LoraConfig,
         weight: float,
-        base_keys: dict[str, tuple[int, ...]],
+        base_keys: dict[str, tuple[str, tuple[int, ...]]],
         prefixes: tuple[str, ...],
     ) -> None:
-        """Add one ``adapter_model.safetensors`` (scaled by ``weight``), its module ``M`` being
-        the base's ``P + M`` for the first of ``prefixes`` that names a base tensor; a module or
-        tensor the base lacks, or a shape that does not fit, is an error naming ``file``."""
+        """Add one ``adapter_model.safetensors`` (scaled by ``weight``). ``base_keys`` maps each
+        name a module's tensor may have (its key, or the name the model gives it) to the base's
+        key and shape; module ``M`` is ``P + M`` for the first of ``prefixes`` that is a name. A
+        module or tensor the base lacks, or a shape that does not fit, is an error naming
+        ``file``."""
         tensors = load_tensors(file)
         for key, tensor in tensors.items():
             if not key.startswith(PEFT_PREFIX):
@@ -108,29 +110,31 @@ class LoraUpdates:
             raise LorexError(
                 f"{file}: '{key}' has rank {a.shape[0]}, but adapter_config.json says r={config.r}"
             )
-        target = _resolve(f"{module}.weight", base_keys, prefixes)
-        if target is None:
+        found = _resolve(f"{module}.weight", base_keys, prefixes)
+        if found is None:
             raise LorexError(f"{file}: adapts '{module}', which the base does not have")
+        target, shape = found
         update = LowRankUpdate(a, b, config.scaling * weight, embedding)
-        if not update.fits(base_keys[target]):
+        if not update.fits(shape):
             raise LorexError(
                 f"{file}: '{module}' has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
-                f"fit the base's '{target}' {tuple(base_keys[target])}"
+                f"fit the base's '{target}' {tuple(shape)}"
             )
         self.updates.setdefault(target, []).append(update)
 
     def _add_replacement(self, file, key, tensor, base_keys, prefixes) -> None:
         name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
-        target = _resolve(name, base_keys, prefixes)
-        if target is None:
+        found = _resolve(name, base_keys, prefixes)
+        if found is None:
             raise LorexError(
                 f"{file}: saved module tensor '{key}' (modules_to_save or a trained bias) is "
                 "not in the base"
             )
-        if tuple(tensor.shape) != tuple(base_keys[target]):
+        target, shape = found
+        if tuple(tensor.shape) != tuple(shape):
             raise LorexError(
                 f"{file}: saved module tensor '{key}' is {tuple(tensor.shape)}, the base's "
-                f"'{target}' is {tuple(base_keys[target])}"
+                f"'{target}' is {tuple(shape)}"
             )
         self.replaced[target] = tensor
 
@@ -154,8 +158,8 @@ def _partner(b_key: str) -> str:
     return b_key
 
 
-def _resolve(name: str, base_keys: dict, prefixes: tuple[str, ...]) -> str | None:
-    return next((p + name for p in prefixes if p + name in base_keys), None)
+def _resolve(name: str, base_keys: dict, prefixes: tuple[str, ...]) -> tuple | None:
+    return next((base_keys[p + name] for p in prefixes if p + name in base_keys), None)
 
 
 def is_peft_folder(path: Path) -> bool:
@@ -179,7 +183,9 @@ class PeftExpert:
     """A PEFT LoRA folder as an expert of ``base``: the base's tensors, names, kind and config
     (it is the base with an update; no heads of its own), the folder's updates added."""
 
-    def __init__(self, path: str | Path, base: Any, prefixes: tuple[str, ...]):
+    def __init__(
+        self, path: str | Path, base: Any, names: dict[str, str], prefixes: tuple[str, ...]
+    ):
         self.path = Path(path)
         self.peft_config = read_peft_config(self.path)
         self.weights_file = self.path / WEIGHTS_NAME
@@ -189,7 +195,9 @@ class PeftExpert:
         self.kind = base.kind
         self.config = {**base.config, "heads": {}} if base.kind == "lorex" else base.config
         self.lora = LoraUpdates()
-        specs = {k: tuple(base.spec(k)[1]) for k in base.keys()}
+        # A module's tensors by their key and by the name the model gives them (``names``).
+        specs = {k: (k, tuple(base.spec(k)[1])) for k in base.keys()}
+        specs = {**{names.get(k, k): v for k, v in specs.items()}, **specs}
         self.lora.add_file(self.weights_file, self.peft_config, 1.0, specs, prefixes)
         self._sha256: str | None = None
 

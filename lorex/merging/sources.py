@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorex.backbones.hf import HFBackbone
+from lorex.backbones.hf import HFBackbone, module_names
 from lorex.errors import LorexError
 from lorex.io import SafetensorsReader, read_json
 from lorex.merging.peft_expert import LoraUpdates, PeftExpert, is_peft_folder
@@ -51,13 +51,16 @@ class ModelSource:
         self.base: ModelSource | RenamedSource | None = None
         self._lora = LoraUpdates()
         self._sha256: str | None = None
+        self._module_names: dict[str, str] | None = None
         if self.kind == "lorex" and self.config.get("weights") == "delta":
             base_info = self.config.get("base") or {}
             if "path" not in base_info:
                 raise LorexError(f"{self.path / CONFIG}: a delta model must name its base")
             self.base = ModelSource(base_path(self.path, base_info))
             if self.base.kind == "hf":  # its keys as this model's backbone holds them
-                self.base = RenamedSource(self.base, "", hf_backbone_prefix(), kind="lorex")
+                hf, prefix = self.base, hf_backbone_prefix()
+                names = {prefix + m: k for k, m in hf.module_names().items()}
+                self.base = RenamedSource(hf, names, kind="lorex")
             sha = base_info.get("sha256")
             if sha and self.base.kind == "lorex" and self.base.sha256() != sha:
                 raise LorexError(
@@ -98,12 +101,22 @@ class ModelSource:
             self._sha256 = "+".join(file_sha256(f) for f in self._files)
         return self._sha256
 
+    def module_names(self) -> dict[str, str]:
+        """Each key -> the name the model built from it gives the tensor (a Hugging Face
+        folder's keys may be renamed by transformers on load; a lorex model's are its own)."""
+        if self._module_names is None:
+            keys = self.keys()
+            self._module_names = (
+                module_names(self.config, keys) if self.kind == "hf" else {k: k for k in keys}
+            )
+        return self._module_names
+
     # --- LoRA experts -------------------------------------------------------------------------
     def _index_adapters(self) -> None:
         from lorex.adapters.lora import LoraConfig
         from lorex.adapters.lora.model import CONFIG_NAME, WEIGHTS_NAME
 
-        specs = {k: tuple(self.spec(k)[1]) for k in self.keys()}
+        specs = {k: (k, tuple(self.spec(k)[1])) for k in self.keys()}
         for entry in self.config.get("adapters") or []:
             if entry.get("state") not in ("active", "merged"):
                 continue
@@ -169,35 +182,27 @@ def module_prefixes(kind: str, config: dict) -> tuple[str, ...]:
 
 
 class RenamedSource:
-    """Another source's tensors under other names: ``inner_prefix + X`` is read as
-    ``outer_prefix + X`` (keys without ``inner_prefix`` are left out)."""
+    """Another source's tensors under other names: ``names`` maps each name shown to the inner
+    source's key (inner keys it does not name are left out)."""
 
-    def __init__(self, inner: Any, inner_prefix: str, outer_prefix: str, kind: str, **info: Any):
-        self.inner, self.inner_prefix, self.outer_prefix = inner, inner_prefix, outer_prefix
+    def __init__(self, inner: Any, names: dict[str, str], kind: str, **info: Any):
+        self.inner, self.names = inner, names
         self.path, self.kind = inner.path, kind
         self.config: dict = info.get("config", inner.config)
         self.base = info.get("base")
         self.heads_not_written: list[str] = info.get("heads_not_written", [])
 
-    def _inner(self, key: str) -> str:
-        if not key.startswith(self.outer_prefix):
-            raise KeyError(key)
-        return self.inner_prefix + key[len(self.outer_prefix) :]
-
     def keys(self) -> list[str]:
-        n = len(self.inner_prefix)
-        return sorted(
-            self.outer_prefix + k[n:] for k in self.inner.keys() if k.startswith(self.inner_prefix)
-        )
+        return sorted(self.names)
 
     def own_keys(self) -> list[str]:
         return []
 
     def spec(self, key: str) -> Spec:
-        return self.inner.spec(self._inner(key))
+        return self.inner.spec(self.names[key])
 
     def get(self, key: str) -> torch.Tensor:
-        return self.inner.get(self._inner(key))
+        return self.inner.get(self.names[key])
 
     def sha256(self) -> str:
         return self.inner.sha256()
@@ -213,18 +218,23 @@ def open_expert(path: str | Path, base: ModelSource) -> ModelSource | PeftExpert
     path = Path(path)
     if is_peft_folder(path):
         _check_named_base(path, base)
-        return PeftExpert(path, base, module_prefixes(base.kind, base.config))
+        return PeftExpert(path, base, base.module_names(), module_prefixes(base.kind, base.config))
     source = ModelSource(path)
     backbone = source.config.get("backbone") if source.kind == "lorex" else None
     if base.kind == "hf" and isinstance(backbone, dict) and backbone.get("type") == "hf":
-        inner_base = source.base.inner if isinstance(source.base, RenamedSource) else None
+        prefix = hf_backbone_prefix()
+        file_key = {m: k for k, m in base.module_names().items()}
+        names = {
+            file_key.get(k[len(prefix) :], k[len(prefix) :]): k
+            for k in source.keys()
+            if k.startswith(prefix)
+        }
         return RenamedSource(
             source,
-            hf_backbone_prefix(),
-            "",
+            names,
             kind="hf",
             config=backbone.get("hf_config") or {},
-            base=inner_base,
+            base=source.base.inner if isinstance(source.base, RenamedSource) else None,
             heads_not_written=[str(k) for k in source.config.get("heads", {})],
         )
     return source

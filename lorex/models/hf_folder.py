@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lorex.backbones.hf import module_names
 from lorex.errors import LorexError
 from lorex.io import (
     SafetensorsReader,
@@ -62,18 +63,22 @@ def save_hf_folder(
     folded = {k: v.detach().cpu() for k, v in model.backbone.model.state_dict().items()}
     readers = [SafetensorsReader(f) for f in hf_weight_files(base_dir)]
     where = {key: reader for reader in readers for key in reader.keys()}
+    # The file's keys may not be the model's names (transformers 5 renames some on load).
+    name_of = module_names(read_json(base_dir / CONFIG), sorted(where))
     specs = [(key, *reader.spec(key)) for key, reader in sorted(where.items())]
-    specs += [(k, v.dtype, tuple(v.shape)) for k, v in sorted(folded.items()) if k not in where]
+    covered = set(name_of.values())
+    specs += [(k, v.dtype, tuple(v.shape)) for k, v in sorted(folded.items()) if k not in covered]
+    values = {key: folded.get(name_of.get(key, key)) for key, _, _ in specs}
     for key, _, shape in specs:
-        if key in folded and tuple(folded[key].shape) != tuple(shape):
+        if values[key] is not None and tuple(values[key].shape) != tuple(shape):
             raise LorexError(
                 f"{base_dir}: tensor '{key}' is {tuple(shape)}, the model's is "
-                f"{tuple(folded[key].shape)}"
+                f"{tuple(values[key].shape)}"
             )
     with atomic_directory(out) as tmp:
         with SafetensorsStreamWriter(tmp / WEIGHTS, specs, metadata={"format": "pt"}) as writer:
             for key, dtype, _ in specs:
-                value = folded[key] if key in folded else where[key].get(key)
+                value = values[key] if values[key] is not None else where[key].get(key)
                 writer.write(key, value.to(dtype))
         shutil.copy2(base_dir / CONFIG, tmp / CONFIG)
         for name in COPIED_FILES:
