@@ -341,6 +341,12 @@ def test_non_lora_peft_type_is_refused(llama_adapter, tmp_path):
     _refused(base, adapter, tmp_path / "out", "adapter_config.json: peft_type 'IA3' is not LORA")
 
 
+def test_adapters_that_are_no_fixed_update_are_refused(llama_adapter, tmp_path):
+    base, adapter = llama_adapter
+    _edit_config(adapter, trainable_token_indices=[1, 2])
+    _refused(base, adapter, tmp_path / "out", "'trainable_token_indices' adapters are not")
+
+
 def test_bad_peft_folder_through_the_cli_is_one_line(llama_adapter, tmp_path, capsys):
     base, adapter = llama_adapter
     _edit_config(adapter, peft_type="IA3")
