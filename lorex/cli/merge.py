@@ -41,6 +41,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
         f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
     )
+    for expert, heads in record.get("heads_not_written", {}).items():
+        print(f"not written (a Hugging Face folder has no heads): {expert}'s {', '.join(heads)}")
     return 0
 
 
