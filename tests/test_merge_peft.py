@@ -355,3 +355,37 @@ def test_bad_peft_folder_through_the_cli_is_one_line(llama_adapter, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "peft_type" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_peft_adapter_of_a_lorex_base_mixes_with_a_full_lorex_expert(tmp_path):
+    """PEFT on a lorex backbone names modules as the backbone does; they merge under `backbone.`."""
+    from lorex.backbones.vit import VisionTransformer, ViTConfig
+    from lorex.models import LorexModel
+
+    config = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    base = LorexModel(VisionTransformer(ViTConfig.from_dict(config)), config)
+    base.add_head("pretrain", ["a", "b"])
+    save_model(base, tmp_path / "base")
+    full = load_model(tmp_path / "base")
+    del full.heads["pretrain"], full.head_info["pretrain"]
+    full.add_head("full", ["x", "y"])
+    with torch.no_grad():
+        for p in full.backbone.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    save_model(full, tmp_path / "full")
+    backbone = load_model(tmp_path / "base").backbone
+    peft_model = peft.get_peft_model(backbone, peft.LoraConfig(r=2, target_modules=["qkv", "fc2"]))
+    randomise(peft_model, seed=8)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    w0 = load_model(tmp_path / "base").backbone.state_dict()
+    dense = [full.backbone.state_dict(), peft_model.merge_and_unload().state_dict()]
+    method = MERGE_METHODS["task-arithmetic"](MERGE_METHODS["task-arithmetic"].Options(scale=0.5))
+    experts = [tmp_path / "full", tmp_path / "peft"]
+    merge_models(method, tmp_path / "base", experts, tmp_path / "out", progress=False)
+    merged = load_model(tmp_path / "out")
+    assert merged.tasks == ["full"]  # the PEFT expert brings no head
+    reference = task_arithmetic(w0, dense, scale=0.5)
+    got = merged.backbone.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=TOL, msg=key)
