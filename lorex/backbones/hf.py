@@ -96,6 +96,10 @@ class HFBackbone(nn.Module):
         r"|intermediate\.dense|output\.dense|mlp\.(fc1|fc2))"
     )
 
+    #: The submodule PEFT sees as the model (``lorex.adapters.lora``): adapter files name modules
+    #: relative to it, so ``PeftModel.from_pretrained`` loads them on the plain transformers model.
+    peft_root = "model"
+
     def __init__(
         self, model: nn.Module, model_type: str, image_size: int, mean: Triple, std: Triple
     ):
@@ -221,3 +225,43 @@ class HFBackbone(nn.Module):
         """Tokens ``(B, 1 + N, D)`` after each transformer layer, for side networks."""
         out = self.model(pixel_values=self._normalise(x), output_hidden_states=True)
         return list(out.hidden_states[1:])  # [0] is the embedding output
+
+
+def module_names(config: dict, keys: list[str]) -> dict[str, str]:
+    """Each checkpoint key of a ``save_pretrained`` folder -> the name its tensor has in the model
+    transformers builds (the name PEFT's adapters use). transformers 5 renames some families'
+    tensors on load and back on save (ViT: ``encoder.layer.N.attention.attention.query`` is
+    ``layers.N.attention.q_proj``); keys it does not rename one to one, and every key without
+    transformers 5, keep their name. The model is built on the meta device: no weights."""
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return {k: k for k in keys}
+    try:
+        hf_config = transformers.AutoConfig.for_model(**config)
+        architectures = config.get("architectures") or []
+        model_cls = getattr(transformers, architectures[0], None) if architectures else None
+        with torch.device("meta"):
+            if model_cls is not None:
+                model = model_cls(hf_config)
+            else:
+                model = transformers.AutoModel.from_config(hf_config)
+        transforms = get_model_conversion_mapping(model)
+        meta_state = model.state_dict()
+    except Exception:  # noqa: BLE001 - an architecture transformers cannot build: no renames
+        return {k: k for k in keys}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = {}
+    for key in keys:
+        name, converter = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, meta_state
+        )
+        names[key] = name if converter is None and name in meta_state else key
+    return names

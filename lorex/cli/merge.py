@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from lorex.adapters.lora import merge_and_unload
+from lorex.backbones.hf import is_hf_directory
 from lorex.cli.common_flags import add_device_flag
 from lorex.cli.config_flags import add_union_flags
 from lorex.cli.parsing import positive_int
@@ -17,6 +18,8 @@ from lorex.merging.lora_out import merge_to_lora
 from lorex.merging.output import OUT_DTYPES, parse_size
 from lorex.merging.recipe import Recipe, read_recipe, recipe_text, write_recipe
 from lorex.models import load_model, save_model
+from lorex.models.hf_folder import HEADS_CONFIG, save_hf_folder
+from lorex.models.layout import base_path
 from lorex.version import __version__
 
 #: How merge options parse where their type alone says too little. A field's own metadata (its
@@ -86,6 +89,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"({record['merged_tensors']} tensors merged, {record['kept_from_base']} kept from the "
         f"base; tensors per rule: {counts}) in {record['seconds']:.1f} s"
     )
+    for expert, heads in record.get("heads_not_written", {}).items():
+        print(f"not written (a Hugging Face folder has no heads): {expert}'s {', '.join(heads)}")
     return 0
 
 
@@ -130,6 +135,15 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
         "adapters": source["adapters"],
         "lorex_version": __version__,
     }
+    base_dir = base_path(Path(args.model), source["base"]) if source.get("base") else None
+    if base_dir is not None and is_hf_directory(base_dir):
+        heads = save_hf_folder(model, base_dir, args.out, made_by)
+        kept = f"; heads {', '.join(heads)} in {HEADS_CONFIG}" if heads else ""
+        print(
+            f"wrote {args.out}: {', '.join(folded)} folded into the backbone weights, as a "
+            f"Hugging Face folder like {base_dir} (from_pretrained loads it){kept}"
+        )
+        return 0
     save_model(model, args.out, weights="full", made_by=made_by, seed=source.get("seed"))
     print(f"wrote {args.out}: {', '.join(folded)} folded into the backbone weights")
     return 0

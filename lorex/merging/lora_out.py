@@ -36,7 +36,7 @@ from lorex.io import atomic_directory, save_tensors, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
 from lorex.merging.merge import _expert_heads, check_experts, check_per_expert
 from lorex.merging.output import check_out_path, output_dtype, resolve_out_dtype
-from lorex.merging.sources import ModelSource
+from lorex.merging.sources import ModelSource, open_expert
 from lorex.metrics.resources import PeakMemory
 from lorex.models.layout import file_sha256
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
@@ -126,7 +126,7 @@ def merge_to_lora(
     with PeakMemory() as memory:
         start = time.perf_counter()
         base_src = ModelSource(base)
-        expert_srcs = [ModelSource(e) for e in experts]
+        expert_srcs = [open_expert(e, base_src) for e in experts]
         keys = check_experts(base_src, expert_srcs)
         targets = lora_targets(expert_srcs)
         rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))

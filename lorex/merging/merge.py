@@ -30,7 +30,7 @@ from lorex.merging.output import (
     parse_size,
     resolve_out_dtype,
 )
-from lorex.merging.sources import ModelSource
+from lorex.merging.sources import ModelSource, open_expert
 from lorex.metrics.resources import PeakMemory
 from lorex.models.store import CONFIG, FORMAT_VERSION
 from lorex.version import __version__
@@ -96,6 +96,10 @@ def _expert_heads(experts: list[ModelSource]) -> tuple[dict[str, Any], dict[str,
             info[key] = head
             owner[key] = expert
     return info, owner
+
+
+def _heads_not_written(expert: object) -> list[str]:
+    return getattr(expert, "heads_not_written", [])
 
 
 def merge_models(
@@ -197,7 +201,7 @@ def _merge(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_src = ModelSource(base)
-    expert_srcs = [ModelSource(e) for e in experts]
+    expert_srcs = [open_expert(e, base_src) for e in experts]
     keys = check_experts(base_src, expert_srcs)
     heads, head_owner = _expert_heads(expert_srcs)
     rules = method.plan({k: base_src.spec(k) for k in keys}, len(expert_srcs))
@@ -235,6 +239,9 @@ def _merge(
         "torch_version": torch.__version__,
     }
     dtypes = {name: dtype for name, dtype, _ in specs}
+    unwritten = {str(e.path): e.heads_not_written for e in expert_srcs if _heads_not_written(e)}
+    if unwritten:  # a Hugging Face folder has no place for lorex heads
+        record["heads_not_written"] = unwritten
     with atomic_directory(out) as tmp:
         with ShardedWriter(
             tmp, specs, output.max_bytes, metadata={"format": "pt", "lorex_version": __version__}

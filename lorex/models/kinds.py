@@ -42,7 +42,7 @@ class AdapterKind:
 
     def save(self, model: LorexModel, folder: Path, base: str | None) -> Any:
         """Write its own files into the model directory ``folder``; their config entry (None:
-        nothing written). ``base`` is the base model's path as the config records it."""
+        nothing written). ``base`` is the base model's path as the caller gave it."""
         return None
 
     def load(self, model: LorexModel, folder: Path, entry: Any) -> None:

@@ -25,6 +25,7 @@ from lorex.io import (
     save_tensors,
     write_json,
 )
+from lorex.models.hf_folder import attach_heads
 from lorex.models.kinds import ADAPTER_KINDS
 from lorex.models.layout import (
     CONFIG,
@@ -172,6 +173,7 @@ def _load_state(model: LorexModel, state: dict[str, torch.Tensor], source: Path)
 def _load_hf_directory(path: Path, device: str | torch.device) -> LorexModel:
     backbone = HFBackbone.from_pretrained(path)
     model = LorexModel(backbone, backbone.to_config())
+    attach_heads(model, path)  # written by ``lorex merge-adapter`` beside the HF weights
     return model.to(device).eval()
 
 
@@ -208,6 +210,9 @@ def save_model(
         "active_head": model.active_head,
         "weights": weights,
     }
+    # PEFT's ``base_model_name_or_path`` is the base as the caller named it (PEFT hands it to
+    # ``from_pretrained``); lorex's own ``base`` entry is relative to the model directory.
+    base_as_given = os.fspath(base_dir) if base_dir is not None else None
     if base_dir is not None:
         base_dir = Path(base_dir)
         # Relative to the model directory, so a tree of base + experts can be moved as a whole.
@@ -226,7 +231,7 @@ def save_model(
     with atomic_directory(out) as tmp:
         save_tensors(tmp / WEIGHTS, state, metadata={"format": "pt", "lorex_version": __version__})
         for kind in ADAPTER_KINDS:
-            entry = kind.save(model, tmp, config.get("base", {}).get("path"))
+            entry = kind.save(model, tmp, base_as_given)
             if entry is not None:
                 config[kind.field] = entry
         write_json(tmp / CONFIG, config)

@@ -5,11 +5,17 @@ the settings of each adapter are kept on the root module (``lora_configs``). Fil
 format: keys ``base_model.model.<module path>.lora_{A,B}.weight`` in ``adapter_model.safetensors``
 and an ``adapter_config.json``: ``peft.PeftModel.from_pretrained`` loads them, and PEFT's files
 load here.
+
+A wrapper module (the Hugging Face backbone holds the transformers model as ``self.model``) names
+in ``peft_root`` the submodule PEFT sees as the model: module paths in files and the targets are
+relative to it, so the files fit the plain model. Files written before that, with the wrapper's
+own prefix in their keys (``base_model.model.model.*``), still load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +30,24 @@ from lorex.io import load_tensors, read_json, save_tensors, write_json
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+
+def peft_root(module: nn.Module) -> str:
+    """The path of the submodule PEFT sees as the model (``""``: ``module`` itself)."""
+    return getattr(module, "peft_root", "")
+
+
+def relative_path(module: nn.Module, path: str) -> str | None:
+    """``path`` as PEFT names it on the root model; None for a module outside the root."""
+    root = peft_root(module)
+    if not root:
+        return path
+    return path[len(root) + 1 :] if path.startswith(root + ".") else None
+
+
+def _targeted(module: nn.Module, config: LoraConfig, path: str) -> bool:
+    rel = relative_path(module, path)
+    return rel is not None and config.matches(rel)
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
@@ -53,7 +77,7 @@ def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") ->
     for path, sub in list(module.named_modules()):
         if isinstance(sub, LoraLayer) or path.endswith(("base_layer", "lora_A", "lora_B")):
             continue
-        if not config.matches(path):
+        if not _targeted(module, config, path):
             continue
         if wrapper_for(sub) is not None:
             targets.append(path)
@@ -62,7 +86,9 @@ def add_adapter(module: nn.Module, config: LoraConfig, name: str = "default") ->
                 f"target '{path}' is a {type(sub).__name__}; LoRA wraps nn.Linear and nn.Conv2d"
             )
     wrapped = [
-        p for p, m in module.named_modules() if isinstance(m, LoraLayer) and config.matches(p)
+        p
+        for p, m in module.named_modules()
+        if isinstance(m, LoraLayer) and _targeted(module, config, p)
     ]
     if not targets and not wrapped:
         linear = [p for p, m in module.named_modules() if wrapper_for(m) is not None][:4]
@@ -174,14 +200,23 @@ def mark_trainable(module: nn.Module, name: str) -> None:
         if config.bias == "lora_only" and layer.base_layer.bias is not None:
             layer.base_layer.bias.requires_grad_(True)
     if config.bias == "all":
-        for pname, p in module.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
-                p.requires_grad_(True)
+        for p in _plain_biases(module).values():
+            p.requires_grad_(True)
+
+
+def _plain_biases(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Every bias under the PEFT root but the adapters' own, by its path relative to the root."""
+    found = {}
+    for pname, p in module.named_parameters():
+        rel = relative_path(module, pname)
+        if rel is not None and pname.endswith("bias") and ".lora_" not in pname:
+            found[rel] = p
+    return found
 
 
 def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under PEFT's on-disk keys (adapter name stripped)."""
-    layers = _layers_with(module, name)
+    layers = _peft_named(module, _layers_with(module, name))
     state = {}
     for path, layer in layers.items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
@@ -193,10 +228,14 @@ def adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]:
             if layer.base_layer.bias is not None:
                 state[f"{PEFT_PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     elif bias == "all":
-        for pname, p in module.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
-                state[PEFT_PREFIX + pname] = p
+        for rel, p in _plain_biases(module).items():
+            state[PEFT_PREFIX + rel] = p
     return state
+
+
+def _peft_named(module: nn.Module, layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
+    """``layers`` keyed by their paths relative to the PEFT root (all lie under it)."""
+    return {relative_path(module, p): m for p, m in layers.items()}
 
 
 def save_adapter(module: nn.Module, name: str, out: str | Path, base: str | None = None) -> Path:
@@ -212,6 +251,8 @@ def load_adapter(module: nn.Module, folder: str | Path, name: str = "default") -
     folder = Path(folder)
     config = LoraConfig.from_peft(read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
     tensors = load_tensors(folder / WEIGHTS_NAME)
+    if _has_root_prefix(module, tensors):
+        tensors, config = _from_rooted_file(module, tensors, config)
     paths = add_adapter(module, config, name)
     try:
         _load_adapter_tensors(module, name, tensors, folder / WEIGHTS_NAME)
@@ -221,13 +262,53 @@ def load_adapter(module: nn.Module, folder: str | Path, name: str = "default") -
     return paths
 
 
+def _has_root_prefix(module: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a file names its modules with the wrapper's own path to the root (written by
+    lorex before ``peft_root``): every key under ``base_model.model.<root>.``, and its LoRA
+    modules are there in the wrapper, not in the root model."""
+    root = peft_root(module)
+    if not root or not tensors:
+        return False
+    prefix = f"{PEFT_PREFIX}{root}."
+    if not all(k.startswith(prefix) for k in tensors):
+        return False
+    paths = {p for p, _ in module.named_modules()}
+    lora_modules = [k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k]
+    return all(m in paths for m in lora_modules)
+
+
+def _from_rooted_file(
+    module: nn.Module, tensors: dict[str, torch.Tensor], config: LoraConfig
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """An old file's keys relative to the root, and its targets as the exact modules they named
+    (a regex may have spelt out the wrapper's prefix, which the root's paths lack)."""
+    cut = len(peft_root(module)) + 1
+    renamed = {PEFT_PREFIX + k[len(PEFT_PREFIX) + cut :]: v for k, v in tensors.items()}
+    if isinstance(config.target_modules, str):
+        targets = sorted(
+            path[cut:]
+            for path, sub in module.named_modules()
+            if relative_path(module, path) is not None
+            and not path.endswith(("base_layer", "lora_A", "lora_B"))
+            and (isinstance(sub, LoraLayer) or wrapper_for(sub) is not None)
+            and config.matches(path)
+        )
+        config = dataclasses.replace(config, target_modules=targets or config.target_modules)
+    return renamed, config
+
+
 def _load_adapter_tensors(module: nn.Module, name: str, tensors: dict, source: Path) -> None:
-    layers = _layers_with(module, name)
+    layers = _peft_named(module, _layers_with(module, name))
     expected = {}
     for path, layer in layers.items():
         expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight
         expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight
-    params = dict(module.named_parameters())
+    root = peft_root(module)
+    params = {
+        (p[len(root) + 1 :] if root else p): v
+        for p, v in module.named_parameters()
+        if relative_path(module, p) is not None
+    }
     for key in sorted(tensors):
         if key in expected:
             target = expected[key]
