@@ -42,6 +42,8 @@ from lorex.models.layout import file_sha256
 from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
 from lorex.version import __version__
 
+#: The factor names of a linear or convolution layer (an embedding's are lora_embedding_A/B).
+EMBEDDING_FREE = ("lora_A.weight", "lora_B.weight")
 #: Where a lorex output model keeps its one adapter (lorex's layout for adapter "default").
 ADAPTER_DIR = "adapter"
 
@@ -69,9 +71,10 @@ def low_rank_factors(
     return a, b, error, norm
 
 
-def lora_targets(experts: list[ModelSource]) -> set[str]:
-    """The base keys any expert's LoRA adapts; a full expert has no place in an adapter."""
-    targets: set[str] = set()
+def lora_targets(experts: list[ModelSource]) -> dict[str, bool]:
+    """The base keys any expert's LoRA adapts -> whether it is an embedding's; a full expert
+    has no place in an adapter."""
+    targets: dict[str, bool] = {}
     for expert in experts:
         keys = expert.lora_keys()
         if keys is None:
@@ -79,7 +82,8 @@ def lora_targets(experts: list[ModelSource]) -> set[str]:
                 f"expert {expert.path}: a full model; --out-rank merges LoRA experts only "
                 "(merge without --out-rank for a dense model)"
             )
-        targets |= keys
+        for key, embedding in keys.items():
+            targets[key] = targets.get(key, False) or embedding
     if not targets:
         raise LorexError("--out-rank: no expert has an applied LoRA adapter")
     return targets
@@ -87,11 +91,11 @@ def lora_targets(experts: list[ModelSource]) -> set[str]:
 
 def module_name(key: str, base: ModelSource) -> str:
     """The module path PEFT sees for base key ``key``: a lorex model's adapters are relative to
-    its backbone, a Hugging Face model's to the model itself."""
-    module = key[: -len(".weight")]
+    its backbone, a Hugging Face model's to the model transformers builds (whose names may
+    differ from the file's keys)."""
     if base.kind == "lorex":
-        return module[len("backbone.") :]
-    return module
+        return key[len("backbone.") : -len(".weight")]
+    return base.module_names().get(key, key)[: -len(".weight")]
 
 
 def merge_to_lora(
@@ -149,7 +153,7 @@ def merge_to_lora(
 def _factorise(
     method: MergeMethod,
     ctx: MergeContext,
-    targets: set[str],
+    targets: dict[str, bool],
     rank: int,
     progress: bool | None,
     dtype: torch.dtype | None,
@@ -169,10 +173,13 @@ def _factorise(
                     "cannot carry that change (merge without --out-rank for a dense model)"
                 )
             continue
-        a, b, error, norm = low_rank_factors(delta, rank)
-        module = module_name(key, ctx.base)
-        factors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(output_dtype(theta0.dtype, dtype))
-        factors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(output_dtype(theta0.dtype, dtype))
+        embedding = targets[key]
+        # PEFT keeps an embedding's update transposed: (B @ A).T, B (dim, r), A (r, vocab)
+        a, b, error, norm = low_rank_factors(delta.T if embedding else delta, rank)
+        stem = f"{PEFT_PREFIX}{module_name(key, ctx.base)}"
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else EMBEDDING_FREE
+        factors[f"{stem}.{names[0]}"] = a.to(output_dtype(theta0.dtype, dtype))
+        factors[f"{stem}.{names[1]}"] = b.to(output_dtype(theta0.dtype, dtype))
         errors[key] = (error, norm)
     return factors, errors
 
@@ -221,9 +228,7 @@ def _write(
     rank: int,
     record: dict[str, Any],
 ) -> None:
-    modules = sorted(
-        k[len(PEFT_PREFIX) : -len(".lora_A.weight")] for k in factors if k.endswith("A.weight")
-    )
+    modules = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in factors})
     with atomic_directory(out) as tmp:
         if base.kind == "hf":
             save_tensors(tmp / ADAPTER_WEIGHTS, factors, metadata={"format": "pt"})

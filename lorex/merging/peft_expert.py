@@ -138,6 +138,11 @@ class LoraUpdates:
             )
         self.replaced[target] = tensor
 
+    def targets(self) -> dict[str, bool]:
+        """Each base key a LoRA pair updates -> whether it is an embedding's (PEFT stores those
+        transposed, as ``lora_embedding_A``/``_B``)."""
+        return {k: any(u.embedding for u in ups) for k, ups in self.updates.items()}
+
     def apply(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The expert's ``key`` from the base's ``tensor`` (replaced, then every update added)."""
         if key in self.replaced:
@@ -207,9 +212,10 @@ class PeftExpert:
     def own_keys(self) -> list[str]:
         return []
 
-    def lora_keys(self) -> set[str]:
-        """The base keys its LoRA pairs change (not the tensors it replaces whole)."""
-        return set(self.lora.updates)
+    def lora_keys(self) -> dict[str, bool]:
+        """The base keys its LoRA pairs change (not the tensors it replaces whole) -> whether
+        each is an embedding's."""
+        return self.lora.targets()
 
     def spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.base.spec(key)

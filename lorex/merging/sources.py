@@ -139,12 +139,12 @@ class ModelSource:
         own = set(self._where)
         return sorted(own | set(self.base.keys()) if self.base is not None else own)
 
-    def lora_keys(self) -> set[str] | None:
-        """The base keys this expert's applied LoRA adapters change; None for a full model,
-        whose every tensor may differ from the base."""
+    def lora_keys(self) -> dict[str, bool] | None:
+        """The base keys this expert's applied LoRA adapters change -> whether each is an
+        embedding's; None for a full model, whose every tensor may differ from the base."""
         if self.base is None:
             return None
-        return set(self._lora.updates)
+        return self._lora.targets()
 
     def own_keys(self) -> list[str]:
         """The names stored in this model's own file (a delta model: its heads)."""
@@ -210,11 +210,11 @@ class RenamedSource:
     def own_keys(self) -> list[str]:
         return []
 
-    def lora_keys(self) -> set[str] | None:
+    def lora_keys(self) -> dict[str, bool] | None:
         inner = self.inner.lora_keys()
         if inner is None:
             return None
-        return {shown for shown, key in self.names.items() if key in inner}
+        return {shown: inner[key] for shown, key in self.names.items() if key in inner}
 
     def spec(self, key: str) -> Spec:
         return self.inner.spec(self.names[key])
