@@ -141,23 +141,39 @@ def test_cli_out_rank(lora_zoo, tmp_path, capsys):
 
 
 # --- a Hugging Face base: PEFT adapters in, a PEFT adapter out ----------------------------------
-def test_peft_adapters_of_a_llama_merge_into_an_adapter_peft_loads(tmp_path):
-    """Two PEFT adapters of a tiny Llama (one on the embedding, whose LoRA PEFT keeps
-    transposed) merge into one adapter; PEFT loads it on the plain model and gives the dense
-    merge's logits (full rank) or the reported error (truncated)."""
+#: Adapters that change nothing but LoRA pairs (an adapter cannot carry other changes).
+OUT_RANK_ADAPTERS = {
+    "llama": None,  # tests.test_merge_peft's: one on the embedding, which PEFT keeps transposed
+    "vit": [
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(
+            r=2, lora_alpha=4, target_modules=["k_proj", "mlp.fc1", "patch_embeddings.projection"]
+        ),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["llama", "vit"])
+def test_peft_adapters_merge_into_an_adapter_peft_loads(tmp_path, kind):
+    """Two PEFT adapters of a tiny Llama or ViT merge into one adapter; PEFT loads it on the
+    plain model and gives the dense merge's outputs (full rank) or the reported error
+    (truncated)."""
     peft = pytest.importorskip("peft")
     from tests.test_merge_peft import ADAPTERS, load_plain, make_adapter, save_base
 
-    base = save_base("llama", tmp_path / "base")
+    base = save_base(kind, tmp_path / "base")
     experts = [tmp_path / "a0", tmp_path / "a1"]
-    for i, (folder, options) in enumerate(zip(experts, ADAPTERS["llama"], strict=True)):
-        make_adapter("llama", base, folder, seed=10 + i, **options)
-    tokens = torch.arange(24).view(2, 12) % 64
-    w0 = load_plain("llama", base).state_dict()
+    options = OUT_RANK_ADAPTERS[kind] or ADAPTERS[kind]
+    for i, (folder, option) in enumerate(zip(experts, options, strict=True)):
+        make_adapter(kind, base, folder, seed=10 + i, **option)
+    w0 = load_plain(kind, base).state_dict()
 
-    def with_adapter(folder: Path) -> torch.nn.Module:
-        model = peft.PeftModel.from_pretrained(load_plain("llama", base), str(folder))
-        return model.merge_and_unload().eval()
+    def outputs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            if kind == "llama":
+                return model(torch.arange(24).view(2, 12) % 64).logits
+            pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+            return model(pixel_values=pixels).last_hidden_state
 
     for name, rank in (("task-arithmetic", 6), ("ties", 2)):
         method = method_from_name(name)
@@ -165,17 +181,16 @@ def test_peft_adapters_of_a_llama_merge_into_an_adapter_peft_loads(tmp_path):
         record = merge_to_lora(method, base, experts, tmp_path / f"lora-{name}", rank=rank)
         config = read_json(tmp_path / f"lora-{name}" / "adapter_config.json")
         assert config["r"] == rank and config["base_model_name_or_path"] == str(base)
-        dense = load_plain("llama", tmp_path / f"dense-{name}")
-        got = with_adapter(tmp_path / f"lora-{name}")
+        dense = load_plain(kind, tmp_path / f"dense-{name}")
+        got = peft.PeftModel.from_pretrained(load_plain(kind, base), str(tmp_path / f"lora-{name}"))
+        got = got.merge_and_unload().eval()
         want_w, got_w = dense.state_dict(), got.state_dict()
+        assert set(got_w) == set(want_w)
         num = sum(float((got_w[k] - want_w[k]).double().square().sum()) for k in want_w)
         den = sum(float((want_w[k] - w0[k]).double().square().sum()) for k in want_w)
         measured = (num / den) ** 0.5
         if rank == 6:  # 4 + 2: the sum of the experts' ranks holds task arithmetic exactly
             assert record["lora_out"]["relative_error"] < 1e-6 and measured < 1e-5
-            with torch.no_grad():
-                torch.testing.assert_close(
-                    got(tokens).logits, dense(tokens).logits, atol=1e-5, rtol=0
-                )
+            torch.testing.assert_close(outputs(got), outputs(dense), atol=1e-5, rtol=0)
         else:
             assert measured == pytest.approx(record["lora_out"]["relative_error"], rel=1e-3)
