@@ -21,6 +21,22 @@ HF_INDEX = "model.safetensors.index.json"
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or +-Inf, at the cost of one sum rather than an elementwise mask.
+
+    A NaN or infinite entry makes the sum non-finite (inf + finite = inf, inf - inf = NaN), so a
+    finite sum proves every entry finite; only a non-finite sum (a real NaN/Inf, or finite values
+    whose sum overflows) pays for the exact elementwise check. Every read of every expert goes
+    through here: ``isfinite(t).all()`` took more than half of a task-arithmetic merge.
+    """
+    if not tensor.is_floating_point():
+        return True
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if torch.isfinite(tensor.sum(dtype=accumulate)):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 class ModelSource:
     """One model's tensors, opened lazily. ``kind`` is ``"lorex"`` or ``"hf"``."""
 
@@ -153,7 +169,7 @@ class ModelSource:
                 b = self._adapter_tensors[name][prefix + "B.weight"].float().flatten(1)
                 total = total + scaling * (b @ a).view(tensor.shape)
             tensor = total.to(tensor.dtype)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             where = self._where.get(key, self.path / WEIGHTS)
             raise LorexError(f"{where}: tensor '{key}' contains NaN or Inf")
         return tensor
