@@ -28,15 +28,30 @@ def check_merge_func(merge_func: str) -> None:
 
 
 # --- magnitude thresholds ------------------------------------------------------------------------
-def global_thresholds(ctx: MergeContext, density: float) -> list[float]:
-    """Per task, the magnitude at or above which an entry is kept (0: keep everything)."""
+def global_thresholds(
+    ctx: MergeContext,
+    density: float,
+    observe: Callable[[str, torch.Tensor], None] | None = None,
+) -> list[float]:
+    """Per task, the magnitude at or above which an entry is kept (0: keep everything): two
+    streamed passes over the experts, or none when everything is kept. ``observe(key, taus)``
+    sees every tensor's task vectors once, in the first pass (a method's own whole-model
+    statistic, so it costs no pass of its own), before the histogram reads them."""
     total = sum(int(torch.Size(ctx.base.spec(k)[1]).numel()) for k in ctx.keys)
     k = kth_for_density(total, density)
     if k == 0:
+        if observe is not None:
+            for key, taus in ctx.stream():
+                observe(key, taus)
         return [0.0] * len(ctx.experts)
+    passes = 0
 
     def chunks():
-        for _, taus in ctx.stream():
+        nonlocal passes
+        passes += 1
+        for key, taus in ctx.stream():
+            if passes == 1 and observe is not None:
+                observe(key, taus)
             yield list(taus)
 
     return kth_smallest_abs(chunks, [k] * len(ctx.experts))

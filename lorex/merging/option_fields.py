@@ -60,3 +60,12 @@ def blocks_field() -> Any:
         "repeated, numbered blocks found from the names, e.g. 'h.N.', 'layers.N.')",
         metavar="REGEX",
     )
+
+
+def max_gflop_field(default: float) -> Any:
+    return setting(
+        default,
+        "bound on the solver's floating-point work over all matrices, in GFLOP: every matrix "
+        "takes min(--steps, budget / FLOPs of one step of all matrices) steps (from the shapes, "
+        "never timed; recorded as steps_used); 0: no bound",
+    )

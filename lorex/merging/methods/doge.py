@@ -30,8 +30,14 @@ import torch
 from lorex.errors import LorexError
 from lorex.merging.base import KEPT, BlockwiseMethod, MergeContext, check_blocks_option
 from lorex.merging.ops import global_thresholds
-from lorex.merging.option_fields import blocks_field, lr_field, lr_relative_field, steps_field
-from lorex.merging.steps import AUTO, check_step
+from lorex.merging.option_fields import (
+    blocks_field,
+    lr_field,
+    lr_relative_field,
+    max_gflop_field,
+    steps_field,
+)
+from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, AUTO, check_budget, check_step
 from lorex.settings_field import setting
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
@@ -41,6 +47,10 @@ ETA_RELATIVE = 0.3
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.003
+
+#: Default solver budget: no bound on the small models of the tests and benchmarks, about 120
+#: steps for a 110M-parameter Llama (docs/merging.md).
+MAX_GFLOP = 4000.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,10 @@ class DogeOptions:
     lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
+    max_gflop: float = max_gflop_field(MAX_GFLOP)
 
     def __post_init__(self) -> None:
+        check_budget(self.max_gflop)
         if self.eta != AUTO and not (isinstance(self.eta, int | float) and self.eta > 0):
             raise LorexError(f"eta: must be a positive number or 'auto', got {self.eta!r}")
         if not self.eta_relative > 0:
@@ -148,19 +160,30 @@ class Doge(BlockwiseMethod):
     other_rule = KEPT
 
     def prepare(self, ctx: MergeContext) -> None:
-        self.thresholds = global_thresholds(ctx, self.options.mask)
         self.losses: dict[str, tuple[float, float]] = {}
+        norms: list[float] = []
+
+        def task_norms(key: str, taus: torch.Tensor) -> None:
+            norms.extend(float(n) for n in taus.flatten(1).norm(dim=1))
+
+        # eta="auto" needs every ||tau_i||: taken in the thresholds' first pass, not one more.
+        observe = task_norms if self.options.eta == AUTO else None
+        self.thresholds = global_thresholds(ctx, self.options.mask, observe)
         self.eta = self.options.eta
         if self.eta == AUTO:
-            norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
             self.eta = self.options.eta_relative * sum(norms) / len(norms)
+
+    def step_flops(self, shape: tuple[int, int], n_tasks: int) -> float:
+        m, n = shape  # two passes over the task vectors, the projection, then Adam
+        shared = min(m, n) // self.options.subspace
+        return (4.0 * n_tasks + 4.0 * shared + ADAM_FLOPS_PER_ENTRY) * m * n
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         lambdas = coefficients(list(taus), self.eta)
         basis = shared_basis(list(taus), o.subspace)
         unit, step = self.solver_units(key, taus)
-        delta, losses = optimise_delta(taus / unit, lambdas, basis, o.steps, step)
+        delta, losses = optimise_delta(taus / unit, lambdas, basis, self.steps_used, step)
         self.losses[key] = (losses[0] * unit**4, losses[-1] * unit**4)  # the loss is quartic
         masks = torch.stack([t.abs() >= th for t, th in zip(taus, self.thresholds, strict=True)])
         return base + (lambdas[:, None, None] * (taus + unit * delta) * masks).sum(0)

@@ -31,14 +31,19 @@ from lorex.merging.option_fields import (
     blocks_field,
     lr_field,
     lr_relative_field,
+    max_gflop_field,
     scale_field,
     steps_field,
 )
-from lorex.merging.steps import check_step
+from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, check_budget, check_step
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.01
+
+#: Default solver budget: no bound on the small models of the tests and benchmarks (a 768-wide
+#: block costs ~15 GFLOP a step), about 30 steps for a 110M-parameter Llama (docs/merging.md).
+MAX_GFLOP = 4000.0
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,11 @@ class WudiOptions:
     lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
+    max_gflop: float = max_gflop_field(MAX_GFLOP)
 
     def __post_init__(self) -> None:
         check_step(self.lr, self.lr_relative, self.steps)
+        check_budget(self.max_gflop)
         check_blocks_option(self.blocks)
 
 
@@ -99,11 +106,15 @@ class Wudi(BlockwiseMethod):
     Options = WudiOptions
     other_rule = MEAN
 
+    def step_flops(self, shape: tuple[int, int], n_tasks: int) -> float:
+        out, inp = shape  # the gradient's (out, in) x (in, in) product, then Adam
+        return 2.0 * out * inp * inp + ADAM_FLOPS_PER_ENTRY * out * inp
+
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         if self.rule(key, base.dtype, tuple(base.shape), len(taus)) == self.name:
             unit, step = self.solver_units(key, taus)
-            merged = wudi_adam(taus / unit, o.steps, step) * unit
+            merged = wudi_adam(taus / unit, self.steps_used, step) * unit
         else:
             merged = taus.mean(0)
         return base + o.scale * merged
