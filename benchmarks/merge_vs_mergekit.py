@@ -1,4 +1,4 @@
-"""lorex merge against mergekit on a ~110M-parameter Llama with four experts: wall time and peak RSS.
+"""lorex merge against mergekit on a ~110M-parameter Llama with four experts: time and peak RSS.
 
 For each shared method (task_arithmetic, ties and dare_ties at density 0.5) one mergekit YAML is
 written and run by both tools, each in its own fresh subprocess (peak RSS is a lifetime high-water

@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from lorex.errors import LorexError
 from lorex.io import SafetensorsReader
 from lorex.merging import merge_models, method_from_name
-from lorex.merging.base import MERGE_METHODS
-from lorex.merging.sources import all_finite
+from lorex.merging.base import MERGE_METHODS, MergeContext
+from lorex.merging.ops import FoldedMajority, global_thresholds
+from lorex.merging.select import kth_for_density
+from lorex.merging.sources import ModelSource, all_finite
 
 HIDDEN, FFN, VOCAB, LAYERS = 16, 24, 40, 2
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -103,7 +105,7 @@ PASSES = {
     "iso-cts": 1,
     "wudi": 1,
     "dare-ties": 2,  # whole-model majority sign, then the merge
-    "ties": 4,  # two radix-select passes, the majority sign, the merge
+    "ties": 3,  # two radix-select passes (the second also takes the majority sign), the merge
     "doge": 3,  # two radix-select passes (the first also takes eta's norms), the merge
 }
 
@@ -177,3 +179,46 @@ def test_the_default_budget_does_not_bind_on_small_models(zoo, tmp_path, method)
 def test_a_negative_budget_is_refused():
     with pytest.raises(LorexError, match="max-gflop"):
         method_from_name("wudi", max_gflop=-1.0)
+
+
+# --- TIES' majority sign, folded into the thresholds' second pass -------------------------------
+@pytest.mark.parametrize("quantised", [False, True])
+def test_folded_majority_counts_the_signs_a_brute_force_loop_does(tmp_path, monkeypatch, quantised):
+    base, experts = tiny_llama_zoo(tmp_path, n_experts=4)
+    if quantised:  # bf16 experts: many equal magnitudes, so many entries share a threshold bin
+        for e in experts:
+            f = Path(e) / "model.safetensors"
+            r = SafetensorsReader(f)
+            save_file({k: r.get(k).bfloat16().float() for k in r.keys()}, f)
+    ctx = MergeContext(ModelSource(base), [ModelSource(e) for e in experts], list(llama_shapes()))
+    folded = FoldedMajority()
+    thresholds = global_thresholds(ctx, 0.3, None, folded.observe)
+    majority = folded.result(thresholds)
+    taus = torch.cat([ctx.task_vectors(k).flatten(1) for k in ctx.keys], 1)
+    expected = [float(t.abs().kthvalue(kth_for_density(t.numel(), 0.3)).values) for t in taus]
+    assert thresholds == expected
+    limit = torch.tensor(expected)[:, None]
+    brute = int(torch.sign((taus * (taus.abs() >= limit)).sum(0)).sum())
+    assert folded.signs == brute
+    assert majority == (brute > 0) - (brute < 0)
+    assert folded.deferred == [] and 0 < folded.held < taus.numel() * 4
+
+
+def test_ties_without_room_to_hold_entries_takes_a_pass_and_merges_the_same(
+    zoo, tmp_path, monkeypatch
+):
+    base, experts = zoo
+    merge_models(method_from_name("ties"), base, experts, tmp_path / "a", progress=False)
+    reads: Counter[str] = Counter()
+    real_get = SafetensorsReader.get
+
+    def counting_get(self, name):
+        reads[name] += self.path.parent.name == "e0"
+        return real_get(self, name)
+
+    monkeypatch.setattr(SafetensorsReader, "get", counting_get)
+    monkeypatch.setattr("lorex.merging.ops.DEFERRED_BYTES", 0)
+    merge_models(method_from_name("ties"), base, experts, tmp_path / "b", progress=False)
+    assert set(reads.values()) == {4}  # the majority sign took a pass of its own
+    weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b")]
+    assert weights[0] == weights[1]

@@ -18,6 +18,7 @@ import torch
 from lorex.errors import LorexError
 from lorex.merging.base import MergeContext, MergeMethod
 from lorex.merging.ops import (
+    FoldedMajority,
     check_merge_func,
     disjoint_merge,
     elect_sign,
@@ -45,8 +46,11 @@ class Ties(MergeMethod):
     Options = TiesOptions
 
     def prepare(self, ctx: MergeContext) -> None:
-        self.thresholds = global_thresholds(ctx, self.options.density)
-        self.majority = majority_sign(ctx, self._trim)
+        folded = FoldedMajority()  # the majority sign, in the thresholds' second pass
+        self.thresholds = global_thresholds(ctx, self.options.density, None, folded.observe)
+        majority = folded.result(self.thresholds)
+        # no threshold pass (density 1) or too many entries held back: a pass of its own
+        self.majority = majority_sign(ctx, self._trim) if majority is None else majority
 
     def _trim(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         """Zero what falls under each task's global threshold, in place."""
