@@ -164,6 +164,7 @@ def test_doge_budget_counts_tasks_and_shared_directions(zoo, tmp_path):
     method = method_from_name("doge", steps=30, max_gflop=2.5 * per_step / 1e9)
     rec = merge_models(method, base, experts, tmp_path / "a", progress=False)
     assert rec["steps_used"] == 2
+    assert rec["solver_gflop_per_step"] == pytest.approx(per_step / 1e9, rel=1e-6)
     same = method_from_name("doge", steps=2, max_gflop=0)
     merge_models(same, base, experts, tmp_path / "b", progress=False)
     weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b")]
