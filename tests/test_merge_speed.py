@@ -78,6 +78,7 @@ def test_a_non_finite_entry_hidden_in_a_big_tensor_is_found(dtype, poison):
 def test_finite_values_whose_sum_overflows_pass_and_integers_are_not_checked():
     big = torch.full((1000,), 3e38)  # finite float32; the sum overflows to inf
     assert all_finite(big) and all_finite(big.bfloat16())
+    assert all_finite(torch.full((1000,), 60000.0, dtype=torch.float16))  # sum > float16 max
     assert all_finite(torch.full((4,), 2**62, dtype=torch.int64))
 
 

@@ -50,7 +50,7 @@ LR_RELATIVE = 0.003
 
 #: Default solver budget: no bound on the small models of the tests and benchmarks, about 120
 #: steps for a 110M-parameter Llama (docs/merging.md).
-MAX_GFLOP = 4000.0
+MAX_GFLOP = 2000.0
 
 
 @dataclass(frozen=True)

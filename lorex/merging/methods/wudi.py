@@ -43,7 +43,7 @@ LR_RELATIVE = 0.01
 
 #: Default solver budget: no bound on the small models of the tests and benchmarks (a 768-wide
 #: block costs ~15 GFLOP a step), about 30 steps for a 110M-parameter Llama (docs/merging.md).
-MAX_GFLOP = 4000.0
+MAX_GFLOP = 2000.0
 
 
 @dataclass(frozen=True)
