@@ -10,7 +10,8 @@ matrices is refused):
   vectors;
 - a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
   their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
-- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps on the
+- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps (fewer where
+  ``max_gflop`` binds, ``lorex.merging.steps``) on the
   data-free loss ``sum_j sum_rows <tau_j, tau_j - sum_i lambda_i (tau_i + Delta)>^2`` (row-wise
   inner products), its gradient projected off the shared subspace, ``g - U_c (U_c^T g)``, before
   each step; the step follows each matrix's task vectors (``lr="auto"``,
@@ -48,8 +49,8 @@ ETA_RELATIVE = 0.3
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.003
 
-#: Default solver budget: no bound on the small models of the tests and benchmarks, about 120
-#: steps for a 110M-parameter Llama (docs/merging.md).
+#: Default solver budget: no bound on the small models of the tests and benchmarks, about 60 steps
+#: for a 110M-parameter Llama (docs/merging.md).
 MAX_GFLOP = 2000.0
 
 

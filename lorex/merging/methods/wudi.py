@@ -11,7 +11,7 @@ official code's attention and MLP matrices); every other floating tensor gets th
 vector; ``theta = theta_0 + scale * merged``. A checkpoint without such matrices is refused.
 
 The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps
-(the official 300). That early stop is part of the method, not a shortcut: the loss only sees
+(the official 300; fewer where ``max_gflop`` binds, ``lorex.merging.steps``). That early stop is part of the method, not a shortcut: the loss only sees
 each task's row space, and its exact minimiser (least-norm, ``R M^+`` from the normal equations)
 fits every task there at any cost elsewhere. On the full benchmark's frozen-head experts it had
 70x the sum's norm on an MLP matrix (413 against 5.9) and merged to chance (10% average
@@ -42,7 +42,7 @@ from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, check_budget, check_step
 LR_RELATIVE = 0.01
 
 #: Default solver budget: no bound on the small models of the tests and benchmarks (a 768-wide
-#: block costs ~15 GFLOP a step), about 30 steps for a 110M-parameter Llama (docs/merging.md).
+#: Llama block costs ~15 GFLOP a step), about 15 steps for a 110M-parameter Llama (docs/merging.md).
 MAX_GFLOP = 2000.0
 
 
