@@ -11,13 +11,14 @@ official code's attention and MLP matrices); every other floating tensor gets th
 vector; ``theta = theta_0 + scale * merged``. A checkpoint without such matrices is refused.
 
 The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps
-(the official 300; fewer where ``max_gflop`` binds, ``lorex.merging.steps``). That early stop is part of the method, not a shortcut: the loss only sees
-each task's row space, and its exact minimiser (least-norm, ``R M^+`` from the normal equations)
-fits every task there at any cost elsewhere. On the full benchmark's frozen-head experts it had
-70x the sum's norm on an MLP matrix (413 against 5.9) and merged to chance (10% average
-accuracy; docs/merging.md), so lorex offers no exact solver. The distance Adam moves from the
-sum is about ``lr * steps`` per entry, so the step follows each matrix's task vectors
-(``lr="auto"``, ``lorex.merging.steps``); the official absolute 1e-5 is ``--lr 1e-5``.
+(the official 300; fewer where ``max_gflop`` binds, ``lorex.merging.steps``). That early stop is
+part of the method, not a shortcut: the loss only sees each task's row space, and its exact
+minimiser (least-norm, ``R M^+`` from the normal equations) fits every task there at any cost
+elsewhere. On the full benchmark's frozen-head experts it had 70x the sum's norm on an MLP
+matrix (413 against 5.9) and merged to chance (10% average accuracy; docs/merging.md), so lorex
+offers no exact solver. The distance Adam moves from the sum is about ``lr * steps`` per entry,
+so the step follows each matrix's task vectors (``lr="auto"``, ``lorex.merging.steps``); the
+official absolute 1e-5 is ``--lr 1e-5``.
 """
 
 from __future__ import annotations
