@@ -85,7 +85,8 @@ class FoldedMajority:
         if self.gave_up:
             return
         bins = high_bits(taus)
-        bucket = torch.tensor(buckets, dtype=bins.dtype).view(-1, *[1] * (taus.ndim - 1))
+        bucket = torch.tensor(buckets, dtype=bins.dtype, device=bins.device)
+        bucket = bucket.view(-1, *[1] * (taus.ndim - 1))
         waiting = (bins == bucket).any(0)
         decided = torch.sign((taus * (bins > bucket)).sum(0))[~waiting]
         self.total += int(decided.sum(dtype=torch.int64))
