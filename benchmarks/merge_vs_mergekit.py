@@ -53,7 +53,15 @@ SHARED = {
         + ["--seed", str(SEED)],
     ),
 }
-LOREX_ONLY = ("doge", "wudi", "tsv-m", "iso-c", "iso-cts")
+#: lorex's own methods, with the solver budgets that keep DOGE and WUDI to minutes on two cores
+#: (docs/merging.md; by default they take the papers' full steps).
+LOREX_ONLY = {
+    "doge": ["--max-gflop", "1000"],
+    "wudi": ["--max-gflop", "2000"],
+    "tsv-m": [],
+    "iso-c": [],
+    "iso-cts": [],
+}
 #: True: give lorex the YAML itself (``lorex merge --config``); False: the equivalent flags.
 USE_CONFIG = "auto"
 
@@ -157,9 +165,9 @@ def plan(built: dict, work: Path, help_text: str) -> list[tuple[str, str, list[s
         rows.append(("mergekit", method, mk + ["--random-seed", str(SEED)], ""))
         command, missing = lorex_command(method, built, path, work / "out", help_text)
         rows.append(("lorex", method, command, f"this lorex has no {missing}" if missing else ""))
-    for name in LOREX_ONLY:
+    for name, flags in LOREX_ONLY.items():
         sources = ["--base", built["base"], "--experts", *built["experts"]]
-        lx = [sys.executable, "-m", "lorex", "merge", "--method", name, *sources]
+        lx = [sys.executable, "-m", "lorex", "merge", "--method", name, *sources, *flags]
         rows.append(("lorex", name, lx + ["--out", str(work / "out")], ""))
     return rows
 

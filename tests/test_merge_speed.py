@@ -18,6 +18,7 @@ from lorex.merging.base import MERGE_METHODS, MergeContext
 from lorex.merging.ops import FoldedMajority, global_thresholds
 from lorex.merging.select import kth_for_density
 from lorex.merging.sources import ModelSource, all_finite
+from lorex.merging.steps import budgeted_steps
 
 HIDDEN, FFN, VOCAB, LAYERS = 16, 24, 40, 2
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -173,9 +174,12 @@ def test_doge_budget_counts_tasks_and_shared_directions(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["doge", "wudi"])
-def test_the_default_budget_does_not_bind_on_small_models(zoo, tmp_path, method):
-    rec = merge_models(method_from_name(method), *zoo, tmp_path / "m", progress=False)
-    assert rec["steps_used"] == method_from_name(method).options.steps
+def test_by_default_there_is_no_budget(zoo, tmp_path, method):
+    assert method_from_name(method).options.max_gflop == 0
+    big = method_from_name(method, steps=10**6).options  # no step count is too many
+    assert budgeted_steps(big.steps, 1e15, big.max_gflop) == 10**6
+    rec = merge_models(method_from_name(method, steps=3), *zoo, tmp_path / "m", progress=False)
+    assert rec["steps_used"] == 3
 
 
 def test_a_negative_budget_is_refused():

@@ -42,9 +42,9 @@ from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, check_budget, check_step
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.01
 
-#: Default solver budget: no bound on the small models of the tests and benchmarks (a 768-wide
-#: Llama block costs ~15 GFLOP a step), about 15 steps for a 110M-parameter Llama (docs/merging.md).
-MAX_GFLOP = 2000.0
+#: Default solver budget: none, the official steps on any model. On two CPU cores a 110M Llama
+#: wants ``--max-gflop 2000`` (about 15 steps: a 768-wide block costs ~15 GFLOP a step).
+MAX_GFLOP = 0.0
 
 
 @dataclass(frozen=True)
