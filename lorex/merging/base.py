@@ -19,7 +19,7 @@ import torch
 from lorex.errors import LorexError
 from lorex.merging.blocks import BlockMatcher, compile_blocks
 from lorex.merging.sources import ModelSource, Spec
-from lorex.merging.steps import solver_units
+from lorex.merging.steps import budgeted_steps, solver_units
 
 #: Method name -> class, filled from the one list in ``lorex.merging.methods`` (which the package
 #: imports first, so the registry is complete wherever ``lorex.merging`` is used).
@@ -207,15 +207,28 @@ class MatrixMethod(MergeMethod):
 class BlockwiseMethod(MergeMethod):
     """A method whose own rule optimises the 2-D weights inside a checkpoint's repeated blocks
     (``lorex.merging.blocks``) with Adam; its options carry ``blocks`` (a regex, or None to
-    detect), ``lr`` and ``lr_relative`` (``lorex.merging.steps``)."""
+    detect), ``lr``, ``lr_relative``, ``steps`` and ``max_gflop`` (``lorex.merging.steps``).
+    Every matrix takes the same ``steps_used``: ``steps``, or fewer when one step of all
+    matrices, by the method's :meth:`step_flops`, times ``steps`` exceeds ``max_gflop``."""
 
     #: What every other floating tensor gets: ``KEPT`` or ``MEAN``.
     other_rule: ClassVar[str]
 
+    @abc.abstractmethod
+    def step_flops(self, shape: tuple[int, int], n_tasks: int) -> float:
+        """Floating-point operations of one solver step on a matrix of ``shape``."""
+
     def plan(self, specs: dict[str, Spec], n_tasks: int) -> dict[str, str]:
         self.blocks = BlockMatcher(specs, self.options.blocks)
         self.lr_resolved: dict[str, float] = {}
-        return super().plan(specs, n_tasks)
+        rules = super().plan(specs, n_tasks)
+        self.flops_per_step = sum(
+            self.step_flops(tuple(specs[k][1]), n_tasks) for k, r in rules.items() if r == self.name
+        )
+        self.steps_used = budgeted_steps(
+            self.options.steps, self.flops_per_step, self.options.max_gflop
+        )
+        return rules
 
     def solver_units(self, key: str, taus: torch.Tensor) -> tuple[float, float]:
         """``lorex.merging.steps.solver_units`` for this matrix, its absolute step recorded."""
@@ -237,6 +250,9 @@ class BlockwiseMethod(MergeMethod):
         return {
             "blocks": self.blocks.pattern or self.blocks.stacks,
             "lr_resolved": self.lr_resolved,
+            "steps_used": self.steps_used,
+            "solver_gflop_per_step": self.flops_per_step / 1e9,
+            "solver_gflop": self.steps_used * self.flops_per_step / 1e9,
         }
 
 

@@ -18,7 +18,7 @@ import torch
 
 from lorex.errors import LorexError
 from lorex.merging.base import MergeContext
-from lorex.merging.select import kth_for_density, kth_smallest_abs
+from lorex.merging.select import high_bits, kth_for_density, kth_smallest_abs
 
 #: How a disjoint merge combines the entries that agree with the elected sign.
 MERGE_FUNCS = ("mean", "sum")
@@ -68,22 +68,100 @@ def keep_top_(tau: torch.Tensor, density: float) -> torch.Tensor:
 
 
 # --- magnitude thresholds ------------------------------------------------------------------------
-def global_thresholds(ctx: MergeContext, density: float | list[float]) -> list[float]:
-    """Per task, the magnitude at or above which an entry is kept (0: keep everything);
-    ``density`` is one for every task or one per task."""
+def global_thresholds(
+    ctx: MergeContext,
+    density: float | list[float],
+    observe: Callable[[str, torch.Tensor], None] | None = None,
+    observe_second: Callable[[list[int], torch.Tensor], None] | None = None,
+) -> list[float]:
+    """Per task, the magnitude at or above which an entry is kept (0: keep everything): two
+    streamed passes over the experts, or none when everything is kept. ``density`` is one for
+    every task or one per task. ``observe(key, taus)`` sees every tensor's task vectors once, in
+    the first pass (a method's own whole-model statistic, so it costs no pass of its own);
+    ``observe_second(buckets, taus)`` sees them in the second, with each task's threshold bin
+    (``lorex.merging.select.high_bits``; -1 for a task that keeps everything)."""
     total = sum(int(torch.Size(ctx.base.spec(k)[1]).numel()) for k in ctx.keys)
     densities = density if isinstance(density, list) else [density] * len(ctx.experts)
     ks = [kth_for_density(total, d) for d in densities]
     if not any(ks):
+        if observe is not None:
+            for key, taus in ctx.stream():
+                observe(key, taus)
         return [0.0] * len(ctx.experts)
     wanted = [i for i, k in enumerate(ks) if k]
+    passes = 0
+    buckets: list[int] = []
 
     def chunks():
-        for _, taus in ctx.stream():
+        nonlocal passes
+        passes += 1
+        every = [-1] * len(ctx.experts)  # a task that keeps everything: every bin is above -1
+        for j, i in enumerate(wanted[: len(buckets)]):
+            every[i] = buckets[j]
+        for key, taus in ctx.stream():
+            if passes == 1 and observe is not None:
+                observe(key, taus)
+            if passes == 2 and observe_second is not None:
+                observe_second(every, taus)
             yield [taus[i] for i in wanted]
 
-    found = dict(zip(wanted, kth_smallest_abs(chunks, [ks[i] for i in wanted]), strict=True))
-    return [found.get(i, 0.0) for i in range(len(ctx.experts))]
+    found = kth_smallest_abs(chunks, [ks[i] for i in wanted], buckets.extend)
+    thresholds = dict(zip(wanted, found, strict=True))
+    return [thresholds.get(i, 0.0) for i in range(len(ctx.experts))]
+
+
+#: Task-vector bytes the folded majority sign may hold back before it takes a pass of its own.
+DEFERRED_BYTES = 64 << 20
+
+
+class FoldedMajority:
+    """TIES' whole-model majority sign, taken in the thresholds' second pass instead of a pass of
+    its own. There, an entry whose bin is above (below) its task's threshold bin is kept
+    (trimmed) for sure; only entries that share a task's threshold bin wait, their values held,
+    until the thresholds are known. If those outgrow ``DEFERRED_BYTES`` (e.g. many equal
+    magnitudes) it gives up, and :meth:`result` is None: take :func:`majority_sign`'s pass."""
+
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        self.weights = weights  # the experts' weights: signs are elected on weighted vectors
+        self.total = 0
+        self.deferred: list[torch.Tensor] = []
+        self.held = 0
+        self.gave_up = False
+        self.seen = False
+
+    def observe(self, buckets: list[int], taus: torch.Tensor) -> None:
+        self.seen = True
+        if self.gave_up:
+            return
+        bins = high_bits(taus)
+        bucket = torch.tensor(buckets, dtype=bins.dtype, device=bins.device)
+        bucket = bucket.view(-1, *[1] * (taus.ndim - 1))
+        waiting = (bins == bucket).any(0)
+        weighted = taus if self.weights is None else weigh_(taus.clone(), self.weights)
+        decided = torch.sign((weighted * (bins > bucket)).sum(0))[~waiting]
+        self.total += int(decided.sum(dtype=torch.int64))
+        held = taus[:, waiting]  # as read: trimmed against the thresholds, then weighed
+        self.held += held.numel() * held.element_size()
+        if self.held > DEFERRED_BYTES:
+            self.gave_up, self.deferred = True, []
+        else:
+            self.deferred.append(held)
+
+    def result(self, thresholds: list[float]) -> float | None:
+        """The majority sign (as :func:`majority_sign`), or None when it gave up or saw no second
+        pass (nothing trimmed: the thresholds took none)."""
+        if self.gave_up or not self.seen:
+            return None
+        limit = torch.tensor(thresholds).view(-1, 1)
+        total = self.total
+        for held in self.deferred:
+            kept = held * (held.abs() >= limit.to(held.device))
+            if self.weights is not None:
+                kept = weigh_(kept, self.weights)
+            total += int(torch.sign(kept.sum(0)).sum(dtype=torch.int64))
+        self.deferred = []
+        self.signs = total  # sum over entries of the elected signs (+1, -1, 0)
+        return float((total > 0) - (total < 0))
 
 
 # --- sign election and disjoint merge ------------------------------------------------------------
@@ -131,10 +209,10 @@ def majority_sign(
     ctx: MergeContext, sparsify: Callable[[str, torch.Tensor], torch.Tensor]
 ) -> float:
     """Sign of the sum, over every merged entry, of the per-entry signs (0 if they cancel)."""
-    total = 0.0
+    total = 0
     for key, taus in ctx.stream():
-        total += float(torch.sign(sparsify(key, taus).sum(0)).sum())
-    return float(torch.sign(torch.tensor(total)))
+        total += int(torch.sign(sparsify(key, taus).sum(0)).sum(dtype=torch.int64))
+    return float((total > 0) - (total < 0))
 
 
 # --- spectra -------------------------------------------------------------------------------------

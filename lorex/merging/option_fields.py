@@ -69,3 +69,12 @@ def zero_sign_field() -> Any:
         "over the experts) or positive (mergekit's; no extra pass)",
         choices=ZERO_SIGNS,
     )
+
+
+def max_gflop_field(default: float) -> Any:
+    return setting(
+        default,
+        "bound on the solver's floating-point work over all matrices, in GFLOP: every matrix "
+        "takes min(--steps, budget / FLOPs of one step of all matrices) steps (from the shapes, "
+        "never timed; recorded as steps_used); 0: no bound",
+    )

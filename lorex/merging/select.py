@@ -21,13 +21,23 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().abs().flatten().view(torch.int32)
 
 
+def high_bits(t: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of ``|t|``'s float32 pattern, ``t``'s shape: the first pass's bins. An
+    entry whose bin is above a threshold's is above the threshold, one below is below it."""
+    return t.detach().float().abs().view(torch.int32) >> 16
+
+
 def kth_smallest_abs(
-    stream: Callable[[], Iterable[list[torch.Tensor]]], ks: list[int]
+    stream: Callable[[], Iterable[list[torch.Tensor]]],
+    ks: list[int],
+    on_buckets: Callable[[list[int]], None] | None = None,
 ) -> list[float]:
     """The ``k``-th smallest ``|x|`` (1-based) of each of several value streams, exactly.
 
     ``stream()`` yields, in each pass, one list with a tensor per stream (a chunk of each task
     vector); it is called twice. Equals ``torch.cat(all chunks).abs().kthvalue(k)``.
+    ``on_buckets`` learns each stream's :func:`high_bits` bin of its answer before the second
+    pass starts.
     """
     n = len(ks)
     high = torch.zeros(n, BINS, dtype=torch.long)
@@ -43,6 +53,8 @@ def kth_smallest_abs(
         b = int(torch.searchsorted(cum, torch.tensor(k)))
         buckets.append(b)
         remaining.append(k - (int(cum[b - 1]) if b > 0 else 0))
+    if on_buckets is not None:
+        on_buckets(buckets)
     low = torch.zeros(n, BINS, dtype=torch.long)
     for chunks in stream():
         for i, t in enumerate(chunks):

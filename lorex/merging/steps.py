@@ -35,3 +35,22 @@ def solver_units(taus: torch.Tensor, lr: float | str, lr_relative: float) -> tup
         return 1.0, float(lr)
     rms = float(taus.square().mean().sqrt())
     return (rms if rms > 0 else 1.0), lr_relative
+
+
+# --- a deterministic bound on the solver's work --------------------------------------------------
+#: Floating-point operations of one Adam update per parameter (moments, bias corrections, step).
+ADAM_FLOPS_PER_ENTRY = 12
+
+
+def check_budget(max_gflop: float) -> None:
+    if not max_gflop >= 0:
+        raise LorexError(f"max-gflop: must be >= 0 (0: no bound), got {max_gflop}")
+
+
+def budgeted_steps(steps: int, flops_per_step: float, max_gflop: float) -> int:
+    """The steps every matrix takes: ``steps``, or fewer so that all matrices together stay within
+    ``max_gflop`` (0: no bound). Counted from the shapes, never timed, so a merge's result does
+    not depend on the machine or its load."""
+    if max_gflop == 0 or flops_per_step <= 0:
+        return steps
+    return min(steps, int(max_gflop * 1e9 // flops_per_step))

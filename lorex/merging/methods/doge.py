@@ -10,7 +10,8 @@ matrices is refused):
   vectors;
 - a shared subspace: the top ``int(r / N)`` left singular vectors of each ``tau_i`` side by side,
   their own top ``int(r / subspace)`` left singular vectors ``U_c`` (r = min(W.shape));
-- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps on the
+- one modification ``Delta`` shared by the tasks, from zero, ``steps`` Adam steps (fewer where
+  ``max_gflop`` binds, ``lorex.merging.steps``) on the
   data-free loss ``sum_j sum_rows <tau_j, tau_j - sum_i lambda_i (tau_i + Delta)>^2`` (row-wise
   inner products), its gradient projected off the shared subspace, ``g - U_c (U_c^T g)``, before
   each step; the step follows each matrix's task vectors (``lr="auto"``,
@@ -33,8 +34,14 @@ import torch
 from lorex.errors import LorexError
 from lorex.merging.base import KEPT, BlockwiseMethod, MergeContext, check_blocks_option
 from lorex.merging.ops import global_thresholds
-from lorex.merging.option_fields import blocks_field, lr_field, lr_relative_field, steps_field
-from lorex.merging.steps import AUTO, check_step
+from lorex.merging.option_fields import (
+    blocks_field,
+    lr_field,
+    lr_relative_field,
+    max_gflop_field,
+    steps_field,
+)
+from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, AUTO, check_budget, check_step
 from lorex.settings_field import setting
 
 #: ``eta="auto"`` sets eta to this times the mean ||tau_i|| over tasks and matrices, so a task whose
@@ -44,6 +51,10 @@ ETA_RELATIVE = 0.3
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.003
+
+#: Default solver budget: none, the paper's steps on any model. On two CPU cores a 110M Llama
+#: wants ``--max-gflop 1000`` (about 30 steps; its 5 SVDs per matrix cost as much again).
+MAX_GFLOP = 0.0
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,10 @@ class DogeOptions:
     lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
+    max_gflop: float = max_gflop_field(MAX_GFLOP)
 
     def __post_init__(self) -> None:
+        check_budget(self.max_gflop)
         if self.eta != AUTO and not (isinstance(self.eta, int | float) and self.eta > 0):
             raise LorexError(f"eta: must be a positive number or 'auto', got {self.eta!r}")
         if not self.eta_relative > 0:
@@ -151,19 +164,30 @@ class Doge(BlockwiseMethod):
     other_rule = KEPT
 
     def prepare(self, ctx: MergeContext) -> None:
-        self.thresholds = global_thresholds(ctx, self.options.mask)
         self.losses: dict[str, tuple[float, float]] = {}
+        norms: list[float] = []
+
+        def task_norms(key: str, taus: torch.Tensor) -> None:
+            norms.extend(float(n) for n in taus.flatten(1).norm(dim=1))
+
+        # eta="auto" needs every ||tau_i||: taken in the thresholds' first pass, not one more.
+        observe = task_norms if self.options.eta == AUTO else None
+        self.thresholds = global_thresholds(ctx, self.options.mask, observe)
         self.eta = self.options.eta
         if self.eta == AUTO:
-            norms = [float(n) for _, taus in ctx.stream() for n in taus.flatten(1).norm(dim=1)]
             self.eta = self.options.eta_relative * sum(norms) / len(norms)
+
+    def step_flops(self, shape: tuple[int, int], n_tasks: int) -> float:
+        m, n = shape  # two passes over the task vectors, the projection, then Adam
+        shared = min(m, n) // self.options.subspace
+        return (4.0 * n_tasks + 4.0 * shared + ADAM_FLOPS_PER_ENTRY) * m * n
 
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         lambdas = coefficients(list(taus), self.eta)
         basis = shared_basis(list(taus), o.subspace)
         unit, step = self.solver_units(key, taus)
-        delta, losses = optimise_delta(taus / unit, lambdas, basis, o.steps, step)
+        delta, losses = optimise_delta(taus / unit, lambdas, basis, self.steps_used, step)
         self.losses[key] = (losses[0] * unit**4, losses[-1] * unit**4)  # the loss is quartic
         masks = torch.stack([t.abs() >= th for t, th in zip(taus, self.thresholds, strict=True)])
         return base + (lambdas[:, None, None] * (taus + unit * delta) * masks).sum(0)

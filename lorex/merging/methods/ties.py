@@ -27,6 +27,7 @@ from lorex.merging.base import MergeContext, MergeMethod
 from lorex.merging.ops import (
     TRIMS,
     ZERO_SIGNS,
+    FoldedMajority,
     check_choice,
     check_merge_func,
     disjoint_merge,
@@ -69,9 +70,20 @@ class Ties(MergeMethod):
 
     def prepare(self, ctx: MergeContext) -> None:
         densities = [self.density_of(i, self.options.density) for i in range(len(ctx.experts))]
+        majority = None
         if self.options.trim == "global":
-            self.thresholds = global_thresholds(ctx, densities)
-        self.majority = zero_sign_value(ctx, self.options.zero_sign, self._trim)
+            weights = self.task_weights(len(ctx.experts), ctx.device)
+            folded = FoldedMajority(weights) if self.options.zero_sign == "majority" else None
+            observe = folded.observe if folded is not None else None
+            self.thresholds = global_thresholds(ctx, densities, None, observe)
+            majority = folded.result(self.thresholds) if folded is not None else None
+        # positive: +1, no pass; majority not folded (per-tensor trim, nothing trimmed, or too
+        # many entries held back): a pass of its own
+        self.majority = (
+            majority
+            if majority is not None
+            else zero_sign_value(ctx, self.options.zero_sign, self._trim)
+        )
 
     def _trim(self, key: str, taus: torch.Tensor) -> torch.Tensor:
         """Trim each task vector, then weigh it, in place."""

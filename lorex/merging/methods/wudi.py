@@ -13,13 +13,14 @@ Per-expert weights are refused: each task's loss term is normalised by ``||tau_i
 weight on ``tau_i`` changes only the start of the solver, not what it solves for.
 
 The solver is the paper's: ``tau_m`` starts at ``sum_i tau_i`` and takes ``steps`` Adam steps
-(the official 300). That early stop is part of the method, not a shortcut: the loss only sees
-each task's row space, and its exact minimiser (least-norm, ``R M^+`` from the normal equations)
-fits every task there at any cost elsewhere. On the full benchmark's frozen-head experts it had
-70x the sum's norm on an MLP matrix (413 against 5.9) and merged to chance (10% average
-accuracy; docs/merging.md), so lorex offers no exact solver. The distance Adam moves from the
-sum is about ``lr * steps`` per entry, so the step follows each matrix's task vectors
-(``lr="auto"``, ``lorex.merging.steps``); the official absolute 1e-5 is ``--lr 1e-5``.
+(the official 300; fewer where ``max_gflop`` binds, ``lorex.merging.steps``). That early stop is
+part of the method, not a shortcut: the loss only sees each task's row space, and its exact
+minimiser (least-norm, ``R M^+`` from the normal equations) fits every task there at any cost
+elsewhere. On the full benchmark's frozen-head experts it had 70x the sum's norm on an MLP
+matrix (413 against 5.9) and merged to chance (10% average accuracy; docs/merging.md), so lorex
+offers no exact solver. The distance Adam moves from the sum is about ``lr * steps`` per entry,
+so the step follows each matrix's task vectors (``lr="auto"``, ``lorex.merging.steps``); the
+official absolute 1e-5 is ``--lr 1e-5``.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ from lorex.merging.option_fields import (
     blocks_field,
     lr_field,
     lr_relative_field,
+    max_gflop_field,
     scale_field,
     steps_field,
 )
-from lorex.merging.steps import check_step
+from lorex.merging.steps import ADAM_FLOPS_PER_ENTRY, check_budget, check_step
 
 #: ``lr="auto"``'s Adam step as a fraction of the matrix's RMS task-vector entry; chosen on
 #: validation data (docs/merging.md, benchmarks/results/merge/trials/relative_steps.py).
 LR_RELATIVE = 0.01
+
+#: Default solver budget: none, the official steps on any model. On two CPU cores a 110M Llama
+#: wants ``--max-gflop 2000`` (about 15 steps: a 768-wide block costs ~15 GFLOP a step).
+MAX_GFLOP = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,11 @@ class WudiOptions:
     lr: float | str = lr_field()
     lr_relative: float = lr_relative_field(LR_RELATIVE)
     blocks: str | None = blocks_field()
+    max_gflop: float = max_gflop_field(MAX_GFLOP)
 
     def __post_init__(self) -> None:
         check_step(self.lr, self.lr_relative, self.steps)
+        check_budget(self.max_gflop)
         check_blocks_option(self.blocks)
 
 
@@ -101,11 +109,15 @@ class Wudi(BlockwiseMethod):
     Options = WudiOptions
     other_rule = MEAN
 
+    def step_flops(self, shape: tuple[int, int], n_tasks: int) -> float:
+        out, inp = shape  # the gradient's (out, in) x (in, in) product, then Adam
+        return 2.0 * out * inp * inp + ADAM_FLOPS_PER_ENTRY * out * inp
+
     def merge(self, key: str, base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
         o = self.options
         if self.rule(key, base.dtype, tuple(base.shape), len(taus)) == self.name:
             unit, step = self.solver_units(key, taus)
-            merged = wudi_adam(taus / unit, o.steps, step) * unit
+            merged = wudi_adam(taus / unit, self.steps_used, step) * unit
         else:
             merged = taus.mean(0)
         return base + o.scale * merged
