@@ -188,6 +188,76 @@ def quick_benches() -> str:
     )
 
 
+def merge_vs_mergekit() -> str:
+    """lorex and mergekit side by side on one Llama: each run's seconds and the peak RSS, from
+    ``benchmarks/merge_vs_mergekit.py``'s summary."""
+    summary = _read(RESULTS / "merge_vs_mergekit" / "summary.json")
+    rows = {
+        (r["tool"], r["method"]): [x for x in r["runs"] if x.get("rc") == 0]
+        for r in summary["rows"]
+    }
+
+    def cell(runs: list[dict]) -> tuple[str, str]:
+        if not runs:
+            return "failed", "-"
+        secs = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+        return secs, f"{max(r['peak_rss_mib'] for r in runs):,.0f}"
+
+    body = []
+    shared = [m for (tool, m) in rows if tool == "mergekit"]
+    for method in shared:
+        mk_s, mk_rss = cell(rows[("mergekit", method)])
+        lx_s, lx_rss = cell(rows.get(("lorex", method), []))
+        body.append([f"`{method}`", lx_s, mk_s, lx_rss, mk_rss, ""])
+    for (tool, method), runs in rows.items():
+        if tool == "lorex" and method not in shared:
+            secs, rss = cell(runs)
+            steps = runs[0].get("steps_used", "") if runs else ""
+            body.append([f"`{method}` (lorex only)", secs, "-", rss, "-", str(steps or "")])
+    built = summary["built"]
+    header = [
+        "method",
+        "lorex s (each run)",
+        "mergekit s (each run)",
+        "lorex peak RSS MiB",
+        "mergekit peak RSS MiB",
+        "solver steps",
+    ]
+    verdicts = []
+    for method in shared:
+        mk, lx = rows[("mergekit", method)], rows.get(("lorex", method), [])
+        if not (mk and lx):
+            continue
+        lx_s, mk_s = [r["seconds"] for r in lx], [r["seconds"] for r in mk]
+        time = (
+            "faster in every run"
+            if max(lx_s) < min(mk_s)
+            else "slower in every run"
+            if min(lx_s) > max(mk_s)
+            else "level on time (the runs overlap)"
+        )
+        lx_rss, mk_rss = max(r["peak_rss_mib"] for r in lx), max(r["peak_rss_mib"] for r in mk)
+        memory = "less" if lx_rss < mk_rss else "more"
+        verdicts.append(f"`{method}`: lorex {time}, {memory} peak RSS")
+    own = [runs for (tool, m), runs in rows.items() if tool == "lorex" and m not in shared]
+    slowest = max((r["seconds"] for runs in own for r in runs), default=0.0)
+    tail = (
+        "\n"
+        + "; ".join(verdicts)
+        + (
+            f". lorex's own methods: the slowest run took {slowest:.0f} s"
+            f" ({'under' if slowest < 600 else 'over'} the 10-minute goal).\n"
+        )
+    )
+    versions = summary["versions"]
+    note = (
+        f"Llama of {built['parameters']:,} parameters, {len(built['experts'])} experts, "
+        f"{built['shape']['dtype']}; {summary['machine']['cpus']} CPUs; lorex "
+        f"{versions.get('lorex', '?')}, mergekit {versions.get('mergekit', '?')}.\n\n"
+    )
+    return note + _markdown(header, body) + tail
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "quick-benches": quick_benches,
     "demo-quick-time": demo_quick_time,
@@ -198,6 +268,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "merge-quick": lambda: merge_table(Path("merge")),
     "merge-full": lambda: merge_table(Path("merge-full")),
     "merge-relative-steps": relative_steps_trial,
+    "merge-vs-mergekit": merge_vs_mergekit,
 }
 
 

@@ -250,3 +250,20 @@ def test_folded_majority_with_weights_and_per_expert_densities(tmp_path):
     brute = int(torch.sign(kept.sum(0)).sum())
     assert folded.signs == brute
     assert majority == (brute > 0) - (brute < 0)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
+def test_per_tensor_trim_keeps_exactly_k_largest_even_with_ties(density):
+    """keep_top_ keeps exactly int(density * n) entries, unchanged, none smaller in magnitude than
+    any it drops, also where many magnitudes are equal (bf16-like values), as mergekit's
+    argsort does."""
+    from lorex.merging.ops import keep_top_
+
+    g = torch.Generator().manual_seed(5)
+    levels = torch.randint(1, 14, (4000,), generator=g).float() / 4  # 13 magnitudes: many ties
+    values = levels * torch.where(torch.rand(4000, generator=g) < 0.5, -1.0, 1.0)
+    trimmed = keep_top_(values.clone(), density)
+    kept = trimmed != 0
+    assert int(kept.sum()) == max(1, int(density * values.numel()))
+    assert torch.equal(trimmed[kept], values[kept])
+    assert float(values.abs()[kept].min()) >= float(values.abs()[~kept].max())

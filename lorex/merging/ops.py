@@ -61,8 +61,16 @@ def keep_top_(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     k = max(1, int(density * tau.numel()))
     flat = tau.view(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    # The k-th largest magnitude, then a mask, rather than topk's k values and k int64 indices:
+    # at LLM size (an embedding of 25M entries) this is the merge's peak memory.
+    magnitude = flat.abs()
+    threshold = magnitude.kthvalue(flat.numel() - k + 1).values
+    keep = magnitude >= threshold
+    del magnitude
+    surplus = int(keep.sum()) - k
+    if surplus > 0:  # ties at the threshold: keep the first of them (mergekit's order is arbitrary)
+        tied = (flat.abs() == threshold).nonzero().flatten()
+        keep[tied[len(tied) - surplus :]] = False
     flat.mul_(keep)
     return tau
 
@@ -168,7 +176,7 @@ class FoldedMajority:
 def elect_sign(trimmed: torch.Tensor, majority: float) -> torch.Tensor:
     """Each entry's sign: that of the sum over tasks, ``majority`` where the sum is 0."""
     sign = torch.sign(trimmed.sum(0))
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+    return sign.masked_fill_(sign == 0, majority)
 
 
 def disjoint_merge(
@@ -182,15 +190,21 @@ def disjoint_merge(
     ``trimmed`` holds the weighted task vectors ``w_i tau_i``; the mean divides by the sum of the
     agreeing entries' weights (mergekit's ``normalize``; the count when the weights are 1), and
     where that is 0 by 1."""
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    total = trimmed.mul_(agree).sum(0)
-    if merge_func == "sum":
+    # Row by row: one task's agreement mask at a time, not (N, ...) masks and products, which at
+    # LLM size are the merge's peak memory.
+    positive = sign > 0
+    total = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if merge_func == "mean" else None
+    for i, row in enumerate(trimmed):
+        agree = torch.where(positive, row > 0, row < 0)
+        total += row.mul_(agree)
+        if divisor is not None:
+            divisor += agree if weights is None else agree * float(weights[i])
+    if divisor is None:
         return total
     if weights is None:
-        return total / agree.sum(0).clamp(min=1)
-    shaped = weights.to(agree.device).reshape(-1, *[1] * (agree.dim() - 1))
-    divisor = (agree * shaped).sum(0)
-    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        return total / divisor.clamp_(min=1)
+    return total / divisor.masked_fill_(divisor == 0, 1.0)
 
 
 def zero_sign_value(
