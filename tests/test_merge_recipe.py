@@ -766,7 +766,11 @@ def test_recipes_match_mergekit(tmp_path, shard):
     base = _all_tensors(tmp_path / "base")
     for name in MERGEKIT_RECIPES:
         ours = tmp_path / f"lorex-{name}"
-        assert main(["merge", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(ours)]) == 0
+        sharding = ["--max-shard-size", shard] if shard else []  # sharded in, sharded out
+        command = ["merge", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(ours)]
+        assert main([*command, *sharding]) == 0
+        if shard:
+            assert len(list(ours.glob("model-*-of-*.safetensors"))) > 1
         a, b = _all_tensors(ours), _all_tensors(tmp_path / f"mergekit-{name}")
         assert a.keys() == b.keys(), name
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
