@@ -18,15 +18,9 @@ from lorex.cli import main  # noqa: E402
 from lorex.io import load_tensors, save_tensors  # noqa: E402
 from lorex.merging import MERGE_METHODS, merge_models  # noqa: E402
 from lorex.models import load_model, save_model  # noqa: E402
+from tests.tiny_hf import TINY_VIT  # noqa: E402
 
-VIT = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-)
+VIT = TINY_VIT
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
 
 

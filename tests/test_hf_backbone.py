@@ -16,15 +16,9 @@ transformers = pytest.importorskip("transformers")
 from lorex.backbones import build_backbone  # noqa: E402
 from lorex.backbones.hf import HFBackbone, is_hf_directory  # noqa: E402
 from lorex.errors import LorexError  # noqa: E402
+from tests.tiny_hf import TINY_VIT  # noqa: E402
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-)
+TINY = TINY_VIT
 TOKENS = 1 + (32 // 8) ** 2
 # Written out here rather than read from lorex, so the reference is independent.
 DEFAULT_NORM = {

@@ -12,6 +12,7 @@ from lorex.cli import main
 from lorex.errors import LorexError
 from lorex.merging import merge_models, method_from_name
 from lorex.merging.output import model_card_text, parse_size, plan_shards
+from tests.tiny_hf import TINY_LLAMA
 
 SCALE = 0.5
 TOKENIZER_FILES = {
@@ -33,15 +34,7 @@ def llama(tmp_path_factory):
     """A tiny LlamaForCausalLM base with tokenizer files, and two experts near it."""
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = transformers.LlamaConfig(**TINY_LLAMA, max_position_embeddings=64)
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).eval()
     base.save_pretrained(root / "base", safe_serialization=True)

@@ -23,24 +23,10 @@ from lorex.errors import LorexError  # noqa: E402
 from lorex.io import load_tensors, save_tensors  # noqa: E402
 from lorex.merging import MERGE_METHODS, merge_models  # noqa: E402
 from lorex.models import load_model, save_model  # noqa: E402
+from tests.tiny_hf import TINY_LLAMA, TINY_VIT  # noqa: E402
 
-LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    tie_word_embeddings=False,
-)
-VIT = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-)
+LLAMA = dict(TINY_LLAMA, tie_word_embeddings=False)
+VIT = TINY_VIT
 TOL = 1e-5
 
 

@@ -21,6 +21,7 @@ from lorex.errors import LorexError
 from lorex.merging import merge_models, method_from_name
 from lorex.merging.methods.dare import drop_and_rescale_
 from lorex.merging.recipe import Recipe, read_recipe, recipe_text, write_recipe
+from tests.tiny_hf import TINY_LLAMA
 
 SHAPES = {
     "layers.0.mlp.weight": (6, 5),
@@ -705,14 +706,7 @@ def _llamas(root: Path, shard: str | None) -> None:
     """A tiny float32 LlamaForCausalLM base and three perturbed experts, saved with
     save_pretrained (several shards and an index when ``shard`` is given)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    config = transformers.LlamaConfig(**TINY_LLAMA)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
     kwargs = {"max_shard_size": shard} if shard else {}

@@ -34,12 +34,12 @@ from lorex.adapters.lora.model import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from lorex.errors import LorexError
 from lorex.io import atomic_directory, save_tensors, write_json
 from lorex.merging.base import KEPT, MergeContext, MergeMethod
-from lorex.merging.merge import _expert_heads, check_experts, check_per_expert
+from lorex.merging.merge import _expert_heads, check_experts, check_per_expert, lorex_config
 from lorex.merging.output import check_out_path, output_dtype, resolve_out_dtype
 from lorex.merging.sources import ModelSource, open_expert
 from lorex.metrics.resources import PeakMemory
 from lorex.models.layout import file_sha256
-from lorex.models.store import CONFIG, FORMAT_VERSION, WEIGHTS
+from lorex.models.store import CONFIG, WEIGHTS
 from lorex.version import __version__
 
 #: The factor names of a linear or convolution layer (an embedding's are lora_embedding_A/B).
@@ -265,26 +265,14 @@ def _write_lorex_model(
     (tmp / ADAPTER_DIR).mkdir()
     save_tensors(tmp / ADAPTER_DIR / ADAPTER_WEIGHTS, factors, metadata={"format": "pt"})
     write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, adapter_config)
-    write_json(
-        tmp / CONFIG,
-        {
-            "lorex_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "backbone": base.config["backbone"],
-            "heads": heads,
-            "active_head": next(iter(heads), None),
-            "weights": "delta",
-            "base": {"path": base_rel, "sha256": base.sha256()},
-            "adapters": [
-                {
-                    "name": "default",
-                    "path": ADAPTER_DIR,
-                    "state": "active",
-                    "weight": 1.0,
-                    "sha256": file_sha256(tmp / ADAPTER_DIR / ADAPTER_WEIGHTS),
-                    "config": adapter_config,
-                }
-            ],
-            "made_by": record,
-        },
-    )
+    entry = {
+        "name": "default",
+        "path": ADAPTER_DIR,
+        "state": "active",
+        "weight": 1.0,
+        "sha256": file_sha256(tmp / ADAPTER_DIR / ADAPTER_WEIGHTS),
+        "config": adapter_config,
+    }
+    base_entry = {"path": base_rel, "sha256": base.sha256()}
+    config = lorex_config(base, heads, "delta", record, base=base_entry, adapters=[entry])
+    write_json(tmp / CONFIG, config)

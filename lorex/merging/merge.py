@@ -295,6 +295,23 @@ def _write_side_files(
         (folder / MODEL_CARD).write_text(text, encoding="utf-8")
 
 
+def lorex_config(
+    source: ModelSource, heads: dict[str, Any], weights: str, record: dict, **fields: Any
+) -> dict[str, Any]:
+    """A merged lorex model's ``config.json``: the backbone of ``source`` (the base), the experts' heads, and the
+    merge's record; ``fields`` add a delta model's ``base`` and ``adapters``."""
+    return {
+        "lorex_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "backbone": source.config["backbone"],
+        "heads": heads,
+        "active_head": next(iter(heads), None),
+        "weights": weights,
+        **fields,
+        "made_by": record,
+    }
+
+
 def _write_config(
     folder: Path,
     base: ModelSource,
@@ -306,18 +323,7 @@ def _write_config(
     or, for a ``save_pretrained`` base, that folder's config again (its dtype field saying
     ``out_dtype`` when one is given)."""
     if base.kind == "lorex":
-        write_json(
-            folder / CONFIG,
-            {
-                "lorex_version": __version__,
-                "format_version": FORMAT_VERSION,
-                "backbone": base.config["backbone"],
-                "heads": heads,
-                "active_head": next(iter(heads), None),
-                "weights": "full",
-                "made_by": record,
-            },
-        )
+        write_json(folder / CONFIG, lorex_config(base, heads, "full", record))
     elif out_dtype is None:
         shutil.copy2(base.path / CONFIG, folder / CONFIG)
     else:
