@@ -298,8 +298,9 @@ def _write_side_files(
 def lorex_config(
     source: ModelSource, heads: dict[str, Any], weights: str, record: dict, **fields: Any
 ) -> dict[str, Any]:
-    """A merged lorex model's ``config.json``: the backbone of ``source`` (the base), the experts' heads, and the
-    merge's record; ``fields`` add a delta model's ``base`` and ``adapters``."""
+    """A merged lorex model's ``config.json``: the backbone of ``source`` (the base), the
+    experts' heads, and the merge's record; ``fields`` add a delta model's ``base`` and
+    ``adapters``."""
     return {
         "lorex_version": __version__,
         "format_version": FORMAT_VERSION,
