@@ -18,8 +18,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.cluster import DBSCAN
-from sklearn.neighbors import sort_graph_by_row_values
 
 from lorex.adaptation.jaccard import (
     as_features,
@@ -100,6 +98,11 @@ def cluster(dist: Any, eps: float, min_samples: int = 4) -> np.ndarray:
     Sparse input treats missing entries as beyond reach, which is what distance 1 is when
     eps < 1. DBSCAN visits samples in order, so the labels are deterministic.
     """
+    # Imported here: scikit-learn (and pandas, which it loads when installed) took ~3 s of every
+    # lorex command's start-up, `lorex merge` included, for this one function of SAGE's.
+    from sklearn.cluster import DBSCAN
+    from sklearn.neighbors import sort_graph_by_row_values
+
     if isinstance(eps, bool) or not isinstance(eps, float | int) or not 0 < eps < np.inf:
         raise LorexError(f"eps: expected a positive distance, got {eps!r}")
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
