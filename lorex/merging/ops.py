@@ -129,8 +129,11 @@ class FoldedMajority:
     until the thresholds are known. If those outgrow ``DEFERRED_BYTES`` (e.g. many equal
     magnitudes) it gives up, and :meth:`result` is None: take :func:`majority_sign`'s pass."""
 
-    def __init__(self, weights: torch.Tensor | None = None) -> None:
+    def __init__(self, weights: torch.Tensor | None = None, limit: int | None = None) -> None:
         self.weights = weights  # the experts' weights: signs are elected on weighted vectors
+        # Never more than the merge's own one-tensor buffer (N x the largest tensor) either, so
+        # the fold does not make memory grow with the number of experts on small models.
+        self.limit = DEFERRED_BYTES if limit is None else min(limit, DEFERRED_BYTES)
         self.total = 0
         self.deferred: list[torch.Tensor] = []
         self.held = 0
@@ -150,7 +153,7 @@ class FoldedMajority:
         self.total += int(decided.sum(dtype=torch.int64))
         held = taus[:, waiting]  # as read: trimmed against the thresholds, then weighed
         self.held += held.numel() * held.element_size()
-        if self.held > DEFERRED_BYTES:
+        if self.held > self.limit:
             self.gave_up, self.deferred = True, []
         else:
             self.deferred.append(held)

@@ -73,7 +73,11 @@ class Ties(MergeMethod):
         majority = None
         if self.options.trim == "global":
             weights = self.task_weights(len(ctx.experts), ctx.device)
-            folded = FoldedMajority(weights) if self.options.zero_sign == "majority" else None
+            largest = max(int(torch.Size(ctx.base.spec(k)[1]).numel()) for k in ctx.keys)
+            limit = 4 * len(ctx.experts) * largest  # the bytes of one tensor's task vectors
+            folded = (
+                FoldedMajority(weights, limit) if self.options.zero_sign == "majority" else None
+            )
             observe = folded.observe if folded is not None else None
             self.thresholds = global_thresholds(ctx, densities, None, observe)
             majority = folded.result(self.thresholds) if folded is not None else None
