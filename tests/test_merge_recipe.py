@@ -568,6 +568,8 @@ BAD = [
         "models: lists only the base",
     ),
     ("merge_method: [ties\n", "not valid YAML"),
+    # a Python tag: safe_load builds no objects, so this is refused, not run
+    ("merge_method: !!python/object/apply:os.getcwd []\n", "not valid YAML"),
     ("- just\n- a list\n", "must be a mapping"),
 ]
 
