@@ -296,6 +296,7 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     ).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_the_cli_starts_without_scikit_learn():
     """Every lorex command imports the whole CLI; scikit-learn (and pandas with it, when
     installed) is loaded only by the SAGE step that clusters, not at start-up (it was ~3 s of
