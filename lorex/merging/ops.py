@@ -131,8 +131,8 @@ class FoldedMajority:
 
     def __init__(self, weights: torch.Tensor | None = None, limit: int | None = None) -> None:
         self.weights = weights  # the experts' weights: signs are elected on weighted vectors
-        # Never more than the merge's own one-tensor buffer (N x the largest tensor) either, so
-        # the fold does not make memory grow with the number of experts on small models.
+        # Never more than one expert's largest tensor either, so the fold does not make memory
+        # grow with the number of experts on small models.
         self.limit = DEFERRED_BYTES if limit is None else min(limit, DEFERRED_BYTES)
         self.total = 0
         self.deferred: list[torch.Tensor] = []
@@ -144,12 +144,18 @@ class FoldedMajority:
         self.seen = True
         if self.gave_up:
             return
-        bins = high_bits(taus)
-        bucket = torch.tensor(buckets, dtype=bins.dtype, device=bins.device)
-        bucket = bucket.view(-1, *[1] * (taus.ndim - 1))
-        waiting = (bins == bucket).any(0)
-        weighted = taus if self.weights is None else weigh_(taus.clone(), self.weights)
-        decided = torch.sign((weighted * (bins > bucket)).sum(0))[~waiting]
+        # Row by row, so the transients are one task's (M,) tensors, not (N, M) ones: the fold
+        # must not make a merge's memory grow with the number of experts.
+        kept = torch.empty_like(taus)  # the weighted, kept values of the decided entries
+        waiting = torch.zeros(taus.shape[1:], dtype=torch.bool, device=taus.device)
+        for i, row in enumerate(taus):
+            bins = high_bits(row)
+            waiting |= bins == buckets[i]
+            torch.mul(row, bins > buckets[i], out=kept[i])
+            if self.weights is not None:
+                kept[i].mul_(float(self.weights[i]))
+        decided = torch.sign(kept.sum(0))[~waiting]
+        del kept
         self.total += int(decided.sum(dtype=torch.int64))
         held = taus[:, waiting]  # as read: trimmed against the thresholds, then weighed
         self.held += held.numel() * held.element_size()

@@ -74,7 +74,7 @@ class Ties(MergeMethod):
         if self.options.trim == "global":
             weights = self.task_weights(len(ctx.experts), ctx.device)
             largest = max(int(torch.Size(ctx.base.spec(k)[1]).numel()) for k in ctx.keys)
-            limit = 4 * len(ctx.experts) * largest  # the bytes of one tensor's task vectors
+            limit = 4 * largest  # the bytes of one expert's largest float32 tensor
             folded = (
                 FoldedMajority(weights, limit) if self.options.zero_sign == "majority" else None
             )
