@@ -38,21 +38,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "merge_vs_mergekit"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorex-bench"
 SEED = 0
 DENSITY = 0.5
-#: mergekit method -> (lorex method, its flags for mergekit's semantics). mergekit normalises
-#: ties (the mean of the agreeing entries) but neither task_arithmetic nor dare_ties (their sum).
-SHARED = {
-    "task_arithmetic": ("task-arithmetic", []),
-    "ties": (
-        "ties",
-        ["--density", str(DENSITY), "--trim", "per-tensor", "--zero-sign", "positive"]
-        + ["--merge-func", "mean"],
-    ),
-    "dare_ties": (
-        "dare-ties",
-        ["--drop", str(1 - DENSITY), "--zero-sign", "positive", "--merge-func", "sum"]
-        + ["--seed", str(SEED)],
-    ),
-}
+#: The methods both tools have; both run the same YAML (``lorex merge --config`` maps it onto
+#: lorex's options, docs/merging.md "Coming from mergekit").
+SHARED = ("task_arithmetic", "ties", "dare_ties")
 #: lorex's own methods, with the solver budgets that keep DOGE and WUDI to minutes on two cores
 #: (docs/merging.md; by default they take the papers' full steps).
 LOREX_ONLY = {
@@ -62,8 +50,6 @@ LOREX_ONLY = {
     "iso-c": [],
     "iso-cts": [],
 }
-#: True: give lorex the YAML itself (``lorex merge --config``); False: the equivalent flags.
-USE_CONFIG = "auto"
 
 
 def recipe(method: str, built: dict) -> dict:
@@ -77,26 +63,9 @@ def recipe(method: str, built: dict) -> dict:
     }
 
 
-def lorex_help() -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "lorex", "merge", "--help"], capture_output=True, text=True
-    ).stdout
-
-
-def lorex_command(method: str, built: dict, yaml_path: Path, out: Path, help_text: str):
-    """``lorex merge`` for a mergekit method: ``--config`` when lorex has it, else the flags;
-    None and the missing flag when this lorex cannot express the recipe."""
-    use_config = "--config" in help_text if USE_CONFIG == "auto" else USE_CONFIG
-    base = [sys.executable, "-m", "lorex", "merge"]
-    if use_config:
-        return [*base, "--config", str(yaml_path), "--out", str(out)], None
-    name, flags = SHARED[method]
-    missing = [f for f in flags if f.startswith("--") and f not in help_text]
-    if missing:
-        return None, missing[0]
-    sources = ["--base", built["base"], "--experts", *built["experts"]]
-    scale = ["--scale", "1.0"]
-    return [*base, "--method", name, *sources, *flags, *scale, "--out", str(out)], None
+def lorex_command(yaml_path: Path, out: Path) -> list[str]:
+    """``lorex merge`` on the same YAML mergekit runs."""
+    return [sys.executable, "-m", "lorex", "merge", "--config", str(yaml_path), "--out", str(out)]
 
 
 def measured(command: list[str]) -> dict:
@@ -155,20 +124,19 @@ def save_row(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
-def plan(built: dict, work: Path, help_text: str) -> list[tuple[str, str, list[str] | None, str]]:
-    """(tool, method, command or None, why not) for every row, mergekit and lorex side by side."""
+def plan(built: dict, work: Path) -> list[tuple[str, str, list[str]]]:
+    """(tool, method, command) for every row, mergekit and lorex side by side."""
     rows = []
     for method in SHARED:
         path = work / f"{method}.yaml"
         path.write_text(yaml.safe_dump(recipe(method, built), sort_keys=False))
         mk = [str(Path(sys.executable).parent / "mergekit-yaml"), str(path), str(work / "out")]
-        rows.append(("mergekit", method, mk + ["--random-seed", str(SEED)], ""))
-        command, missing = lorex_command(method, built, path, work / "out", help_text)
-        rows.append(("lorex", method, command, f"this lorex has no {missing}" if missing else ""))
+        rows.append(("mergekit", method, mk + ["--random-seed", str(SEED)]))
+        rows.append(("lorex", method, lorex_command(path, work / "out")))
     for name, flags in LOREX_ONLY.items():
         sources = ["--base", built["base"], "--experts", *built["experts"]]
         lx = [sys.executable, "-m", "lorex", "merge", "--method", name, *sources, *flags]
-        rows.append(("lorex", name, lx + ["--out", str(work / "out")], ""))
+        rows.append(("lorex", name, lx + ["--out", str(work / "out")]))
     return rows
 
 
@@ -221,15 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
-    rows = plan(built, work, lorex_help())
+    rows = plan(built, work)
     if args.only:
         rows = [r for r in rows if r[1] in args.only]
     todo = [r for r in rows if not finished(row_file(args.out, r[0], r[1]))]
-    for tool, method, command, why in todo:
-        if command is None:
-            print(f"skipped {tool} {method}: {why}")
-    todo = [r for r in todo if r[2] is not None]
-    runs: dict[tuple[str, str], list[dict]] = {(t, m): [] for t, m, _, _ in todo}
+    runs: dict[tuple[str, str], list[dict]] = {(t, m): [] for t, m, _ in todo}
     bar = tqdm(total=len(todo) * args.repeats, desc="merge_vs_mergekit", unit="run")
     for repeat in range(args.repeats):
         # side by side: a method's two tools run back to back, the first one alternating
@@ -237,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in todo:
             by_method.setdefault(row[1], []).append(row)
         for i, group in enumerate(by_method.values()):
-            for tool, method, command, _ in group if (repeat + i) % 2 == 0 else group[::-1]:
+            for tool, method, command in group if (repeat + i) % 2 == 0 else group[::-1]:
                 bar.set_postfix_str(f"{tool} {method}")
                 runs[(tool, method)].append(run_row(tool, method, command, work, work / "out"))
                 bar.update()

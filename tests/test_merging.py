@@ -16,6 +16,7 @@ from lorex.merging import merge_models, method_from_name
 from lorex.merging.methods import doge
 from lorex.models import LorexModel, load_model
 from lorex.models.store import save_model
+from tests.tiny_hf import TINY_VIT
 
 # Two blocks: the block-wise methods (DOGE, WUDI) look for repeated blocks (lorex.merging.blocks).
 TINY = dict(type="vit", img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
@@ -468,14 +469,7 @@ def test_hugging_face_clip_experts_merge_with_the_same_code(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    config = transformers.CLIPVisionConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    config = transformers.CLIPVisionConfig(**TINY_VIT)
     torch.manual_seed(0)
     base = transformers.CLIPVisionModel(config).eval()
     base.save_pretrained(tmp_path / "base")
